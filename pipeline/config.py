@@ -1,0 +1,144 @@
+"""The one config model that mirrors ``params.yaml``.
+
+Every stage loads the whole file through :func:`load_config`, so a typo'd key or an invalid value
+anywhere fails before any work starts, with pydantic's message naming the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.methods import METHODS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    source: Literal["embedded", "local"] = "embedded"
+    path: str | None = None
+    image_size: int = Field(16, ge=8, le=64)
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    num_train_timesteps: int = Field(1000, ge=10)
+    train_steps: int = Field(3000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> "ModelConfig":
+        if self.source == "local" and not self.path:
+            raise ValueError("model.path is required when model.source is 'local'")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError("model.block_out_channels must all be divisible by model.norm_num_groups")
+        return self
+
+
+class ClassifierConfig(Section):
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 7
+
+
+class DiffusionConfig(Section):
+    steps: int = Field(20, ge=1, le=1000, description="DDIM steps S, for calibration and sampling")
+
+
+class CalibConfig(Section):
+    num_samples: int = Field(64, ge=1, description="calibration trajectories N (paper: 256)")
+    layer_records_per_step: int = Field(32, ge=1, description="records per step whose layer I/O is dumped")
+    batch_size: int = Field(64, ge=1)
+    eta: float = Field(0.0, ge=0, le=1)
+    seed: int = 1234
+    chunk_records: int = Field(64, ge=1)
+
+
+class QuantConfig(Section):
+    method: str = "minmax"
+    w_bits: int = Field(4, ge=2, le=16)
+    a_bits: int = Field(8, ge=2, le=16)
+    weight_clip_grid: int = Field(80, ge=1, description="clipping ratios 1 - 0.01 i searched for weight scales")
+    weight_clip_p: float = Field(2.4, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+        return name
+
+
+class PTSConfig(Section):
+    ratio_threshold: float = Field(0.85, gt=0, le=1, description="tau: agreement ratio below which k falls back to 0")
+    num_candidates: int = Field(4, ge=1, le=8, description="K: exponents 0..K-1")
+    layers: list[str] | Literal["auto"] = ["*conv_shortcut"]
+    auto_outlier_ratio: float = Field(4.0, gt=1)
+    calib_records: int = Field(64, ge=1, description="records per step for activation calibration")
+    batch_size: int = Field(16, ge=1)
+    momentum: float = Field(0.95, ge=0, lt=1)
+
+
+class SampleConfig(Section):
+    num_samples: int = Field(1000, ge=1)
+    batch_size: int = Field(250, ge=1)
+    seed: int = 2024
+    eta: float = Field(0.0, ge=0, le=1)
+    grid_size: int = Field(8, ge=1)
+
+
+class EvalConfig(Section):
+    kid_subset_size: int = Field(500, ge=2)
+    isc_splits: int = Field(5, ge=1)
+    prc_neighborhood: int = Field(3, ge=1)
+    inception_weights: str | None = None
+
+
+class Config(Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    model: ModelConfig = ModelConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    calib: CalibConfig = CalibConfig()
+    quant: QuantConfig = QuantConfig()
+    pts: PTSConfig = PTSConfig()
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+class ConfigError(ValueError):
+    """A parameter is wrong; the message names its dotted key."""
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (typo?)")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "params") -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"parameter file {path} not found")
+    with path.open() as f:
+        return parse_config(yaml.safe_load(f), str(path))

@@ -1,0 +1,72 @@
+"""Loading the FP model and DDIM sampling with per-sample reproducible noise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def save_fp_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path) -> None:
+    unet.save_pretrained(folder / "unet")
+    scheduler.save_pretrained(folder / "scheduler")
+
+
+def load_fp_model(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
+    folder = Path(folder)
+    if not (folder / "unet" / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no unet/config.json: not a model folder written by fp_model")
+    unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval().requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    return unet, scheduler
+
+
+def ddim_scheduler(train_scheduler: DDPMScheduler, steps: int) -> DDIMScheduler:
+    scheduler = DDIMScheduler.from_config(train_scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def sample_noise(seed: int, indices: torch.Tensor, steps: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Initial latent and the per-step DDIM noises of each sample, from a generator seeded by the
+    sample's own index: a sample is the same whatever batch or rank produces it.
+
+    Returns (B, steps + 1, *shape)."""
+    noises = []
+    for index in indices.tolist():
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        noises.append(torch.randn((steps + 1, *shape), generator=generator))
+    return torch.stack(noises)
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    noise: torch.Tensor,
+    eta: float,
+    before_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Run DDIM from ``noise[:, 0]``; ``before_step(s, t, x_t)`` sees every model input (s = 0 is the
+    noisiest step), which is where calibration records and per-step quantizer switches hook in."""
+    x = noise[:, 0]
+    for s, t in enumerate(scheduler.timesteps):
+        if before_step is not None:
+            before_step(s, t, x)
+        eps = unet(x, t.to(x.device)).sample
+        variance_noise = noise[:, s + 1] if eta > 0 else None
+        x = scheduler.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
+    return x

@@ -1,0 +1,14 @@
+"""Quantizer objects, the quantized-layer wrapper and the ``quantize(model, spec)`` entry point."""
+
+from pipeline.quant.layers import QuantLayer
+from pipeline.quant.model import QuantSpec, quant_layers, quantizable_layers, quantize, set_quant_state, set_step
+
+__all__ = [
+    "QuantLayer",
+    "QuantSpec",
+    "quant_layers",
+    "quantizable_layers",
+    "quantize",
+    "set_quant_state",
+    "set_step",
+]

@@ -1,0 +1,34 @@
+"""Assemble a quantized UNet from the FP model and the weight / activation artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.diffusion import load_fp_model
+from pipeline.fingerprint import check_same_model, model_hash
+from pipeline.io import read_tensors
+from pipeline.quant.artifacts import load_act_tensors, load_weight_tensors
+from pipeline.quant.model import QuantSpec, quantize
+
+
+def load_quantized_unet(fp_dir: Path, weights_path: Path, act_path: Path | None, a_bits: int | None = None, steps: int | None = None):
+    """FP UNet with the stored integer weights (and, given ``act_path``, the per-step activation
+    parameters) loaded. ``a_bits`` / ``steps`` are needed only when there is no ``act_path`` yet
+    (activation calibration builds the quantizers it is about to fill)."""
+    unet, scheduler = load_fp_model(fp_dir)
+    expected_model = model_hash(fp_dir)
+    weights, w_header = read_tensors(weights_path)
+    check_same_model(w_header, expected_model, str(weights_path))
+    act, a_header = (None, {}) if act_path is None else read_tensors(act_path)
+    if act is not None:
+        check_same_model(a_header, expected_model, str(act_path))
+        a_bits, steps = a_header["a_bits"], a_header["steps"]
+    spec = QuantSpec(w_bits=w_header["w_bits"], a_bits=a_bits, num_steps=steps or 1, split=w_header["split"])
+    layers = quantize(unet, spec)
+    with torch.no_grad():
+        load_weight_tensors(layers, weights, str(weights_path))
+        if act is not None:
+            load_act_tensors(layers, act, str(act_path))
+    return unet, scheduler, layers, {"weights": w_header, "act": a_header}

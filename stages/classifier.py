@@ -1,0 +1,20 @@
+"""Stage classifier: train the digit classifier whose features FID uses (digit-classifier features)."""
+
+from pipeline.config import load_config
+from pipeline.data import load_digits_images
+from pipeline.io import write_json, write_tensors
+from pipeline.models import seed_everything, train_classifier
+from stages.layout import CLASSIFIER, REPORTS
+
+
+def main() -> None:
+    cfg = load_config()
+    generator = seed_everything(cfg.classifier.seed)
+    images, labels = load_digits_images(cfg.model.image_size)
+    model, accuracy = train_classifier(images, labels, cfg.classifier.steps, cfg.classifier.batch_size, cfg.classifier.lr, generator)
+    write_tensors(CLASSIFIER, model.state_dict(), {"image_size": cfg.model.image_size, "held_out_accuracy": accuracy})
+    write_json(REPORTS / "classifier.json", {"held_out_accuracy": round(accuracy, 4)})
+
+
+if __name__ == "__main__":
+    main()

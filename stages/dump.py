@@ -1,0 +1,29 @@
+"""Stage dump: FP DDIM trajectories and per-layer FP inputs/outputs -> artifacts/calib.zarr."""
+
+from pipeline.calib import dump_calibration
+from pipeline.config import load_config
+from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
+from pipeline.fingerprint import model_hash
+from pipeline.io import atomic_path
+from pipeline.quant import quantizable_layers
+from stages.layout import CALIB, FP_MODEL
+
+
+def main() -> None:
+    cfg = load_config()
+    device = resolve_device(cfg.device)
+    unet, train_scheduler = load_fp_model(FP_MODEL)
+    unet.to(device)
+    scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
+    c = cfg.calib
+    with atomic_path(CALIB) as tmp:
+        dump_calibration(
+            tmp, unet, scheduler, quantizable_layers(unet),
+            num_samples=c.num_samples, layer_records_per_step=c.layer_records_per_step, batch_size=c.batch_size,
+            eta=c.eta, seed=c.seed, chunk_records=c.chunk_records, device=device,
+            attrs={"model_hash": model_hash(FP_MODEL), "seed": c.seed, "eta": c.eta},
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

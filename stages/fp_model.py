@@ -1,0 +1,36 @@
+"""Stage fp_model: train the embedded default UNet on scikit-learn's digits (DDPM, 1000 steps)."""
+
+import time
+
+from diffusers import DDPMScheduler
+
+from pipeline.config import load_config
+from pipeline.data import load_digits_images
+from pipeline.diffusion import save_fp_model
+from pipeline.io import atomic_path, write_json
+from pipeline.models import build_unet, seed_everything, train_unet
+from stages.layout import FP_MODEL, REPORTS
+
+
+def main() -> None:
+    cfg = load_config().model
+    if cfg.source != "embedded":
+        raise SystemExit("model.source: local is not supported yet; use the embedded default")
+    generator = seed_everything(load_config().seed)
+    images, _ = load_digits_images(cfg.image_size)
+    unet = build_unet(cfg.image_size, cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups)
+    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
+    start = time.perf_counter()
+    ema, losses = train_unet(unet, scheduler, images, cfg.train_steps, cfg.batch_size, cfg.lr, cfg.ema_decay, generator)
+    with atomic_path(FP_MODEL) as tmp:
+        save_fp_model(ema, scheduler, tmp)
+    tail = losses[-100:]
+    write_json(REPORTS / "fp_model.json", {
+        "train_loss_last100": sum(tail) / len(tail),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "parameters": sum(p.numel() for p in ema.parameters()),
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Stage sample: DDIM with the FP and the quantized UNet from the same seeds -> samples.zarr, grids."""
+
+import zarr
+
+from pipeline.config import load_config
+from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
+from pipeline.figures import save_grid
+from pipeline.io import atomic_path
+from pipeline.quantized import load_quantized_unet
+from pipeline.sampling import generate
+from stages.layout import ACT_PARAMS, FP_MODEL, REPORTS, SAMPLES, WEIGHTS
+
+
+def main() -> None:
+    cfg = load_config()
+    s = cfg.sample
+    device = resolve_device(cfg.device)
+    fp_unet, train_scheduler = load_fp_model(FP_MODEL)
+    q_unet, _, _, headers = load_quantized_unet(FP_MODEL, WEIGHTS, ACT_PARAMS)
+    scheduler = ddim_scheduler(train_scheduler, headers["act"]["steps"])
+    runs = {
+        "fp": generate(fp_unet.to(device), scheduler, s.num_samples, s.batch_size, s.eta, s.seed, device, "sample fp"),
+        "quant": generate(q_unet.to(device), scheduler, s.num_samples, s.batch_size, s.eta, s.seed, device, "sample quant"),
+    }
+    label = f"{headers['act']['method']} W{headers['act']['w_bits']}A{headers['act']['a_bits']}"
+    with atomic_path(SAMPLES) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        for name, images in runs.items():
+            root.create_array(name, data=images.numpy(), chunks=(min(256, len(images)), *images.shape[1:]))
+        root.attrs.update({"seed": s.seed, "eta": s.eta, "steps": len(scheduler.timesteps), "quant_label": label})
+    save_grid(runs["fp"], REPORTS / "samples_fp.png", s.grid_size, "FP")
+    save_grid(runs["quant"], REPORTS / "samples_quant.png", s.grid_size, label)
+
+
+if __name__ == "__main__":
+    main()
