@@ -76,6 +76,33 @@ class QuantConfig(Section):
         return name
 
 
+class StatsConfig(Section):
+    percentile: float = Field(99.9, gt=50, lt=100, description="high percentile of |x| per channel")
+
+
+class LESConfig(Section):
+    iters: int = Field(300, ge=1, description="Adam iterations per layer (paper: 6000)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate, cosine-decayed to 0")
+    batch_size: int = Field(32, ge=1)
+    focal_r: float = Field(20.0, ge=0, description="r: exponent of focal weights, slope of linear weights")
+    focal_momentum: float = Field(0.95, ge=0, lt=1)
+    workers: int = Field(1, ge=1, description="parallel worker processes (layers are independent)")
+    seed: int = 0
+
+
+class ReconConfig(Section):
+    iters: int = Field(400, ge=1, description="AdaRound iterations per block (paper: 20000)")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    records: int = Field(256, ge=1, description="calibration records (from all steps) used for reconstruction")
+    reg_lambda: float = Field(0.01, ge=0, description="lambda of the rounding regulariser")
+    beta_start: float = Field(20.0, gt=0)
+    beta_end: float = Field(2.0, gt=0)
+    warmup: float = Field(0.2, ge=0, lt=1, description="share of iterations without the regulariser")
+    weighting: Literal["none", "method"] = Field("none", description="timestep-weight the loss as LES does (reference: none)")
+    seed: int = 0
+
+
 class PTSConfig(Section):
     ratio_threshold: float = Field(0.85, gt=0, le=1, description="tau: agreement ratio below which k falls back to 0")
     num_candidates: int = Field(4, ge=1, le=8, description="K: exponents 0..K-1")
@@ -109,6 +136,9 @@ class Config(Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     calib: CalibConfig = CalibConfig()
     quant: QuantConfig = QuantConfig()
+    stats: StatsConfig = StatsConfig()
+    les: LESConfig = LESConfig()
+    recon: ReconConfig = ReconConfig()
     pts: PTSConfig = PTSConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()

@@ -95,7 +95,7 @@ def fidelity_metrics(
         cache=False,
         verbose=False,
         batch_size=256,
-        datasets_num_workers=0,
+        save_cpu_ram=True,  # no DataLoader worker processes on a 2-core machine
     )
     names = {
         "frechet_inception_distance": "fid",
