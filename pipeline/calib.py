@@ -130,3 +130,13 @@ def step_records(root: zarr.Group, step: int, count: int) -> tuple[torch.Tensor,
     x = torch.from_numpy(root["trajectory/x_t"][step * n : step * n + count])
     t = int(root["trajectory/t"][step * n])
     return x, torch.full((count,), t, dtype=torch.long)
+
+
+def random_records(root: zarr.Group, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``count`` trajectory records drawn without replacement from all steps: (x_t, t, step)."""
+    total = root["trajectory/x_t"].shape[0]
+    index = np.sort(torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: min(count, total)].numpy())
+    x = torch.from_numpy(root["trajectory/x_t"].get_orthogonal_selection((index,)))
+    t = torch.from_numpy(root["trajectory/t"][:][index])
+    step = torch.from_numpy(root["trajectory/step"][:][index]).long()
+    return x, t, step

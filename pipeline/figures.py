@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
@@ -29,6 +30,46 @@ def save_grid(images: torch.Tensor, path: str | Path, rows: int, title: str | No
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout(pad=0.1)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_channel_ranges(stats: dict, layers: tuple[str, str], step: int, path: str | Path) -> None:
+    """Per-input-channel [min, max] bars of two layers at one step, side by side: the outlier-heavy
+    input PTS is for next to an ordinary one ("dissecting outliers")."""
+    fig, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 3.6), dpi=100)
+    for ax, layer in zip(axes, layers):
+        lo, hi = stats[layer]["min"][step], stats[layer]["max"][step]
+        channels = range(len(lo))
+        ax.bar(channels, hi - lo, bottom=lo, width=1.0, color="tab:blue", linewidth=0)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ratio = stats[layer]["outlier_ratio"][step]
+        ax.set_title(f"{layer}\nstep {step}, outlier ratio {ratio:.1f}", fontsize=9)
+        ax.set_xlabel("input channel")
+        ax.set_xlim(-0.5, len(lo) - 0.5)
+    axes[0].set_ylabel("activation range [min, max]")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_outlier_heatmap(stats: dict, path: str | Path) -> None:
+    """Layers x steps heat map of the outlier ratio (max / median channel range), log colour scale."""
+    from matplotlib.colors import LogNorm
+
+    layers = list(stats)
+    ratios = np.stack([stats[layer]["outlier_ratio"] for layer in layers])
+    steps = ratios.shape[1]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * steps + 4.5), 0.16 * len(layers) + 1.4), dpi=100)
+    image = ax.imshow(ratios, aspect="auto", cmap="magma", norm=LogNorm(vmin=1.0, vmax=max(float(ratios.max()), 1.01)), interpolation="nearest")
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xticks(range(steps), [str(s) for s in range(steps)], fontsize=7)
+    ax.set_xlabel("sampling step index (0 = noisiest)")
+    fig.colorbar(image, ax=ax, label="outlier ratio (max / median channel range)")
+    ax.set_title("Inter-channel outliers of layer inputs", fontsize=9)
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

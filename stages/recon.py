@@ -1,25 +1,54 @@
-"""Stage recon: quantize the weights (MSE-searched scales; nearest rounding for minmax)."""
+"""Stage recon: fold γ into the weights, search weight scales, then learn the rounding (AdaRound) or
+round to nearest (methods without AdaRound) -> artifacts/weights.safetensors."""
 
+import copy
+import time
+
+from pipeline.adaround import AdaRoundSettings, adaround
+from pipeline.calib import open_calibration, random_records
 from pipeline.config import load_config
-from pipeline.diffusion import load_fp_model
-from pipeline.fingerprint import model_hash
-from pipeline.io import write_tensors
+from pipeline.diffusion import load_fp_model, resolve_device
+from pipeline.fingerprint import check_same_model, model_hash
+from pipeline.io import read_tensors, write_json, write_tensors
 from pipeline.methods import METHODS
 from pipeline.quant import QuantSpec, quantize
-from pipeline.quant.artifacts import weight_tensors
+from pipeline.quant.artifacts import load_gamma, weight_tensors
 from pipeline.recon import init_weight_quantizers
-from stages.layout import FP_MODEL, WEIGHTS
+from pipeline.weighting import make_weighting
+from stages.layout import CALIB, FP_MODEL, LES, REPORTS, WEIGHTS
 
 
 def main() -> None:
     cfg = load_config()
-    q = cfg.quant
+    q, r = cfg.quant, cfg.recon
     method = METHODS[q.method]
-    unet, _ = load_fp_model(FP_MODEL)
-    layers = quantize(unet, QuantSpec(w_bits=q.w_bits, split=method.split))
+    device = resolve_device(cfg.device)
+    fp_unet, _ = load_fp_model(FP_MODEL)
+    expected_model = model_hash(FP_MODEL)
+    gammas, les_header = read_tensors(LES)
+    check_same_model(les_header, expected_model, str(LES))
+    q_unet = copy.deepcopy(fp_unet)
+    layers = quantize(q_unet, QuantSpec(w_bits=q.w_bits, split=method.split))
+    load_gamma(layers, gammas, str(LES))
     init_weight_quantizers(layers, q.weight_clip_grid, q.weight_clip_p)
-    header = {"model_hash": model_hash(FP_MODEL), "method": q.method, "w_bits": q.w_bits, "split": method.split}
+    report = {"method": q.method, "adaround": method.adaround}
+    if method.adaround:
+        calib = open_calibration(CALIB)
+        check_same_model(calib.attrs, expected_model, str(CALIB))
+        x, t, step = random_records(calib, r.records, r.seed)
+        weights = None
+        if r.weighting == "method":
+            weighting = make_weighting(method.weighting, calib.attrs["steps"], cfg.les.focal_r, cfg.les.focal_momentum)
+            weights = weighting.weights(step)
+        settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed)
+        start = time.perf_counter()
+        units = adaround(q_unet.to(device), fp_unet.to(device), (x.to(device), t.to(device)), settings, weights)
+        report.update(seconds=round(time.perf_counter() - start, 1), units=units)
+        report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)
+        report["mean_loss_after"] = sum(u["after"] for u in units.values()) / len(units)
+    header = {"model_hash": expected_model, "method": q.method, "w_bits": q.w_bits, "split": method.split}
     write_tensors(WEIGHTS, weight_tensors(layers), header)
+    write_json(REPORTS / "recon.json", report)
 
 
 if __name__ == "__main__":

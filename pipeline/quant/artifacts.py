@@ -61,3 +61,9 @@ def load_act_tensors(layers: dict[str, QuantLayer], tensors: dict[str, torch.Ten
         aq.zero_point.copy_(_take(tensors, f"{name}.act_zero_point", aq.zero_point, source))
         aq.exponent.copy_(_take(tensors, f"{name}.pts_exponent", aq.exponent, source))
         layer.quantize_acts = True
+
+
+@torch.no_grad()
+def load_gamma(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], source: str) -> None:
+    for name, layer in layers.items():
+        layer.gamma.copy_(_take(tensors, f"{name}.gamma", layer.gamma, source))

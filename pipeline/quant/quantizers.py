@@ -109,7 +109,7 @@ class WeightQuantizer(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         scale, zp = self.channel_params(weight.ndim)
-        if self.rounding is not None and self.training:
+        if self.rounding is not None and self.rounding.soft:
             q = torch.floor(weight / scale) + self.rounding.soft_offset()
             return ((q + zp).clamp(0, 2**self.bits - 1) - zp) * scale
         return (self.to_integer(weight) - zp) * scale

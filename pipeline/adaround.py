@@ -1,0 +1,196 @@
+"""AdaRound: learned up/down rounding of each weight, reconstructed block by block.
+
+Each weight rounds to ``floor(w / s) + h(V)`` with ``h`` a rectified sigmoid; a regulariser with
+annealed exponent β pushes ``h`` to 0 or 1, after which rounding is hard. Blocks (ResNet blocks,
+attention / transformer blocks) are reconstructed in execution order with inputs from the already
+quantized network and targets from the FP network; stray layers are reconstructed one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from pipeline.quant.layers import QuantLayer
+
+ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, from the AdaRound paper
+BLOCK_TYPES = ("ResnetBlock2D", "Attention", "BasicTransformerBlock", "Transformer2DModel")
+
+
+class RoundingOffsets(nn.Module):
+    """Learned offsets ``h(V) ∈ [0, 1]`` added to ``floor(w / s)``; initialised to reproduce ``w / s``."""
+
+    def __init__(self, weight_over_scale: torch.Tensor) -> None:
+        super().__init__()
+        rest = weight_over_scale - torch.floor(weight_over_scale)
+        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.soft = True
+
+    def soft_offset(self) -> torch.Tensor:
+        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def hard_offset(self) -> torch.Tensor:
+        return (self.v >= 0).to(self.v.dtype)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.soft_offset() - 1).abs().pow(beta)).sum()
+
+
+@dataclass(frozen=True)
+class AdaRoundSettings:
+    iters: int
+    lr: float
+    batch_size: int
+    reg_lambda: float
+    beta_start: float
+    beta_end: float
+    warmup: float
+    seed: int
+
+
+def beta_at(i: int, s: AdaRoundSettings) -> float | None:
+    """None during warm-up (no regulariser), then β annealed linearly from start to end."""
+    start = int(s.warmup * s.iters)
+    if i < start:
+        return None
+    progress = (i - start) / max(1, s.iters - start)
+    return s.beta_end + (s.beta_start - s.beta_end) * (1 - progress)
+
+
+def attach_rounding(layer: QuantLayer) -> RoundingOffsets:
+    wq = layer.weight_quantizer
+    scale, _ = wq.channel_params(layer.module.weight.ndim)
+    wq.rounding = RoundingOffsets((layer.scaled_weight() / scale).detach())
+    return wq.rounding
+
+
+def reconstruction_units(model: nn.Module, run_once) -> list[tuple[str, nn.Module]]:
+    """Blocks and stray quantized layers, in the order a forward pass first reaches them."""
+    units, claimed = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(c + ".") for c in claimed):
+            continue
+        is_block = type(module).__name__ in BLOCK_TYPES and any(isinstance(m, QuantLayer) for m in module.modules())
+        if is_block or isinstance(module, QuantLayer):
+            units.append((name, module))
+            claimed.add(name)
+    order: dict[str, int] = {}
+
+    def first_call(name):
+        def hook(module, args):  # returns None: a pre-hook's return value would replace the inputs
+            order.setdefault(name, len(order))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(first_call(n)) for n, m in units]
+    run_once()
+    for handle in handles:
+        handle.remove()
+    return sorted((u for u in units if u[0] in order), key=lambda u: order[u[0]])
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_unit_io(model: nn.Module, unit: nn.Module, inputs, batch_size: int, want: str):
+    """Run ``model`` over ``inputs`` = (x, t) in batches, keeping ``unit``'s call (args, kwargs) or
+    its output, and stopping each forward pass as soon as the unit has run."""
+    kept = []
+
+    def pre(module, args, kwargs):
+        if want == "args":
+            kept.append((args, kwargs))
+            raise _Stop
+
+    def post(module, args, kwargs, output):
+        kept.append(output)
+        raise _Stop
+
+    handle = unit.register_forward_pre_hook(pre, with_kwargs=True) if want == "args" else unit.register_forward_hook(post, with_kwargs=True)
+    x, t = inputs
+    try:
+        for start in range(0, len(x), batch_size):
+            try:
+                model(x[start : start + batch_size], t[start : start + batch_size])
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return kept
+
+
+def _take(batches, index: torch.Tensor):
+    """Gather records ``index`` from a list of per-batch captures (tensors or (args, kwargs))."""
+
+    def gather(items):
+        first = items[0]
+        if isinstance(first, torch.Tensor):
+            return torch.cat(items)[index] if first.dim() else first
+        if isinstance(first, (tuple, list)):
+            return type(first)(gather([it[i] for it in items]) for i in range(len(first)))
+        if isinstance(first, dict):
+            return {k: gather([it[k] for it in items]) for k in first}
+        return first
+
+    return gather(batches)
+
+
+def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings: AdaRoundSettings, sample_weights=None) -> dict:
+    """Learn the rounding of every QuantLayer inside ``unit``; return the loss before and after."""
+    layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+    offsets = [attach_rounding(layer) for layer in layers]
+    optimizer = torch.optim.Adam([o.v for o in offsets], lr=settings.lr)
+    n = sum(len(out) for out in fp_outputs)
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    def unit_loss(index: torch.Tensor) -> torch.Tensor:
+        args, kwargs = _take(q_inputs, index)
+        out = unit(*args, **kwargs)
+        target = _take(fp_outputs, index)
+        per_sample = (out - target).pow(2).sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
+        weights = 1.0 if sample_weights is None else sample_weights[index]
+        return (per_sample * weights).mean()
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return sum(unit_loss(idx).item() * len(idx) for idx in torch.arange(n).split(settings.batch_size)) / n
+
+    for o in offsets:
+        o.soft = False
+    before = full_loss()
+    for o in offsets:
+        o.soft = True
+    for i in range(settings.iters):
+        index = torch.randint(0, n, (min(settings.batch_size, n),), generator=generator)
+        loss = unit_loss(index)
+        beta = beta_at(i, settings)
+        if beta is not None:
+            loss = loss + settings.reg_lambda * sum(o.regularizer(beta) for o in offsets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"AdaRound loss is {loss.item()} in {name} at iteration {i}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    for o in offsets:
+        o.soft = False
+        o.v.requires_grad_(False)
+    return {"before": before, "after": full_loss()}
+
+
+def adaround(q_model: nn.Module, fp_model: nn.Module, inputs, settings: AdaRoundSettings, sample_weights=None) -> dict[str, dict]:
+    """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model``."""
+    x, t = inputs
+    capture_batch = max(settings.batch_size, 64)
+    units = reconstruction_units(q_model, lambda: q_model(x[:1], t[:1]))
+    fp_units = dict(fp_model.named_modules())
+    report = {}
+    for name, unit in tqdm(units, desc="adaround"):
+        q_inputs = capture_unit_io(q_model, unit, inputs, capture_batch, "args")
+        fp_outputs = capture_unit_io(fp_model, fp_units[name], inputs, capture_batch, "output")
+        report[name] = reconstruct_unit(name, unit, q_inputs, fp_outputs, settings, sample_weights)
+    return report

@@ -1,0 +1,191 @@
+"""Learned Equivalent Scaling (DESIGN.md §2 step 2): one γ ∈ R^{C_in}, γ > 0, per quantized layer.
+
+γ = exp(θ), θ = 0 at the start, so γ stays positive without clamping. The loss compares the FP layer
+output stored by the dump stage with ``Qw(W · diag(γ)) ⊛ Qa(x / γ) + b`` where both quantizers take
+their range on the fly (per output channel and part for weights, per tensor and part for activations)
+and round straight-through, so the gradient reaches γ through the rounding and through the ranges.
+
+Layers are independent: :func:`learn_all` farms them out to worker processes. Each layer's batch
+order comes from a generator seeded by a stable hash of (seed, layer name), so γ does not depend on
+the number of workers or the order in which layers finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
+from pathlib import Path
+
+import torch
+import zarr
+from tqdm import tqdm
+
+from pipeline.quant.layers import QuantLayer
+from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema
+from pipeline.weighting import TimestepWeighting, make_weighting
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Stable across processes and runs (Python's ``hash`` of a str is salted per process)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def quantized_output(layer: QuantLayer, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``Qw(W · diag(γ)) ⊛ Qa(x / γ) + b`` with on-the-fly min-max ranges and straight-through rounding."""
+    wq = layer.weight_quantizer
+    parts, num_parts = wq.parts, wq.num_parts
+    w = layer.scaled_weight(gamma)
+    flat = w.reshape(w.shape[0], w.shape[1], -1)
+    index = parts.expand(w.shape[0], -1)
+    inf = torch.full((w.shape[0], num_parts), float("inf"), dtype=w.dtype)
+    lo = inf.scatter_reduce(1, index, flat.amin(2), "amin")
+    hi = (-inf).scatter_reduce(1, index, flat.amax(2), "amax")
+    scale, zp = affine_params(lo, hi, wq.bits)
+    view = (w.shape[0], w.shape[1], *[1] * (w.ndim - 2))
+    w_hat = fake_quantize(w, scale[:, parts].view(view), zp[:, parts].view(view), wq.bits, ste=True)
+
+    x = layer.scale_input(x, gamma)
+    lo, hi = part_extrema(x, parts, num_parts, layer.channel_dim)
+    scale, zp = affine_params(lo, hi, layer.act_quantizer.bits)
+    shape = [1] * x.ndim
+    shape[layer.channel_dim] = -1
+    x_hat = fake_quantize(x, scale[parts].view(shape), zp[parts].view(shape), layer.act_quantizer.bits, ste=True)
+    return layer.apply(x_hat, w_hat)
+
+
+def per_sample_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Squared error summed over channels, averaged over positions: shape (batch,)."""
+    return (out - target).pow(2).sum(channel_dim).reshape(len(out), -1).mean(1)
+
+
+@torch.no_grad()
+def layer_loss(layer: QuantLayer, inputs: torch.Tensor, outputs: torch.Tensor, steps: int, gamma: torch.Tensor, batch_size: int) -> float:
+    """Unweighted mean loss over all records. Activation ranges are taken per chunk of one step's
+    records, as the per-step activation quantizers will be, so the number does not depend on how
+    steps would be mixed in a batch."""
+    per_step = len(inputs) // steps
+    total = 0.0
+    for s in range(steps):
+        for a in range(s * per_step, (s + 1) * per_step, batch_size):
+            b = min(a + batch_size, (s + 1) * per_step)
+            out = quantized_output(layer, inputs[a:b].float(), gamma)
+            total += per_sample_loss(out, outputs[a:b].float(), layer.channel_dim).double().sum().item()
+    return total / len(inputs)
+
+
+def learn_gamma(
+    layer: QuantLayer,
+    inputs: torch.Tensor,
+    outputs: torch.Tensor,
+    steps: int,
+    weighting: TimestepWeighting,
+    *,
+    iters: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    name: str = "layer",
+) -> tuple[torch.Tensor, float, float]:
+    """Learn γ for one layer from its FP ``inputs`` / ``outputs`` (record r is at step r // (N / S)).
+
+    Returns (γ, loss at γ = 1, loss at the learned γ), both losses over all records. The layer
+    itself is not modified."""
+    n = len(inputs)
+    if n == 0 or n % steps:
+        raise ValueError(f"LES on {name}: {n} records do not split into {steps} steps")
+    per_step = n // steps
+    theta = torch.zeros(layer.gamma.shape, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
+    generator = torch.Generator().manual_seed(layer_seed(seed, name))
+    for i in range(iters):
+        idx = torch.randperm(n, generator=generator)[:batch_size]
+        step_idx = idx // per_step
+        out = quantized_output(layer, inputs[idx].float(), theta.exp())
+        loss = per_sample_loss(out, outputs[idx].float(), layer.channel_dim)
+        weighting.update(step_idx, loss)
+        total = (weighting.weights(step_idx) * loss).mean()
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"LES on {name}: loss is {total.item()} at iteration {i}")
+        # autograd.grad, not backward: only θ needs a gradient; the layer's weights stay untouched
+        (theta.grad,) = torch.autograd.grad(total, theta)
+        optimizer.step()
+        schedule.step()
+    gamma = theta.detach().exp()
+    if not torch.isfinite(gamma).all():
+        raise FloatingPointError(f"LES on {name}: γ is not finite after {iters} iterations")
+    before = layer_loss(layer, inputs, outputs, steps, torch.ones_like(gamma), batch_size)
+    after = layer_loss(layer, inputs, outputs, steps, gamma, batch_size)
+    return gamma, before, after
+
+
+def load_layer_io(calib_path: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A layer's stored FP inputs and outputs (float16, as stored) and the number of steps."""
+    root = zarr.open_group(str(calib_path), mode="r")
+    try:
+        inputs, outputs = (torch.from_numpy(root[f"layers/{name}/{kind}"][:]) for kind in ("input", "output"))
+    except KeyError:
+        raise ValueError(f"{calib_path} has no layer I/O for {name!r}; rerun the dump stage for this model") from None
+    steps, per_step = root.attrs["steps"], root.attrs["layer_records_per_step"]
+    if len(inputs) != steps * per_step or len(outputs) != len(inputs):
+        raise ValueError(f"{calib_path}: layer {name!r} has {len(inputs)} records, expected {steps} x {per_step}")
+    if not (torch.isfinite(inputs).all() and torch.isfinite(outputs).all()):
+        raise ValueError(f"{calib_path}: layer {name!r} has non-finite values (float16 overflow in the dump?)")
+    return inputs, outputs, steps
+
+
+def _learn_from_store(name, layer, calib_path, weighting, r, momentum, **kwargs):
+    inputs, outputs, steps = load_layer_io(calib_path, name)
+    w = make_weighting(weighting, steps, r, momentum)
+    return name, *learn_gamma(layer, inputs, outputs, steps, w, name=name, **kwargs)
+
+
+def learn_all(
+    layers: dict[str, QuantLayer],
+    calib_path: str | Path,
+    *,
+    weighting: str,
+    iters: int,
+    lr: float,
+    batch_size: int,
+    r: float,
+    momentum: float,
+    seed: int,
+    workers: int = 1,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]]]:
+    """γ for every layer: ({name: γ}, {name: (loss at γ = 1, loss at γ)}), in the order of ``layers``.
+
+    Every layer runs on one intra-op thread, inline (``workers`` = 1) or in ``workers`` processes:
+    torch's CPU reductions split work by thread count, so a fixed count keeps γ bit-identical for any
+    ``workers``. Use more workers, not more threads, to use more cores."""
+    job = partial(
+        _learn_from_store, calib_path=str(calib_path), weighting=weighting, r=r, momentum=momentum,
+        iters=iters, lr=lr, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    results = {}
+    with tqdm(total=len(layers), desc="LES", unit="layer") as bar:
+        if workers == 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for name, layer in layers.items():
+                    results[name] = job(name, layer)[1:]
+                    bar.update()
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            # fork starts in milliseconds; it is safe because workers run torch single-threaded
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                futures = [pool.submit(job, name, layer) for name, layer in layers.items()]
+                try:
+                    for future in as_completed(futures):
+                        name, *result = future.result()
+                        results[name] = result
+                        bar.update()
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # one failed layer fails the stage; skip the queue
+                    raise
+    return {n: results[n][0] for n in layers}, {n: (results[n][1], results[n][2]) for n in layers}

@@ -1,0 +1,97 @@
+"""Power-of-Two Scaling with voting.
+
+Channel c of a PTS layer at step s quantizes with step ``Δ_s · 2^-k_c`` (the per-tensor zero point is
+kept). Every calibration sample votes for the k that minimises its own squared quantization error on
+that channel; the channel takes the mode, unless fewer than τ of the samples agree, then k = 0.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+
+from pipeline.quant.layers import QuantLayer
+from pipeline.quant.quantizers import fake_quantize
+
+
+def select_pts_layers(names: list[str], patterns: list[str]) -> list[str]:
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"pts.layers: pattern {pattern!r} matches no quantized layer")
+    return chosen
+
+
+def vote(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, num_candidates: int, threshold: float, channel_dim: int
+) -> dict[str, torch.Tensor]:
+    """Vote on ``x`` (samples first) with per-channel base ``scale`` / ``zero_point`` (C,).
+
+    Returns per channel: the mode ``k_mode``, its ``agreement`` ratio and the applied ``k``."""
+    c = x.shape[channel_dim]
+    per_sample = x.movedim(channel_dim, 1).reshape(x.shape[0], c, -1)  # (N, C, positions)
+    errors = torch.stack([
+        (per_sample - fake_quantize(per_sample, (scale * 2.0**-k)[:, None], zero_point[:, None], bits)).pow(2).sum(2)
+        for k in range(num_candidates)
+    ])  # fmt: skip  # (K, N, C)
+    choice = errors.argmin(0)  # (N, C); ties go to the smaller k
+    counts = torch.nn.functional.one_hot(choice, num_candidates).sum(0)  # (C, K)
+    top, k_mode = counts.max(1)
+    agreement = top.float() / x.shape[0]
+    k = torch.where(agreement >= threshold, k_mode, torch.zeros_like(k_mode))
+    return {"k_mode": k_mode, "agreement": agreement, "k": k}
+
+
+class PTSVoter:
+    """Collects the (scaled) inputs of the PTS layers on the quantized network and votes per step."""
+
+    def __init__(self, layers: dict[str, QuantLayer], num_candidates: int, threshold: float) -> None:
+        self.layers = layers
+        self.num_candidates = num_candidates
+        self.threshold = threshold
+        self.results: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in layers}
+
+    @torch.no_grad()
+    def __call__(self, unet, step: int, x: torch.Tensor, t: torch.Tensor, batch_size: int) -> None:
+        inputs: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        handles = [
+            layer.register_forward_pre_hook(lambda mod, args, n=name: inputs[n].append(mod.scale_input(args[0])))
+            for name, layer in self.layers.items()
+        ]
+        try:
+            for start in range(0, len(x), batch_size):
+                unet(x[start : start + batch_size], t[start : start + batch_size])
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, layer in self.layers.items():
+            aq = layer.act_quantizer
+            aq.exponent[step].zero_()
+            scale, zero_point = aq.channel_params(step)
+            result = vote(torch.cat(inputs[name]), scale, zero_point, aq.bits, self.num_candidates, self.threshold, layer.channel_dim)
+            aq.exponent[step] = result["k"].to(aq.exponent.dtype)
+            self.results[name].append(result)
+
+    def stacked(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer: ``k_mode``, ``agreement``, ``k`` as (steps, C) tensors."""
+        return {
+            name: {key: torch.stack([r[key] for r in per_step]) for key in per_step[0]}
+            for name, per_step in self.results.items()
+            if per_step
+        }
+
+
+def vote_summary(votes: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """Per PTS layer: channels with k > 0 at any step, mean agreement ratio, k histogram."""
+    layers = {}
+    for name, v in votes.items():
+        k = v["k"]
+        layers[name] = {
+            "channels": k.shape[1],
+            "channels_k_gt_0_any_step": int((k > 0).any(0).sum()),
+            "mean_channels_k_gt_0_per_step": float((k > 0).sum(1).float().mean()),
+            "mean_agreement": float(v["agreement"].mean()),
+            "k_histogram": torch.bincount(k.flatten().long(), minlength=int(k.max()) + 1).tolist(),
+        }
+    return {"layers": layers}

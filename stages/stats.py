@@ -1,0 +1,27 @@
+"""Stage stats: per layer x step x channel statistics of the dumped layer inputs -> artifacts/stats.zarr,
+reports/stats.json, the outlier-ratio table and two figures."""
+
+from pipeline.calib import open_calibration
+from pipeline.config import load_config
+from pipeline.figures import plot_channel_ranges, plot_outlier_heatmap
+from pipeline.io import atomic_path, write_json
+from pipeline.stats import layer_statistics, showcase_layers, summary, write_outlier_table, write_stats_store
+from stages.layout import CALIB, STATS, STATS_HEATMAP_FIG, STATS_JSON, STATS_RANGES_FIG, STATS_TABLE
+
+
+def main() -> None:
+    cfg = load_config()
+    calib = open_calibration(CALIB)
+    stats = layer_statistics(calib, cfg.stats.percentile)
+    steps = calib.attrs["steps"]
+    attrs = {"steps": steps, "model_hash": calib.attrs["model_hash"], "percentile": cfg.stats.percentile}
+    with atomic_path(STATS) as tmp:
+        write_stats_store(tmp, stats, attrs)
+    write_json(STATS_JSON, {**attrs, **summary(stats)})
+    write_outlier_table(stats, STATS_TABLE)
+    plot_channel_ranges(stats, showcase_layers(stats), steps // 2, STATS_RANGES_FIG)
+    plot_outlier_heatmap(stats, STATS_HEATMAP_FIG)
+
+
+if __name__ == "__main__":
+    main()
