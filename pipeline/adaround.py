@@ -140,25 +140,24 @@ def _take(batches, index: torch.Tensor):
     return gather(batches)
 
 
-def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings: AdaRoundSettings, sample_weights=None) -> dict:
-    """Learn the rounding of every QuantLayer inside ``unit``; return the loss before and after."""
+def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings: AdaRoundSettings, weighting=None, steps=None) -> dict:
+    """Learn the rounding of every QuantLayer inside ``unit``; return the (unweighted) loss before
+    and after. With a ``weighting`` (and the records' step indices) the training loss is timestep
+    weighted as in LES; the reference reconstructs unweighted."""
     layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
     offsets = [attach_rounding(layer) for layer in layers]
     optimizer = torch.optim.Adam([o.v for o in offsets], lr=settings.lr)
     n = sum(len(out) for out in fp_outputs)
     generator = torch.Generator().manual_seed(settings.seed)
 
-    def unit_loss(index: torch.Tensor) -> torch.Tensor:
+    def per_sample_loss(index: torch.Tensor) -> torch.Tensor:
         args, kwargs = _take(q_inputs, index)
         out = unit(*args, **kwargs)
-        target = _take(fp_outputs, index)
-        per_sample = (out - target).pow(2).sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
-        weights = 1.0 if sample_weights is None else sample_weights[index]
-        return (per_sample * weights).mean()
+        return (out - _take(fp_outputs, index)).pow(2).sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
 
     def full_loss() -> float:
         with torch.no_grad():
-            return sum(unit_loss(idx).item() * len(idx) for idx in torch.arange(n).split(settings.batch_size)) / n
+            return sum(per_sample_loss(idx).sum().item() for idx in torch.arange(n).split(settings.batch_size)) / n
 
     for o in offsets:
         o.soft = False
@@ -167,7 +166,11 @@ def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings:
         o.soft = True
     for i in range(settings.iters):
         index = torch.randint(0, n, (min(settings.batch_size, n),), generator=generator)
-        loss = unit_loss(index)
+        per_sample = per_sample_loss(index)
+        if weighting is not None:
+            weighting.update(steps[index], per_sample.detach())
+            per_sample = per_sample * weighting.weights(steps[index])
+        loss = per_sample.mean()
         beta = beta_at(i, settings)
         if beta is not None:
             loss = loss + settings.reg_lambda * sum(o.regularizer(beta) for o in offsets)
@@ -182,8 +185,9 @@ def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings:
     return {"before": before, "after": full_loss()}
 
 
-def adaround(q_model: nn.Module, fp_model: nn.Module, inputs, settings: AdaRoundSettings, sample_weights=None) -> dict[str, dict]:
-    """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model``."""
+def adaround(q_model: nn.Module, fp_model: nn.Module, inputs, settings: AdaRoundSettings, make_weighting=None, steps=None) -> dict[str, dict]:
+    """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model``.
+    ``make_weighting()`` gives each unit a fresh timestep weighting over the records' ``steps``."""
     x, t = inputs
     capture_batch = max(settings.batch_size, 64)
     units = reconstruction_units(q_model, lambda: q_model(x[:1], t[:1]))
@@ -192,5 +196,6 @@ def adaround(q_model: nn.Module, fp_model: nn.Module, inputs, settings: AdaRound
     for name, unit in tqdm(units, desc="adaround"):
         q_inputs = capture_unit_io(q_model, unit, inputs, capture_batch, "args")
         fp_outputs = capture_unit_io(fp_model, fp_units[name], inputs, capture_batch, "output")
-        report[name] = reconstruct_unit(name, unit, q_inputs, fp_outputs, settings, sample_weights)
+        weighting = make_weighting() if make_weighting is not None else None
+        report[name] = reconstruct_unit(name, unit, q_inputs, fp_outputs, settings, weighting, steps)
     return report

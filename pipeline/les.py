@@ -23,7 +23,7 @@ import zarr
 from tqdm import tqdm
 
 from pipeline.quant.layers import QuantLayer
-from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema
+from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema, weight_part_extrema
 from pipeline.weighting import TimestepWeighting, make_weighting
 
 
@@ -37,12 +37,7 @@ def quantized_output(layer: QuantLayer, x: torch.Tensor, gamma: torch.Tensor) ->
     wq = layer.weight_quantizer
     parts, num_parts = wq.parts, wq.num_parts
     w = layer.scaled_weight(gamma)
-    flat = w.reshape(w.shape[0], w.shape[1], -1)
-    index = parts.expand(w.shape[0], -1)
-    inf = torch.full((w.shape[0], num_parts), float("inf"), dtype=w.dtype)
-    lo = inf.scatter_reduce(1, index, flat.amin(2), "amin")
-    hi = (-inf).scatter_reduce(1, index, flat.amax(2), "amax")
-    scale, zp = affine_params(lo, hi, wq.bits)
+    scale, zp = affine_params(*weight_part_extrema(w, parts, num_parts), wq.bits)
     view = (w.shape[0], w.shape[1], *[1] * (w.ndim - 2))
     w_hat = fake_quantize(w, scale[:, parts].view(view), zp[:, parts].view(view), wq.bits, ste=True)
 

@@ -3,6 +3,7 @@ round to nearest (methods without AdaRound) -> artifacts/weights.safetensors."""
 
 import copy
 import time
+from functools import partial
 
 from pipeline.adaround import AdaRoundSettings, adaround
 from pipeline.calib import open_calibration, random_records
@@ -36,13 +37,14 @@ def main() -> None:
         calib = open_calibration(CALIB)
         check_same_model(calib.attrs, expected_model, str(CALIB))
         x, t, step = random_records(calib, r.records, r.seed)
-        weights = None
+        weighting = None
         if r.weighting == "method":
-            weighting = make_weighting(method.weighting, calib.attrs["steps"], cfg.les.focal_r, cfg.les.focal_momentum)
-            weights = weighting.weights(step)
+            steps = calib.attrs["steps"]
+            weighting = partial(make_weighting, method.weighting, steps, cfg.les.focal_r, cfg.les.focal_momentum)
         settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed)
         start = time.perf_counter()
-        units = adaround(q_unet.to(device), fp_unet.to(device), (x.to(device), t.to(device)), settings, weights)
+        inputs = (x.to(device), t.to(device))
+        units = adaround(q_unet.to(device), fp_unet.to(device), inputs, settings, weighting, step.to(device))
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)
         report["mean_loss_after"] = sum(u["after"] for u in units.values()) / len(units)

@@ -75,15 +75,18 @@ def test_nothing_changed_reruns_nothing(repo):
     assert ran_stages(run(["dvc", "repro"], repo)) == set()
 
 
+# `dvc status` lists the stages whose own deps changed; `dvc repro` also runs the stages downstream
+# whose inputs then change.
 def test_sample_param_reruns_only_sample_and_fid(repo):
     repo, _ = repo
     set_param(repo, "sample", "seed", 99)
-    assert stale_stages(repo) == {"sample", "fid"}
+    assert stale_stages(repo) == {"sample"}
     assert ran_stages(run(["dvc", "repro"], repo)) == {"sample", "fid"}
     assert stale_stages(repo) == set()
 
 
-def test_pts_threshold_does_not_rerun_les_or_recon(repo):
+def test_pts_threshold_reruns_pts_sample_fid_not_les_or_recon(repo):
     repo, _ = repo
     set_param(repo, "pts", "ratio_threshold", 0.5)
-    assert stale_stages(repo) == {"pts", "sample", "fid"}
+    assert stale_stages(repo) == {"pts"}
+    assert ran_stages(run(["dvc", "repro"], repo)) == {"pts", "sample", "fid"}

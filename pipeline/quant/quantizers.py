@@ -43,6 +43,16 @@ def part_extrema(x: torch.Tensor, parts: torch.Tensor, num_parts: int, channel_d
     return lo, hi
 
 
+def weight_part_extrema(weight: torch.Tensor, parts: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max per (output channel, input-channel part): two (C_out, num_parts) tensors."""
+    flat = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    index = parts.expand(weight.shape[0], -1)
+    inf = torch.full((weight.shape[0], num_parts), float("inf"), dtype=weight.dtype, device=weight.device)
+    lo = inf.scatter_reduce(1, index, flat.amin(2), "amin")
+    hi = (-inf).scatter_reduce(1, index, flat.amax(2), "amax")
+    return lo, hi
+
+
 def search_weight_params(
     weight: torch.Tensor, parts: torch.Tensor, num_parts: int, bits: int, grid: int, p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +60,8 @@ def search_weight_params(
     ratios ``1 - 0.01 i`` applied to min and max. Vectorised over channels; loops over the grid only.
 
     Returns tensors of shape (C_out, num_parts)."""
-    c_out = weight.shape[0]
-    flat = weight.reshape(c_out, weight.shape[1], -1)  # (C_out, C_in, k)
-    lo = torch.stack([flat[:, parts == j].amin((1, 2)) for j in range(num_parts)], 1)
-    hi = torch.stack([flat[:, parts == j].amax((1, 2)) for j in range(num_parts)], 1)
+    flat = weight.reshape(weight.shape[0], weight.shape[1], -1)  # (C_out, C_in, k)
+    lo, hi = weight_part_extrema(weight, parts, num_parts)
     best_err = torch.full_like(lo, float("inf"))
     best_scale, best_zp = affine_params(lo, hi, bits)
     for i in range(grid):
