@@ -59,6 +59,15 @@ if FEATURE_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(FEATURE_EXTRACTOR, DigitClassifierFeatures)
 
 
+@torch.no_grad()
+def confident_share(images_uint8: torch.Tensor, classifier_path: str, threshold: float = 0.9) -> float:
+    """Share of images the digit classifier labels with probability above ``threshold``: a direct
+    reading of "recognisable digits" next to the distribution metrics."""
+    extractor = DigitClassifierFeatures(FEATURE_EXTRACTOR, ["logits"], feature_extractor_weights_path=classifier_path).eval()
+    probabilities = torch.cat([extractor(batch)[0].softmax(1) for batch in images_uint8.split(512)])
+    return float((probabilities.max(1).values > threshold).float().mean())
+
+
 class ImageTensors(torch.utils.data.Dataset):
     def __init__(self, images_uint8: torch.Tensor) -> None:
         self.images = images_uint8

@@ -7,7 +7,7 @@ import zarr
 from pipeline.config import load_config
 from pipeline.data import load_digits_images, to_uint8_rgb
 from pipeline.io import write_json
-from pipeline.metrics import FEATURE_NOTE, fidelity_metrics
+from pipeline.metrics import FEATURE_NOTE, confident_share, fidelity_metrics
 from stages.layout import CLASSIFIER, METRICS, SAMPLES
 
 
@@ -20,6 +20,7 @@ def main() -> None:
     for name in ("fp", "quant"):
         images = to_uint8_rgb(torch.from_numpy(samples[name][:]))
         metrics[name] = fidelity_metrics(images, reference, str(CLASSIFIER), e.kid_subset_size, e.isc_splits, e.prc_neighborhood)
+        metrics[name]["confident_share"] = confident_share(images, str(CLASSIFIER))
         metrics[name]["num_samples"] = len(images)
     write_json(METRICS, metrics)
 
