@@ -7,30 +7,37 @@ import torch
 
 from pipeline.quant.layers import QuantLayer
 
+# field name in the artifact -> (quantizer attribute of QuantLayer or None for the layer, buffer)
+WEIGHT_FIELDS = {
+    "weight_scale": ("weight_quantizer", "scale"),
+    "weight_zero_point": ("weight_quantizer", "zero_point"),
+    "gamma": (None, "gamma"),
+}
+ACT_FIELDS = {
+    "act_scale": ("act_quantizer", "scale"),
+    "act_zero_point": ("act_quantizer", "zero_point"),
+    "pts_exponent": ("act_quantizer", "exponent"),
+}
 
-def _integer_dtype(bits: int) -> torch.dtype:
-    return torch.uint8 if bits <= 8 else torch.int32
+
+def _buffer(layer: QuantLayer, owner: str | None, attribute: str) -> torch.Tensor:
+    return getattr(getattr(layer, owner) if owner else layer, attribute)
+
+
+def _collect(layers: dict[str, QuantLayer], fields: dict) -> dict[str, torch.Tensor]:
+    return {f"{name}.{field}": _buffer(layer, *where) for name, layer in layers.items() for field, where in fields.items()}
 
 
 def weight_tensors(layers: dict[str, QuantLayer]) -> dict[str, torch.Tensor]:
-    out = {}
+    out = _collect(layers, WEIGHT_FIELDS)
     for name, layer in layers.items():
-        wq = layer.weight_quantizer
-        out[f"{name}.weight_int"] = layer.integer_weight().to(_integer_dtype(wq.bits))
-        out[f"{name}.weight_scale"] = wq.scale
-        out[f"{name}.weight_zero_point"] = wq.zero_point
-        out[f"{name}.gamma"] = layer.gamma
+        dtype = torch.uint8 if layer.weight_quantizer.bits <= 8 else torch.int32
+        out[f"{name}.weight_int"] = layer.integer_weight().to(dtype)
     return out
 
 
 def act_tensors(layers: dict[str, QuantLayer]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, layer in layers.items():
-        aq = layer.act_quantizer
-        out[f"{name}.act_scale"] = aq.scale
-        out[f"{name}.act_zero_point"] = aq.zero_point
-        out[f"{name}.pts_exponent"] = aq.exponent
-    return out
+    return _collect(layers, ACT_FIELDS)
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str, like: torch.Tensor, source: str) -> torch.Tensor:
@@ -43,27 +50,27 @@ def _take(tensors: dict[str, torch.Tensor], key: str, like: torch.Tensor, source
 
 
 @torch.no_grad()
-def load_weight_tensors(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], source: str) -> None:
+def _load(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], fields: dict, source: str) -> None:
     for name, layer in layers.items():
-        wq = layer.weight_quantizer
-        wq.scale.copy_(_take(tensors, f"{name}.weight_scale", wq.scale, source))
-        wq.zero_point.copy_(_take(tensors, f"{name}.weight_zero_point", wq.zero_point, source))
-        layer.gamma.copy_(_take(tensors, f"{name}.gamma", layer.gamma, source))
+        for field, where in fields.items():
+            buffer = _buffer(layer, *where)
+            buffer.copy_(_take(tensors, f"{name}.{field}", buffer, source))
+
+
+@torch.no_grad()
+def load_weight_tensors(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], source: str) -> None:
+    _load(layers, tensors, WEIGHT_FIELDS, source)
+    for name, layer in layers.items():
         layer.load_integer_weight(_take(tensors, f"{name}.weight_int", layer.module.weight, source))
         layer.quantize_weights = True
 
 
 @torch.no_grad()
 def load_act_tensors(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], source: str) -> None:
-    for name, layer in layers.items():
-        aq = layer.act_quantizer
-        aq.scale.copy_(_take(tensors, f"{name}.act_scale", aq.scale, source))
-        aq.zero_point.copy_(_take(tensors, f"{name}.act_zero_point", aq.zero_point, source))
-        aq.exponent.copy_(_take(tensors, f"{name}.pts_exponent", aq.exponent, source))
+    _load(layers, tensors, ACT_FIELDS, source)
+    for layer in layers.values():
         layer.quantize_acts = True
 
 
-@torch.no_grad()
 def load_gamma(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], source: str) -> None:
-    for name, layer in layers.items():
-        layer.gamma.copy_(_take(tensors, f"{name}.gamma", layer.gamma, source))
+    _load(layers, tensors, {"gamma": (None, "gamma")}, source)
