@@ -7,7 +7,7 @@ import zarr
 from pipeline.config import load_config
 from pipeline.data import load_digits_images, to_uint8_rgb
 from pipeline.io import write_json
-from pipeline.metrics import FEATURE_NOTE, confident_share, fidelity_metrics
+from pipeline.metrics import FEATURE_NOTE, confident_share, fidelity_metrics, paired_error
 from stages.layout import CLASSIFIER, METRICS, SAMPLES
 
 
@@ -22,6 +22,7 @@ def main() -> None:
         metrics[name] = fidelity_metrics(images, reference, str(CLASSIFIER), e.kid_subset_size, e.isc_splits, e.prc_neighborhood)
         metrics[name]["confident_share"] = confident_share(images, str(CLASSIFIER))
         metrics[name]["num_samples"] = len(images)
+    metrics["paired"] = paired_error(torch.from_numpy(samples["fp"][:]), torch.from_numpy(samples["quant"][:]))
     write_json(METRICS, metrics)
 
 
