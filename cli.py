@@ -47,5 +47,24 @@ def check_params(path: Path = typer.Argument(Path("params.yaml"))) -> None:
     typer.echo(f"{path}: ok")
 
 
+@app.command()
+def doctor(
+    params: Path = typer.Option(Path("params.yaml"), help="the params file a run would use"),
+    artifacts: Path = typer.Option(Path("artifacts"), help="where the stages write their stores"),
+) -> None:
+    """Check the environment before a long run: package versions, torch threads, the device, the
+    model, and disk space for the Zarr stores that the params imply."""
+    from pipeline.doctor import diagnose
+
+    findings = diagnose(params, artifacts, copies=2)  # each store lives in the workspace and in the DVC cache
+    for finding in findings:
+        typer.echo(f"{'ok' if finding.ok else 'PROBLEM':>7}  {finding.check}: {finding.detail}")
+    problems = sum(not finding.ok for finding in findings)
+    if problems:
+        typer.secho(f"{problems} problem(s) found", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo("no problems found")
+
+
 if __name__ == "__main__":
     app()

@@ -40,7 +40,10 @@ def calibrate_activations(
             layer.act_quantizer.calibrating = True
         for start in range(0, len(x), batch_size):
             unet(x[start : start + batch_size], t[start : start + batch_size])
-        for layer in layers.values():
-            layer.act_quantizer.calibrating = False
+        for name, layer in layers.items():
+            aq = layer.act_quantizer
+            aq.calibrating = False
+            if not (torch.isfinite(aq.running_min[s]).all() and torch.isfinite(aq.running_max[s]).all()):
+                raise FloatingPointError(f"activation calibration: the input range of {name} is not finite (NaN or Inf) at step {s}")
         if after_step is not None:
             after_step(s, x, t)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from pipeline.checkpoint import Checkpoints
 from pipeline.quant.layers import QuantLayer
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, from the AdaRound paper
@@ -185,17 +186,47 @@ def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings:
     return {"before": before, "after": full_loss()}
 
 
-def adaround(q_model: nn.Module, fp_model: nn.Module, inputs, settings: AdaRoundSettings, make_weighting=None, steps=None) -> dict[str, dict]:
+def rounding_state(unit: nn.Module) -> dict[str, torch.Tensor]:
+    """The learned rounding variables of a reconstructed unit, by layer path inside the unit."""
+    return {name: m.weight_quantizer.rounding.v for name, m in unit.named_modules() if isinstance(m, QuantLayer)}
+
+
+@torch.no_grad()
+def restore_rounding(unit: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put back a unit's learned rounding exactly as :func:`reconstruct_unit` left it (hard rounding)."""
+    for name, layer in unit.named_modules():
+        if isinstance(layer, QuantLayer):
+            offsets = attach_rounding(layer)
+            offsets.v.copy_(state[name])
+            offsets.soft = False
+            offsets.v.requires_grad_(False)
+
+
+def adaround(
+    q_model: nn.Module, fp_model: nn.Module, inputs, settings: AdaRoundSettings, make_weighting=None, steps=None,
+    checkpoints: Checkpoints | None = None,
+) -> dict[str, dict]:  # fmt: skip
     """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model``.
-    ``make_weighting()`` gives each unit a fresh timestep weighting over the records' ``steps``."""
+    ``make_weighting()`` gives each unit a fresh timestep weighting over the records' ``steps``.
+
+    With ``checkpoints`` every reconstructed unit is saved at once, and units found there are restored
+    instead of reconstructed. A unit's inputs come from the units before it, so those are restored
+    exactly (the rounding variables themselves); each unit draws its batches from its own generator,
+    so a resumed run ends bit-identical to an uninterrupted one."""
     x, t = inputs
     capture_batch = max(settings.batch_size, 64)
     units = reconstruction_units(q_model, lambda: q_model(x[:1], t[:1]))
     fp_units = dict(fp_model.named_modules())
     report = {}
     for name, unit in tqdm(units, desc="adaround"):
+        if checkpoints and (saved := checkpoints.load(name)) is not None:
+            restore_rounding(unit, saved[0])
+            report[name] = saved[1]
+            continue
         q_inputs = capture_unit_io(q_model, unit, inputs, capture_batch, "args")
         fp_outputs = capture_unit_io(fp_model, fp_units[name], inputs, capture_batch, "output")
         weighting = make_weighting() if make_weighting is not None else None
         report[name] = reconstruct_unit(name, unit, q_inputs, fp_outputs, settings, weighting, steps)
+        if checkpoints:
+            checkpoints.save(name, rounding_state(unit), report[name])
     return report

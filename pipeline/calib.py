@@ -22,6 +22,7 @@ import zarr
 from tqdm import tqdm
 
 from pipeline.diffusion import ddim_sample, sample_noise
+from pipeline.io import ArtifactError, open_store, store_name
 
 
 @contextmanager
@@ -76,6 +77,8 @@ def dump_calibration(
         noise = sample_noise(seed, indices, steps, shape).to(device)
 
         def record(s, t, x):
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"dump: the FP model's trajectory is not finite (NaN or Inf) at step {s}")
             x_t[s * num_samples + start : s * num_samples + start + len(indices)] = x.cpu().numpy()
 
         x0[start : start + len(indices)] = ddim_sample(unet, scheduler, noise, eta, record).cpu().numpy()
@@ -107,20 +110,32 @@ def dump_layer_io(root, unet, layers, timesteps, num_samples, per_step, batch_si
                         )
                         for kind, t in (("input", inp), ("output", out))
                     }
-                arrays[name]["input"][s * per_step + start : s * per_step + stop] = inp.half().cpu().numpy()
-                arrays[name]["output"][s * per_step + start : s * per_step + stop] = out.half().cpu().numpy()
+                for kind, value in (("input", inp), ("output", out)):
+                    arrays[name][kind][s * per_step + start : s * per_step + stop] = _float16(value, f"layer {name!r} {kind}", s)
+
+
+def _float16(x: torch.Tensor, what: str, step: int) -> np.ndarray:
+    """``x`` as stored (float16), refusing NaN / Inf and values beyond float16's range (±65504)."""
+    half = x.half()
+    if not torch.isfinite(half).all():
+        reason = "overflows float16" if torch.isfinite(x).all() else "is not finite (NaN or Inf)"
+        raise FloatingPointError(f"dump: {what} {reason} at step {step}")
+    return half.cpu().numpy()
 
 
 def open_calibration(path: str | Path) -> zarr.Group:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"calibration store {path} not found; run the dump stage first")
-    try:
-        root = zarr.open_group(str(path), mode="r")
-        root["trajectory/x_t"]
-    except Exception as error:  # zarr raises several types for a damaged store
-        raise ValueError(f"calibration store {path} is unreadable or incomplete: {error}") from error
+    """The calibration store, checked against its manifest (see :func:`pipeline.io.open_store`)."""
+    root = open_store(path, "calibration store")
+    if "trajectory/x_t" not in root:
+        raise ArtifactError(f"calibration store {path} has no trajectory/x_t: not written by the dump stage")
     return root
+
+
+def _finite_records(x: torch.Tensor, steps: torch.Tensor, source: str) -> torch.Tensor:
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+    if bad.any():
+        raise ValueError(f"{source}: trajectory x_t is not finite (NaN or Inf) at step {int(steps[bad][0])}; rerun the dump stage")
+    return x
 
 
 def step_records(root: zarr.Group, step: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +144,7 @@ def step_records(root: zarr.Group, step: int, count: int) -> tuple[torch.Tensor,
     count = min(count, n)
     x = torch.from_numpy(root["trajectory/x_t"][step * n : step * n + count])
     t = int(root["trajectory/t"][step * n])
-    return x, torch.full((count,), t, dtype=torch.long)
+    return _finite_records(x, torch.full((count,), step), store_name(root)), torch.full((count,), t, dtype=torch.long)
 
 
 def random_records(root: zarr.Group, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,4 +154,4 @@ def random_records(root: zarr.Group, count: int, seed: int) -> tuple[torch.Tenso
     x = torch.from_numpy(root["trajectory/x_t"].get_orthogonal_selection((index,)))
     t = torch.from_numpy(root["trajectory/t"][:][index])
     step = torch.from_numpy(root["trajectory/step"][:][index]).long()
-    return x, t, step
+    return _finite_records(x, step, store_name(root)), t, step

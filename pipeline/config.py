@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from pipeline.methods import METHODS
 
@@ -21,7 +23,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     source: Literal["embedded", "local"] = "embedded"
-    path: str | None = None
+    path: str | None = Field(None, validate_default=True, description="local diffusers folder (unet/, scheduler/)")
     image_size: int = Field(16, ge=8, le=64)
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
@@ -32,10 +34,15 @@ class ModelConfig(Section):
     lr: float = Field(2e-3, gt=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
 
+    @field_validator("path")
+    @classmethod
+    def _local_needs_path(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("source") == "local" and not path:
+            raise ValueError("required when model.source is 'local': a diffusers folder with unet/ and scheduler/")
+        return path
+
     @model_validator(mode="after")
-    def _local_needs_path(self) -> "ModelConfig":
-        if self.source == "local" and not self.path:
-            raise ValueError("model.path is required when model.source is 'local'")
+    def _groups_divide_channels(self) -> "ModelConfig":
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError("model.block_out_channels must all be divisible by model.norm_num_groups")
         return self
@@ -148,22 +155,76 @@ class ConfigError(ValueError):
     """A parameter is wrong; the message names its dotted key."""
 
 
+def _field(loc: tuple) -> FieldInfo | None:
+    """The field definition at a pydantic error location, e.g. ("quant", "w_bits")."""
+    model, info = Config, None
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = info.annotation if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel) else None
+    return info
+
+
+def _allowed_range(info: FieldInfo | None) -> str | None:
+    """A field's numeric bounds in interval notation, e.g. "[2, 16]" or "(0, 1]"."""
+    lower, upper = ("(", "-inf"), ("inf", ")")
+    for bound in info.metadata if info else ():
+        if isinstance(bound, annotated_types.Ge):
+            lower = ("[", bound.ge)
+        elif isinstance(bound, annotated_types.Gt):
+            lower = ("(", bound.gt)
+        elif isinstance(bound, annotated_types.Le):
+            upper = (bound.le, "]")
+        elif isinstance(bound, annotated_types.Lt):
+            upper = (bound.lt, ")")
+    if (lower, upper) == (("(", "-inf"), ("inf", ")")):
+        return None
+    return f"{lower[0]}{lower[1]}, {upper[0]}{upper[1]}"
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (typo?)")
-        else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        got = item.get("input")
+        line = f"  {key}: {message}" + ("" if isinstance(got, dict) else f" (got {got!r})")
+        allowed = _allowed_range(_field(item["loc"]))
+        if allowed and item["type"] in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+            line += f"; allowed: {allowed}"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def parse_config(data: dict, source: str = "params") -> Config:
+    """Validate parameters on their own (no model needed); :func:`load_config` adds the model checks."""
     try:
         return Config.model_validate(data or {})
     except ValidationError as error:
         raise ConfigError(_describe(error, source)) from None
+
+
+def check_against_model(cfg: Config, source: str = "params") -> None:
+    """The checks that need the model's layer names, made on a weightless skeleton of the UNet (built
+    in milliseconds): a local folder without a UNet, or a PTS layer pattern that matches no quantized
+    layer, fails before the first stage instead of in the stage that first uses it."""
+    from pipeline.diffusion import unet_skeleton  # diffusers: imported only when a model is needed
+    from pipeline.pts import select_pts_layers
+    from pipeline.quant import quantizable_layers
+
+    try:
+        unet = unet_skeleton(cfg.model)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"invalid parameters in {source}:\n  model.path: {error}") from None
+    if METHODS[cfg.quant.method].pts and cfg.pts.layers != "auto":
+        try:
+            select_pts_layers(list(quantizable_layers(unet)), cfg.pts.layers)
+        except ValueError as error:
+            raise ConfigError(f"invalid parameters in {source}:\n  {error}") from None
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
@@ -171,4 +232,6 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     if not path.exists():
         raise ConfigError(f"parameter file {path} not found")
     with path.open() as f:
-        return parse_config(yaml.safe_load(f), str(path))
+        cfg = parse_config(yaml.safe_load(f), str(path))
+    check_against_model(cfg, str(path))
+    return cfg

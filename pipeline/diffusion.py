@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from pipeline.models import build_unet
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
 
@@ -25,10 +31,35 @@ def save_fp_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path) -> 
     scheduler.save_pretrained(folder / "scheduler")
 
 
+def unet_config(folder: str | Path) -> dict:
+    """The UNet config of a diffusers model folder, after checking the folder has a UNet with weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    config = folder / "unet" / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{folder} has no unet/config.json: not a diffusers model folder with a UNet")
+    if not any((folder / "unet").glob("*.safetensors")):
+        raise FileNotFoundError(f"{folder}/unet has no .safetensors weights")
+    return json.loads(config.read_text())
+
+
+def unet_skeleton(model: "ModelConfig") -> torch.nn.Module:
+    """The UNet that ``model`` describes, without weights (meta device): its layer names and shapes."""
+    with torch.device("meta"):
+        if model.source == "embedded":
+            return build_unet(model.image_size, model.block_out_channels, model.layers_per_block, model.norm_num_groups)
+        config = unet_config(model.path)
+        classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+        name = config.get("_class_name")
+        if name not in classes:
+            raise ValueError(f"{model.path}/unet/config.json is a {name}; supported: {', '.join(classes)}")
+        return classes[name].from_config(config)
+
+
 def load_fp_model(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
     folder = Path(folder)
-    if not (folder / "unet" / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no unet/config.json: not a model folder written by fp_model")
+    unet_config(folder)
     unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     return unet, scheduler

@@ -8,16 +8,7 @@ import numpy as np
 import zarr
 
 from pipeline.calib import open_calibration
-
-
-def _open(path: str | Path) -> zarr.Group:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return zarr.open_group(str(path), mode="r")
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable Zarr store: {error}") from error
+from pipeline.io import MANIFEST_KEY, open_store
 
 
 def _array_stats(array: zarr.Array, block_records: int = 256) -> tuple[float, float, float]:
@@ -36,8 +27,11 @@ def _array_stats(array: zarr.Array, block_records: int = 256) -> tuple[float, fl
 
 def store_tree(path: str | Path, stats: bool = True) -> list[str]:
     """One line per group and array: shape, dtype, chunking and (optionally) min / max / mean."""
-    root = _open(path)
-    lines = [f"{path}  attrs={dict(root.attrs)}" if root.attrs else str(path)]
+    root = open_store(path, sealed=False)
+    # the manifest and the full parameter list are long: say they are there, show the rest
+    attrs = {k: v for k, v in root.attrs.items() if k not in (MANIFEST_KEY, "params")}
+    checked = f"  ({len(root.attrs[MANIFEST_KEY])} files match its manifest)" if MANIFEST_KEY in root.attrs else ""
+    lines = [f"{path}{checked}" + (f"  attrs={attrs}" if attrs else "")]
 
     def walk(group: zarr.Group, depth: int) -> None:
         for name, node in sorted(group.members(), key=lambda item: item[0]):

@@ -1,4 +1,10 @@
-"""Atomic artifact writing: a stage killed mid-write leaves nothing at the output path."""
+"""Atomic artifact writing and checked reading.
+
+A stage killed mid-write leaves nothing at the output path (it writes a temporary sibling and renames
+it at the end; the next writer of the same path removes temporaries whose process is gone). A
+damaged artifact is refused with a message naming the file: safetensors files carry a checksum of
+their tensors, Zarr stores a manifest (size and hash of every file) that is checked when they open.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,46 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import zarr
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from pipeline.fingerprint import file_hash, tensors_hash
+
+HEADER_KEY = "dmq"  # the one safetensors metadata entry: several entries are written in random order
+CHECKSUM_KEY = "tensors_sha256"
+MANIFEST_KEY = "manifest"  # root attribute of a sealed Zarr store: {file: [bytes, sha256 prefix]}
+REBUILD = "rebuild it by rerunning the stage that writes it"
+
+
+class ArtifactError(ValueError):
+    """An artifact is unreadable, damaged, or was made for something else; the message names the file."""
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a directory tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Temporaries of ``path`` left by writers that were killed: their pid is in the name."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if not (pid.isdigit() and _process_alive(int(pid))):
+            remove_path(tmp)
 
 
 @contextmanager
@@ -23,19 +68,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        remove_path(path)
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        remove_path(tmp)
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -43,19 +83,104 @@ def write_json(path: str | Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """safetensors with a JSON-valued metadata header (safetensors metadata must be str -> str)."""
-    header = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
-
-
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
+def read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"artifact {path} not found; run the stage that writes it first")
-    with safe_open(str(path), framework="pt") as f:
-        header = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    return load_file(str(path)), header
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{path} is not valid JSON (truncated?): {error}; {REBUILD}") from None
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """safetensors with a JSON header (``metadata`` plus a checksum of the tensors)."""
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    header = {**(metadata or {}), CHECKSUM_KEY: tensors_hash(tensors)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"artifact {path} not found; run the stage that writes it first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ArtifactError(f"{path} is unreadable (truncated, or not a safetensors file): {error}; {REBUILD}") from None
+    if HEADER_KEY not in metadata:
+        raise ArtifactError(f"{path} has no header: it was not written by this pipeline (or by an older version); {REBUILD}")
+    header = json.loads(metadata[HEADER_KEY])
+    if header.pop(CHECKSUM_KEY, None) != tensors_hash(tensors):
+        raise ArtifactError(f"{path} is corrupt: its tensors do not match the checksum in its header; {REBUILD}")
+    return tensors, header
+
+
+def _store_files(store: Path) -> dict[str, Path]:
+    """Every file of a Zarr store by relative path, except the root ``zarr.json`` (it holds the manifest)."""
+    files = {p.relative_to(store).as_posix(): p for p in store.rglob("*") if p.is_file()}
+    files.pop("zarr.json", None)
+    return dict(sorted(files.items()))
+
+
+def seal_store(store: str | Path) -> None:
+    """Record the size and hash of every file of a finished store in its root attributes."""
+    store = Path(store)
+    manifest = {name: [p.stat().st_size, file_hash(p)] for name, p in _store_files(store).items()}
+    zarr.open_group(str(store), mode="r+").attrs[MANIFEST_KEY] = manifest
+
+
+@contextmanager
+def atomic_store(path: str | Path) -> Iterator[Path]:
+    """:func:`atomic_path` for a Zarr store: sealed with its manifest just before the rename."""
+    with atomic_path(path) as tmp:
+        yield tmp
+        seal_store(tmp)
+
+
+def store_problems(store: Path, manifest: dict) -> list[str]:
+    files = _store_files(store)
+    problems = [f"{name} is missing" for name in manifest if name not in files]
+    problems += [f"{name} is not in the store's manifest" for name in files if name not in manifest]
+    for name, (size, digest) in manifest.items():
+        if name not in files:
+            continue
+        found = files[name].stat().st_size
+        if found != size:
+            problems.append(f"{name} has {found} bytes, the manifest says {size} (truncated?)")
+        elif file_hash(files[name]) != digest:
+            problems.append(f"{name} does not match its checksum (corrupt)")
+    return problems
+
+
+def store_name(group: zarr.Group) -> str:
+    """The path of an open store, for messages."""
+    return str(getattr(group.store, "root", group.store))
+
+
+def open_store(path: str | Path, what: str = "Zarr store", sealed: bool = True) -> zarr.Group:
+    """Open a Zarr store read-only after checking it against its manifest. ``sealed=False`` also
+    accepts a store without a manifest (one not written by this pipeline)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} not found; run the stage that writes it first")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        manifest = root.attrs.get(MANIFEST_KEY)
+    except Exception as error:  # zarr raises several types for a damaged store
+        raise ArtifactError(f"{what} {path} is unreadable: {error}; {REBUILD}") from None
+    if manifest is None:
+        if not sealed:
+            return root
+        raise ArtifactError(
+            f"{what} {path} has no manifest, so it was not completely written by this pipeline "
+            f"(an interrupted copy, or an older version); {REBUILD}"
+        )
+    problems = store_problems(path, manifest)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ArtifactError(f"{what} {path} is damaged: {problems[0]}{more}; {REBUILD}")
+    return root

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from pipeline.checkpoint import Checkpoints
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema, weight_part_extrema
 from pipeline.weighting import TimestepWeighting, make_weighting
@@ -126,8 +130,14 @@ def load_layer_io(calib_path: str | Path, name: str) -> tuple[torch.Tensor, torc
     steps, per_step = root.attrs["steps"], root.attrs["layer_records_per_step"]
     if len(inputs) != steps * per_step or len(outputs) != len(inputs):
         raise ValueError(f"{calib_path}: layer {name!r} has {len(inputs)} records, expected {steps} x {per_step}")
-    if not (torch.isfinite(inputs).all() and torch.isfinite(outputs).all()):
-        raise ValueError(f"{calib_path}: layer {name!r} has non-finite values (float16 overflow in the dump?)")
+    for kind, values in (("input", inputs), ("output", outputs)):
+        bad = ~torch.isfinite(values.reshape(len(values), -1)).all(1)
+        if bad.any():
+            record = int(bad.nonzero()[0])
+            raise ValueError(
+                f"{calib_path}: layer {name!r} {kind} is not finite (NaN or Inf) at step {record // per_step} "
+                f"(record {record}); rerun the dump stage"
+            )
     return inputs, outputs, steps
 
 
@@ -135,6 +145,19 @@ def _learn_from_store(name, layer, calib_path, weighting, r, momentum, **kwargs)
     inputs, outputs, steps = load_layer_io(calib_path, name)
     w = make_weighting(weighting, steps, r, momentum)
     return name, *learn_gamma(layer, inputs, outputs, steps, w, name=name, **kwargs)
+
+
+def _start_worker(parent: int) -> None:
+    """One intra-op thread; and exit when the stage process is gone (killed), instead of waiting
+    forever on a queue nobody feeds."""
+    torch.set_num_threads(1)
+
+    def exit_when_orphaned():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
 
 
 def learn_all(
@@ -149,37 +172,50 @@ def learn_all(
     momentum: float,
     seed: int,
     workers: int = 1,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]]]:
     """γ for every layer: ({name: γ}, {name: (loss at γ = 1, loss at γ)}), in the order of ``layers``.
 
     Every layer runs on one intra-op thread, inline (``workers`` = 1) or in ``workers`` processes:
     torch's CPU reductions split work by thread count, so a fixed count keeps γ bit-identical for any
-    ``workers``. Use more workers, not more threads, to use more cores."""
+    ``workers``. Use more workers, not more threads, to use more cores. With ``checkpoints`` each
+    finished layer is saved at once and layers found there are not learned again: γ is the same
+    whether a run resumed or not, because each layer's result depends on that layer alone."""
     job = partial(
         _learn_from_store, calib_path=str(calib_path), weighting=weighting, r=r, momentum=momentum,
         iters=iters, lr=lr, batch_size=batch_size, seed=seed,
     )  # fmt: skip
     results = {}
-    with tqdm(total=len(layers), desc="LES", unit="layer") as bar:
+    if checkpoints:
+        for name in layers:
+            if (saved := checkpoints.load(name)) is not None:
+                tensors, losses = saved
+                results[name] = (tensors["gamma"], losses["before"], losses["after"])
+    todo = {name: layer for name, layer in layers.items() if name not in results}
+    with tqdm(total=len(layers), initial=len(results), desc="LES", unit="layer") as bar:
+
+        def finished(name: str, gamma: torch.Tensor, before: float, after: float) -> None:
+            results[name] = (gamma, before, after)
+            if checkpoints:
+                checkpoints.save(name, {"gamma": gamma}, {"before": before, "after": after})
+            bar.update()
+
         if workers == 1:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                for name, layer in layers.items():
-                    results[name] = job(name, layer)[1:]
-                    bar.update()
+                for name, layer in todo.items():
+                    finished(*job(name, layer))
             finally:
                 torch.set_num_threads(threads)
-        else:
+        elif todo:
             # fork starts in milliseconds; it is safe because workers run torch single-threaded
             context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                futures = [pool.submit(job, name, layer) for name, layer in layers.items()]
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)) as pool:
+                futures = [pool.submit(job, name, layer) for name, layer in todo.items()]
                 try:
                     for future in as_completed(futures):
-                        name, *result = future.result()
-                        results[name] = result
-                        bar.update()
+                        finished(*future.result())
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # one failed layer fails the stage; skip the queue
                     raise

@@ -8,6 +8,7 @@ that channel; the channel takes the mode, unless fewer than τ of the samples ag
 from __future__ import annotations
 
 import fnmatch
+import re
 
 import torch
 
@@ -19,7 +20,11 @@ def select_pts_layers(names: list[str], patterns: list[str]) -> list[str]:
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ValueError(f"pts.layers: pattern {pattern!r} matches no quantized layer")
+            endings = sorted({re.search(r"[^.]+(\.\d+)?$", n).group(0) for n in names})
+            raise ValueError(
+                f"pts.layers: pattern {pattern!r} matches no quantized layer; the quantized layers' names "
+                f"end in {', '.join(endings)} (e.g. {names[0]!r}), or use 'auto'"
+            )
     return chosen
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, open_store
 
 CHANNEL_STATS = ("min", "max", "absmax", "percentile")
 STEP_STATS = ("channel_range_variance", "outlier_ratio")
@@ -63,7 +63,7 @@ def layer_statistics(calib: zarr.Group, percentile: float) -> Stats:
 
 
 def write_stats_store(path: str | Path, stats: Stats, attrs: dict) -> None:
-    """Zarr group ``<layer>/<statistic>``; write into an ``atomic_path`` temporary for atomicity."""
+    """Zarr group ``<layer>/<statistic>``; write into an ``atomic_store`` temporary for atomicity."""
     root = zarr.open_group(str(path), mode="w")
     for layer, table in stats.items():
         for name in CHANNEL_STATS + STEP_STATS:
@@ -80,10 +80,7 @@ def load_stats(source: str | Path | zarr.Group) -> Stats:
 
 
 def open_stats(path: str | Path) -> zarr.Group:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"statistics store {path} not found; run the stats stage first")
-    return zarr.open_group(str(path), mode="r")
+    return open_store(path, "statistics store")
 
 
 def mean_outlier_ratios(stats: Stats) -> dict[str, float]:

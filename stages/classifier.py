@@ -5,6 +5,7 @@ from pipeline.data import load_digits_images
 from pipeline.io import write_json, write_tensors
 from pipeline.models import seed_everything, train_classifier
 from stages.layout import CLASSIFIER, REPORTS
+from stages.lineage import stage_provenance
 
 
 def main() -> None:
@@ -12,7 +13,8 @@ def main() -> None:
     generator = seed_everything(cfg.classifier.seed)
     images, labels = load_digits_images(cfg.model.image_size)
     model, accuracy = train_classifier(images, labels, cfg.classifier.steps, cfg.classifier.batch_size, cfg.classifier.lr, generator)
-    write_tensors(CLASSIFIER, model.state_dict(), {"image_size": cfg.model.image_size, "held_out_accuracy": accuracy})
+    header = {**stage_provenance(cfg, "classifier", None), "image_size": cfg.model.image_size, "held_out_accuracy": accuracy}
+    write_tensors(CLASSIFIER, model.state_dict(), header)
     write_json(REPORTS / "classifier.json", {"held_out_accuracy": round(accuracy, 4)})
 
 

@@ -9,21 +9,24 @@ from pipeline.data import load_digits_images
 from pipeline.diffusion import save_fp_model
 from pipeline.io import atomic_path, write_json
 from pipeline.models import build_unet, seed_everything, train_unet
-from stages.layout import FP_MODEL, REPORTS
+from stages.layout import FP_MODEL, FP_PROVENANCE, REPORTS
+from stages.lineage import stage_provenance
 
 
 def main() -> None:
-    cfg = load_config().model
-    if cfg.source != "embedded":
+    cfg = load_config()
+    m = cfg.model
+    if m.source != "embedded":
         raise SystemExit("model.source: local is not supported yet; use the embedded default")
-    generator = seed_everything(load_config().seed)
-    images, _ = load_digits_images(cfg.image_size)
-    unet = build_unet(cfg.image_size, cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups)
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
+    generator = seed_everything(cfg.seed)
+    images, _ = load_digits_images(m.image_size)
+    unet = build_unet(m.image_size, m.block_out_channels, m.layers_per_block, m.norm_num_groups)
+    scheduler = DDPMScheduler(num_train_timesteps=m.num_train_timesteps, beta_schedule="linear")
     start = time.perf_counter()
-    ema, losses = train_unet(unet, scheduler, images, cfg.train_steps, cfg.batch_size, cfg.lr, cfg.ema_decay, generator)
+    ema, losses = train_unet(unet, scheduler, images, m.train_steps, m.batch_size, m.lr, m.ema_decay, generator)
     with atomic_path(FP_MODEL) as tmp:
         save_fp_model(ema, scheduler, tmp)
+        write_json(tmp / FP_PROVENANCE.name, stage_provenance(cfg, "fp_model", None))
     tail = losses[-100:]
     write_json(REPORTS / "fp_model.json", {
         "train_loss_last100": sum(tail) / len(tail),

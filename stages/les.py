@@ -1,19 +1,29 @@
 """Stage les: learned equivalent scaling γ per quantized layer -> artifacts/les.safetensors
-(γ = 1 everywhere for methods without LES, so later stages always read one artifact)."""
+(γ = 1 everywhere for methods without LES, so later stages always read one artifact). Each finished
+layer is checkpointed, so a rerun after a kill resumes."""
 
 import time
 
 import torch
 
 from pipeline.calib import open_calibration
+from pipeline.checkpoint import Checkpoints
 from pipeline.config import load_config
 from pipeline.diffusion import load_fp_model
-from pipeline.fingerprint import check_same_model, model_hash
+from pipeline.fingerprint import model_hash, params_hash
 from pipeline.io import write_json, write_tensors
 from pipeline.les import learn_all
 from pipeline.methods import METHODS
 from pipeline.quant import QuantSpec, quantize
-from stages.layout import CALIB, FP_MODEL, LES, REPORTS
+from stages.layout import CALIB, FP_MODEL, LES, LES_CHECKPOINTS, REPORTS
+from stages.lineage import check_input, stage_provenance
+
+
+def checkpoint_key(provenance: dict) -> str:
+    """What the learned γ depend on: model and params, except les.workers (γ do not depend on it, so
+    a rerun with fewer workers, after running out of memory say, still resumes)."""
+    params = {key: value for key, value in provenance["params"].items() if key != "les.workers"}
+    return f"{provenance['model_hash']}-{params_hash(params)}"
 
 
 def main() -> None:
@@ -21,22 +31,26 @@ def main() -> None:
     q, c = cfg.quant, cfg.les
     method = METHODS[q.method]
     fp_hash = model_hash(FP_MODEL)
-    check_same_model(open_calibration(CALIB).attrs, fp_hash, str(CALIB))
+    check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
+    provenance = stage_provenance(cfg, "les", fp_hash)
     unet, _ = load_fp_model(FP_MODEL)
     layers = quantize(unet, QuantSpec(w_bits=q.w_bits, a_bits=q.a_bits, num_steps=1, split=method.split))
     start = time.perf_counter()
+    checkpoints = Checkpoints(LES_CHECKPOINTS, checkpoint_key(provenance)) if method.les else None
     if method.les:
         gammas, losses = learn_all(
             layers, CALIB, weighting=method.weighting, iters=c.iters, lr=c.lr, batch_size=c.batch_size,
-            r=c.focal_r, momentum=c.focal_momentum, seed=c.seed, workers=c.workers,
+            r=c.focal_r, momentum=c.focal_momentum, seed=c.seed, workers=c.workers, checkpoints=checkpoints,
         )  # fmt: skip
     else:
         gammas, losses = {name: torch.ones_like(layer.gamma) for name, layer in layers.items()}, {}
     header = {
-        "model_hash": fp_hash, "method": q.method, "w_bits": q.w_bits, "a_bits": q.a_bits,
-        "weighting": method.weighting, "iters": c.iters if method.les else 0, "seed": c.seed,
+        **provenance, "method": q.method, "w_bits": q.w_bits, "a_bits": q.a_bits,
+        "weighting": method.weighting, "iters": c.iters if method.les else 0,
     }  # fmt: skip
     write_tensors(LES, {f"{name}.gamma": gamma for name, gamma in gammas.items()}, header)
+    if checkpoints:
+        checkpoints.remove()
     report = {
         "les": method.les,
         "wall_seconds": round(time.perf_counter() - start, 1),

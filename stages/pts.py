@@ -7,14 +7,15 @@ from pipeline.actcalib import calibrate_activations
 from pipeline.calib import open_calibration
 from pipeline.config import load_config
 from pipeline.diffusion import resolve_device
-from pipeline.fingerprint import check_same_model
-from pipeline.io import atomic_path, write_json, write_tensors
+from pipeline.fingerprint import model_hash
+from pipeline.io import atomic_store, write_json, write_tensors
 from pipeline.methods import METHODS
 from pipeline.pts import PTSVoter, select_pts_layers, vote_summary
 from pipeline.quant.artifacts import act_tensors
 from pipeline.quantized import load_quantized_unet
-from pipeline.stats import auto_pts_layers
+from pipeline.stats import auto_pts_layers, open_stats
 from stages.layout import ACT_PARAMS, CALIB, FP_MODEL, REPORTS, STATS, VOTES, WEIGHTS
+from stages.lineage import check_input, stage_provenance
 
 
 def main() -> None:
@@ -22,23 +23,34 @@ def main() -> None:
     p = cfg.pts
     method = METHODS[cfg.quant.method]
     device = resolve_device(cfg.device)
+    fp_hash = model_hash(FP_MODEL)
     calib = open_calibration(CALIB)
+    check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
     steps = calib.attrs["steps"]
-    unet, _, layers, headers = load_quantized_unet(FP_MODEL, WEIGHTS, None, a_bits=cfg.quant.a_bits, steps=steps)
-    check_same_model(calib.attrs, headers["weights"]["model_hash"], str(CALIB))
+    unet, _, layers, headers = load_quantized_unet(FP_MODEL, WEIGHTS, None, fp_hash, steps, a_bits=cfg.quant.a_bits)
+    check_input(headers["weights"], cfg, "recon", fp_hash, WEIGHTS)
     unet.to(device)
     voter = None
     if method.pts:
-        names = auto_pts_layers(STATS, p.auto_outlier_ratio) if p.layers == "auto" else select_pts_layers(list(layers), p.layers)
+        if p.layers == "auto":
+            stats = open_stats(STATS)
+            check_input(stats.attrs, cfg, "stats", fp_hash, STATS)
+            names = auto_pts_layers(stats, p.auto_outlier_ratio)
+        else:
+            names = select_pts_layers(list(layers), p.layers)
         voter = PTSVoter({n: layers[n] for n in names}, p.num_candidates, p.ratio_threshold)
     after_step = None if voter is None else (lambda s, x, t: voter(unet, s, x, t, p.batch_size))
     calibrate_activations(unet, layers, calib, p.calib_records, p.batch_size, p.momentum, device, after_step)
-    header = {**headers["weights"], "a_bits": cfg.quant.a_bits, "steps": steps, "pts": voter is not None}
+    provenance = stage_provenance(cfg, "pts", fp_hash)
+    header = {
+        **provenance, "method": cfg.quant.method, "w_bits": headers["weights"]["w_bits"], "a_bits": cfg.quant.a_bits,
+        "steps": steps, "pts": voter is not None,
+    }  # fmt: skip
     write_tensors(ACT_PARAMS, act_tensors(layers), header)
     votes = voter.stacked() if voter else {}
-    with atomic_path(VOTES) as tmp:
+    with atomic_store(VOTES) as tmp:
         root = zarr.open_group(str(tmp), mode="w")
-        root.attrs.update({"steps": steps, "threshold": p.ratio_threshold, "pts": voter is not None})
+        root.attrs.update({**provenance, "steps": steps, "threshold": p.ratio_threshold, "pts": voter is not None})
         for name, arrays in votes.items():
             for key, value in arrays.items():
                 root.create_array(f"{name}/{key}", data=value.numpy())

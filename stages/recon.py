@@ -1,5 +1,6 @@
 """Stage recon: fold γ into the weights, search weight scales, then learn the rounding (AdaRound) or
-round to nearest (methods without AdaRound) -> artifacts/weights.safetensors."""
+round to nearest (methods without AdaRound) -> artifacts/weights.safetensors. Each reconstructed
+block is checkpointed, so a rerun after a kill resumes."""
 
 import copy
 import time
@@ -7,16 +8,18 @@ from functools import partial
 
 from pipeline.adaround import AdaRoundSettings, adaround
 from pipeline.calib import open_calibration, random_records
+from pipeline.checkpoint import Checkpoints
 from pipeline.config import load_config
 from pipeline.diffusion import load_fp_model, resolve_device
-from pipeline.fingerprint import check_same_model, model_hash
+from pipeline.fingerprint import model_hash
 from pipeline.io import read_tensors, write_json, write_tensors
 from pipeline.methods import METHODS
 from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import load_gamma, weight_tensors
 from pipeline.recon import init_weight_quantizers
 from pipeline.weighting import make_weighting
-from stages.layout import CALIB, FP_MODEL, LES, REPORTS, WEIGHTS
+from stages.layout import CALIB, FP_MODEL, LES, RECON_CHECKPOINTS, REPORTS, WEIGHTS
+from stages.lineage import check_input, stage_provenance
 
 
 def main() -> None:
@@ -25,31 +28,36 @@ def main() -> None:
     method = METHODS[q.method]
     device = resolve_device(cfg.device)
     fp_unet, _ = load_fp_model(FP_MODEL)
-    expected_model = model_hash(FP_MODEL)
+    fp_hash = model_hash(FP_MODEL)
+    provenance = stage_provenance(cfg, "recon", fp_hash)
     gammas, les_header = read_tensors(LES)
-    check_same_model(les_header, expected_model, str(LES))
+    check_input(les_header, cfg, "les", fp_hash, LES)
     q_unet = copy.deepcopy(fp_unet)
     layers = quantize(q_unet, QuantSpec(w_bits=q.w_bits, split=method.split))
     load_gamma(layers, gammas, str(LES))
     init_weight_quantizers(layers, q.weight_clip_grid, q.weight_clip_p)
     report = {"method": q.method, "adaround": method.adaround}
+    checkpoints = None
     if method.adaround:
         calib = open_calibration(CALIB)
-        check_same_model(calib.attrs, expected_model, str(CALIB))
+        check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
         x, t, step = random_records(calib, r.records, r.seed)
         weighting = None
         if r.weighting == "method":
             steps = calib.attrs["steps"]
             weighting = partial(make_weighting, method.weighting, steps, cfg.les.focal_r, cfg.les.focal_momentum)
         settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed)
+        checkpoints = Checkpoints(RECON_CHECKPOINTS, f"{fp_hash}-{provenance['params_hash']}")  # model and params
         start = time.perf_counter()
         inputs = (x.to(device), t.to(device))
-        units = adaround(q_unet.to(device), fp_unet.to(device), inputs, settings, weighting, step.to(device))
+        units = adaround(q_unet.to(device), fp_unet.to(device), inputs, settings, weighting, step.to(device), checkpoints)
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)
         report["mean_loss_after"] = sum(u["after"] for u in units.values()) / len(units)
-    header = {"model_hash": expected_model, "method": q.method, "w_bits": q.w_bits, "split": method.split}
+    header = {**provenance, "method": q.method, "w_bits": q.w_bits, "split": method.split}
     write_tensors(WEIGHTS, weight_tensors(layers), header)
+    if checkpoints:
+        checkpoints.remove()
     write_json(REPORTS / "recon.json", report)
 
 

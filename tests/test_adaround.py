@@ -1,9 +1,12 @@
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 
+import pipeline.adaround
 from pipeline.adaround import AdaRoundSettings, adaround
+from pipeline.checkpoint import Checkpoints
 from pipeline.quant import QuantSpec, quantize
 from pipeline.recon import init_weight_quantizers
 
@@ -46,3 +49,66 @@ def test_learned_rounding_beats_nearest_and_ends_on_the_grid():
         torch.testing.assert_close(wq(layer.scaled_weight()), (ints - zp) * scale)
         offsets = wq.rounding.hard_offset()
         assert set(offsets.unique().tolist()) <= {0.0, 1.0}
+
+
+class ThreeConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resumed_reconstruction_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Units depend on the units before them: a run killed after unit a and resumed in a fresh
+    process (a fresh quantized model) must restore a's rounding exactly and end bit-identical."""
+    torch.manual_seed(0)
+    fp = ThreeConvs().eval()
+    x, t = torch.randn(48, 4, 8, 8), torch.zeros(48, dtype=torch.long)
+    settings = AdaRoundSettings(iters=60, lr=1e-2, batch_size=16, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0)
+
+    def fresh():
+        q = copy.deepcopy(fp)
+        layers = quantize(q, QuantSpec(w_bits=3, split=False))
+        init_weight_quantizers(layers, grid=20, p=2.4)
+        return q, layers
+
+    def integers(layers):
+        return {name: layer.integer_weight() for name, layer in layers.items()}
+
+    q, layers = fresh()
+    uninterrupted = adaround(q, fp, (x, t), settings)
+    expected = integers(layers)
+
+    real_unit, reconstructed = pipeline.adaround.reconstruct_unit, []
+
+    def dies_on_the_second_unit(name, *args, **kwargs):
+        if reconstructed:
+            raise Killed
+        reconstructed.append(name)
+        return real_unit(name, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.adaround, "reconstruct_unit", dies_on_the_second_unit)
+        with pytest.raises(Killed):
+            adaround(*fresh()[:1], fp, (x, t), settings, checkpoints=Checkpoints(tmp_path, "key"))
+    assert Checkpoints(tmp_path, "key").done() == ["a"]
+
+    def counted(name, *args, **kwargs):
+        reconstructed.append(name)
+        return real_unit(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.adaround, "reconstruct_unit", counted)
+    q, layers = fresh()
+    resumed = adaround(q, fp, (x, t), settings, checkpoints=Checkpoints(tmp_path, "key"))
+    assert reconstructed == ["a", "b", "c"]  # a once, before the kill; b and c after it
+    assert resumed == uninterrupted
+    for name, ints in integers(layers).items():
+        assert torch.equal(ints, expected[name]), name

@@ -4,22 +4,15 @@ Slow: CI runs the reduced configuration in test_dvc_pipeline.py instead; run thi
 ``python -m pytest -m slow``."""
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import init_repo, run
 
 
 @pytest.mark.slow
 def test_default_pipeline_makes_recognisable_digits(tmp_path):
-    for item in ("pipeline", "stages", "dvc.yaml", "params.yaml"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
-    for cmd in (["dvc", "init", "--no-scm", "-q"], ["dvc", "repro"]):
-        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    run(["dvc", "repro"], init_repo(tmp_path))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # the digit classifier is confident on most FP samples: they are recognisable digits
     assert metrics["fp"]["confident_share"] > 0.8

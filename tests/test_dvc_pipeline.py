@@ -1,60 +1,18 @@
 """``dvc repro`` of a reduced configuration in a temporary copy of the repository."""
 
 import json
-import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(cmd, cwd):
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
-
-
-def ran_stages(output):
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def stale_stages(repo):
-    status = json.loads(run(["dvc", "status", "--json"], repo))
-    return set(status)
-
-
-def merge(base, override):
-    for key, value in override.items():
-        if isinstance(value, dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
+from helpers import copy_repo, ran_stages, run, set_param, stale_stages
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("repo")
-    for item in ("pipeline", "stages", "dvc.yaml", "params.yaml", "cli.py"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load((ROOT / "tests/reduced.yaml").read_text()))
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "init", "--no-scm", "-q"], repo)
-    run(["dvc", "config", "core.analytics", "false"], repo)
-    output = run(["dvc", "repro"], repo)
-    return repo, output
-
-
-def set_param(repo, section, key, value):
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+def repo(reproduced, tmp_path_factory):
+    """A copy of the reproduced repository that this module's tests change step by step."""
+    source, output = reproduced
+    return copy_repo(source, tmp_path_factory.mktemp("repo")), output
 
 
 def test_repro_runs_every_stage_and_writes_metrics(repo):

@@ -3,6 +3,9 @@ import torch
 import torch.nn as nn
 import zarr
 
+import pipeline.les
+from pipeline.checkpoint import Checkpoints
+
 from pipeline.les import learn_all, learn_gamma
 from pipeline.quant.layers import QuantLayer
 from pipeline.weighting import make_weighting
@@ -65,7 +68,9 @@ def test_non_finite_loss_names_layer_and_iteration():
         learn_gamma(layer, x, y, S, make_weighting("uniform", S), iters=5, lr=1e-3, batch_size=S * M, seed=0, name="my.layer")
 
 
-def test_workers_do_not_change_gamma(tmp_path):
+@pytest.fixture
+def three_layers(tmp_path):
+    """Three layers (one conv with split input channels) and a calib.zarr with their FP I/O."""
     torch.manual_seed(0)
     modules = {"down.conv": nn.Conv2d(8, 8, 3, padding=1), "attn.to_q": nn.Linear(8, 8), "up.conv1": nn.Conv2d(8, 4, 1)}
     inputs = {"down.conv": torch.randn(S * M, 8, 4, 4), "attn.to_q": torch.randn(S * M, 6, 8), "up.conv1": torch.randn(S * M, 8, 4, 4)}
@@ -78,11 +83,81 @@ def test_workers_do_not_change_gamma(tmp_path):
         root.create_array(f"layers/{name}/output", data=y.half().numpy())
     splits = {"up.conv1": 5}  # one split layer: two parts of input channels
     layers = {name: QuantLayer(m, 4, 8, 1, splits.get(name)) for name, m in modules.items()}
-    kwargs = dict(weighting="focal", iters=10, lr=1e-2, batch_size=8, r=20.0, momentum=0.95, seed=3)
-    g1, l1 = learn_all(layers, tmp_path / "calib.zarr", workers=1, **kwargs)
-    g2, l2 = learn_all(layers, tmp_path / "calib.zarr", workers=2, **kwargs)
+    return layers, tmp_path / "calib.zarr"
+
+
+LEARN = dict(weighting="focal", iters=10, lr=1e-2, batch_size=8, r=20.0, momentum=0.95, seed=3)
+
+
+def test_workers_do_not_change_gamma(three_layers):
+    layers, store = three_layers
+    g1, l1 = learn_all(layers, store, workers=1, **LEARN)
+    g2, l2 = learn_all(layers, store, workers=2, **LEARN)
     assert list(g1) == list(g2) == list(layers)
     for name in layers:
         assert torch.equal(g1[name], g2[name]), name
         assert not torch.equal(g1[name], torch.ones(8)), name
     assert l1 == l2
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resumed_run_skips_finished_layers_and_equals_an_uninterrupted_one(three_layers, tmp_path, monkeypatch, workers):
+    layers, store = three_layers
+    uninterrupted = learn_all(layers, store, workers=workers, **LEARN)
+    real_job, learned = pipeline.les._learn_from_store, []
+
+    def dies_on_the_second_layer(name, *args, **kwargs):
+        if learned:
+            raise Killed
+        learned.append(name)
+        return real_job(name, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.les, "_learn_from_store", dies_on_the_second_layer)
+        with pytest.raises(Killed):
+            learn_all(layers, store, workers=1, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
+    assert Checkpoints(tmp_path / "ckpt", "key").done() == learned
+    first = (tmp_path / "ckpt/key" / f"{learned[0]}.safetensors").stat()
+
+    resumed = learn_all(layers, store, workers=workers, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
+    again = (tmp_path / "ckpt/key" / f"{learned[0]}.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # restored, not learned again
+    assert Checkpoints(tmp_path / "ckpt", "key").done() == sorted(layers)
+    assert resumed[1] == uninterrupted[1]
+    for name in layers:
+        assert torch.equal(resumed[0][name], uninterrupted[0][name]), name
+
+
+def test_checkpoints_of_other_params_are_never_reused(three_layers, tmp_path):
+    layers, store = three_layers
+    old = Checkpoints(tmp_path / "ckpt", "old-params")
+    old.save("down.conv", {"gamma": torch.full((8,), 7.0)}, {"before": 1.0, "after": 0.5})
+    gammas, _ = learn_all(layers, store, checkpoints=Checkpoints(tmp_path / "ckpt", "new-params"), **LEARN)
+    assert not torch.equal(gammas["down.conv"], torch.full((8,), 7.0))
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["new-params"]
+
+
+def test_a_damaged_checkpoint_is_redone(three_layers, tmp_path):
+    layers, store = three_layers
+    expected, _ = learn_all(layers, store, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
+    (tmp_path / "ckpt/key/attn.to_q.safetensors").write_bytes(b"garbage")
+    gammas, _ = learn_all(layers, store, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
+    assert all(torch.equal(gammas[name], expected[name]) for name in layers)
+    assert Checkpoints(tmp_path / "ckpt", "key").load("attn.to_q") is not None  # learned again and saved
+
+
+def test_checkpoint_key_ignores_the_number_of_workers_only():
+    from pipeline.config import parse_config
+    from stages.les import checkpoint_key
+    from stages.lineage import stage_provenance
+
+    def key(**les):
+        return checkpoint_key(stage_provenance(parse_config({"les": les}), "les", "model"))
+
+    assert key(workers=1) == key(workers=8)
+    assert key(iters=10) != key(iters=11) and key(seed=0) != key(seed=1)
+    assert key() != checkpoint_key(stage_provenance(parse_config({}), "les", "other-model"))

@@ -8,7 +8,10 @@ import pytest
 import zarr
 
 from pipeline.calib import open_calibration
+from pipeline.config import parse_config
+from pipeline.io import atomic_store, seal_store
 from pipeline.stats import auto_pts_layers, layer_statistics, load_stats, range_spread, summary, write_stats_store
+from stages.lineage import stage_provenance
 
 STEPS, PER_STEP = 3, 4
 SHORTCUT = "up_blocks.0.resnets.0.conv_shortcut"
@@ -17,7 +20,7 @@ LINEAR = "down_blocks.0.attentions.0.to_q"
 OUTLIER_CHANNELS = [3, 11]
 
 
-def make_calib(path):
+def make_calib(path, provenance=None):
     """Tiny calib.zarr: a shortcut input with two planted outlier channels, a flat conv input and a
     flat channel-last linear input. Each step has its own scale so mixing steps up shows."""
     rng = np.random.default_rng(0)
@@ -33,7 +36,8 @@ def make_calib(path):
     root.create_array("trajectory/x_t", data=np.zeros((STEPS * PER_STEP, 1, 4, 4), np.float32))
     for layer, x in data.items():
         root.create_array(f"layers/{layer}/input", data=x.astype(np.float16), chunks=(5, *x.shape[1:]))
-    root.attrs.update({"steps": STEPS, "layer_records_per_step": PER_STEP, "num_samples": PER_STEP, "model_hash": "abc"})
+    root.attrs.update({"model_hash": "abc", **(provenance or {}), "steps": STEPS, "layer_records_per_step": PER_STEP, "num_samples": PER_STEP})
+    seal_store(path)
     return {layer: x.astype(np.float16).astype(np.float32) for layer, x in data.items()}
 
 
@@ -91,7 +95,8 @@ def test_outlier_ratio_zero_median_stays_finite():
 
 def test_store_round_trip(calib, tmp_path):
     stats = layer_statistics(calib[0], 99.0)
-    write_stats_store(tmp_path / "stats.zarr", stats, {"steps": STEPS, "model_hash": "abc", "percentile": 99.0})
+    with atomic_store(tmp_path / "stats.zarr") as tmp:
+        write_stats_store(tmp, stats, {"steps": STEPS, "model_hash": "abc", "percentile": 99.0})
     loaded = load_stats(tmp_path / "stats.zarr")
     assert list(loaded) == list(stats)
     for layer in stats:
@@ -107,7 +112,7 @@ def test_stage_writes_store_report_table_and_figures(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("stats:\n  percentile: 99.0\n")
-    data = make_calib(layout.CALIB)
+    data = make_calib(layout.CALIB, stage_provenance(parse_config({"stats": {"percentile": 99.0}}), "dump", "abc"))
     main()
     loaded = load_stats(layout.STATS)
     np.testing.assert_allclose(loaded[LINEAR]["max"], expected_stats(data[LINEAR], 99.0)["max"], rtol=1e-5)

@@ -49,6 +49,14 @@ def _take(tensors: dict[str, torch.Tensor], key: str, like: torch.Tensor, source
     return value.to(like.device)
 
 
+def _refuse_unknown(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], fields, source: str) -> None:
+    expected = {f"{name}.{field}" for name in layers for field in fields}
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        raise ValueError(f"{source}: tensor {unknown[0]!r}{more} matches no layer of the model; the artifact was made for another model or config")
+
+
 @torch.no_grad()
 def _load(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], fields: dict, source: str) -> None:
     for name, layer in layers.items():
@@ -59,6 +67,7 @@ def _load(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], field
 
 @torch.no_grad()
 def load_weight_tensors(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], source: str) -> None:
+    _refuse_unknown(layers, tensors, [*WEIGHT_FIELDS, "weight_int"], source)
     _load(layers, tensors, WEIGHT_FIELDS, source)
     for name, layer in layers.items():
         layer.load_integer_weight(_take(tensors, f"{name}.weight_int", layer.module.weight, source))
@@ -67,10 +76,12 @@ def load_weight_tensors(layers: dict[str, QuantLayer], tensors: dict[str, torch.
 
 @torch.no_grad()
 def load_act_tensors(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], source: str) -> None:
+    _refuse_unknown(layers, tensors, ACT_FIELDS, source)
     _load(layers, tensors, ACT_FIELDS, source)
     for layer in layers.values():
         layer.quantize_acts = True
 
 
 def load_gamma(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tensor], source: str) -> None:
+    _refuse_unknown(layers, tensors, ["gamma"], source)
     _load(layers, tensors, {"gamma": (None, "gamma")}, source)

@@ -1,0 +1,146 @@
+"""Environment checks before a long run (``cli.py doctor``): package versions, torch threads, disk
+space for the Zarr stores the parameters imply, the device and the model."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.diffusion import unet_skeleton
+from pipeline.pts import select_pts_layers
+from pipeline.quant import quantizable_layers
+
+DISTRIBUTION = "dmq-pipeline"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    ok: bool
+    detail: str
+
+
+def package_versions(distribution: str = DISTRIBUTION) -> list[Finding]:
+    """Python and every installed dependency against the versions the package declares."""
+    try:
+        metadata = importlib.metadata.metadata(distribution)
+        requirements = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return [Finding("install", False, f"{distribution} is not installed: run pip install -e '.[dev]'")]
+    python = platform.python_version()
+    wanted = SpecifierSet(metadata["Requires-Python"] or "")
+    findings = [Finding("python", python in wanted, python if python in wanted else f"{python}, needs {wanted}")]
+    for requirement in map(Requirement, requirements):
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an optional extra such as dev
+        try:
+            version = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            findings.append(Finding(requirement.name, False, f"not installed, needs {requirement.specifier}"))
+            continue
+        ok = requirement.specifier.contains(version, prereleases=True)
+        findings.append(Finding(requirement.name, ok, version if ok else f"{version}, needs {requirement.specifier}"))
+    return findings
+
+
+def thread_settings(les_workers: int) -> list[Finding]:
+    """Oversubscribed cores slow every stage; artifacts are bit-identical only at equal thread counts."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = torch.get_num_threads()
+    detail = f"{threads} intra-op threads on {cores} cores (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+    return [
+        Finding("torch threads", threads <= cores, detail if threads <= cores else f"{detail}: more threads than cores; set OMP_NUM_THREADS"),
+        Finding("les.workers", les_workers <= cores, f"{les_workers} worker processes, one thread each, on {cores} cores"),
+    ]
+
+
+@torch.no_grad()
+def layer_io_numel(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Per quantized layer, the elements of one record's input and output (a forward pass of one
+    sample on the meta device: shapes only, no memory, no compute)."""
+    found = {}
+    hooks = [
+        module.register_forward_hook(lambda m, args, out, name=name: found.__setitem__(name, (args[0][0].numel(), out[0].numel())))
+        for name, module in quantizable_layers(unet).items()
+    ]
+    c = unet.config
+    try:
+        unet(torch.empty(1, c.in_channels, c.sample_size, c.sample_size, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def store_sizes(cfg: Config) -> dict[str, int]:
+    """Uncompressed bytes of the Zarr stores the parameters imply (an upper bound: stores compress)."""
+    unet = unet_skeleton(cfg.model)
+    c = unet.config
+    sample = c.in_channels * c.sample_size**2
+    steps, n = cfg.diffusion.steps, cfg.calib.num_samples
+    per_step = min(cfg.calib.layer_records_per_step, n)
+    io = layer_io_numel(unet)
+    channels = {name: module.weight.shape[1] for name, module in quantizable_layers(unet).items()}
+    pts = channels if cfg.pts.layers == "auto" else select_pts_layers(list(channels), cfg.pts.layers)
+    return {
+        # float32 x_t and x0, int64 t, int32 step and sample; float16 layer inputs and outputs
+        "calib.zarr": steps * n * (4 * sample + 16) + n * 4 * sample + steps * per_step * 2 * sum(a + b for a, b in io.values()),
+        # float32 min / max / absmax / percentile per channel and two per-step numbers, per layer and step
+        "stats.zarr": 4 * steps * sum(4 * ch + 2 for ch in channels.values()),
+        # k_mode (int64), agreement (float32), k (int64) per PTS layer, step and channel
+        "votes.zarr": 20 * steps * sum(channels[name] for name in pts),
+        # FP and quantized float32 images
+        "samples.zarr": 2 * cfg.sample.num_samples * 4 * sample,
+    }
+
+
+def human(size: float) -> str:
+    if size < 1024:
+        return f"{size:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        size /= 1024
+        if size < 1024 or unit == "TB":
+            return f"{size:.1f} {unit}"
+
+
+def disk_space(cfg: Config, artifacts: Path, copies: int) -> Finding:
+    """Free space where ``artifacts`` lives against ``copies`` times the stores' size."""
+    sizes = store_sizes(cfg)
+    need = copies * sum(sizes.values())
+    where = next(p for p in (artifacts.resolve(), *artifacts.resolve().parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    stores = ", ".join(f"{name} {human(size)}" for name, size in sizes.items())
+    detail = f"stores up to {stores}; {copies} copies need {human(need)}, {human(free)} free at {where}"
+    return Finding("disk space", free >= need, detail if free >= need else f"{detail}: not enough")
+
+
+def device(cfg: Config) -> Finding:
+    ok = cfg.device != "cuda" or torch.cuda.is_available()
+    found = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "no CUDA device"
+    return Finding("device", ok, f"{cfg.device} requested; {found}" + ("" if ok else ": set device to cpu or auto"))
+
+
+def model(cfg: Config) -> Finding:
+    if cfg.model.source == "embedded":
+        return Finding("model", True, "embedded default (the fp_model stage trains it)")
+    unet = unet_skeleton(cfg.model)
+    return Finding("model", True, f"{cfg.model.path}: {type(unet).__name__}, {len(quantizable_layers(unet))} quantizable layers")
+
+
+def diagnose(params: Path, artifacts: Path, copies: int) -> list[Finding]:
+    findings = package_versions()
+    try:
+        cfg = load_config(params)
+    except ConfigError as error:
+        return [*findings, Finding("params", False, str(error).replace("\n", " "))]
+    findings.append(Finding("params", True, f"{params} is valid"))
+    return [*findings, *thread_settings(cfg.les.workers), device(cfg), model(cfg), disk_space(cfg, artifacts, copies)]

@@ -1,0 +1,82 @@
+"""Running the pipeline in a temporary copy of the repository (shared by the end-to-end tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO_ITEMS = ("pipeline", "stages", "dvc.yaml", "params.yaml", "cli.py")
+
+
+def run(cmd, cwd) -> str:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def stale_stages(repo: Path) -> set[str]:
+    return set(json.loads(run(["dvc", "status", "--json"], repo)))
+
+
+def merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    path = repo / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
+
+
+def set_param(repo: Path, section: str, key: str, value) -> None:
+    set_params(repo, {section: {key: value}})
+
+
+def init_repo(repo: Path, overrides: dict | None = None) -> Path:
+    """A DVC repository (no git) with this checkout's code and params, changed by ``overrides``."""
+    for item in REPO_ITEMS:
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
+    set_params(repo, overrides or {})
+    run(["dvc", "init", "--no-scm", "-q"], repo)
+    run(["dvc", "config", "core.analytics", "false"], repo)
+    return repo
+
+
+def reduced_params() -> dict:
+    """The overrides that make the whole pipeline run in about a minute."""
+    return yaml.safe_load((ROOT / "tests/reduced.yaml").read_text())
+
+
+def copy_repo(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+    return dst
+
+
+def tree_hash(path: Path) -> str:
+    """Hash of a file, or of every file of a directory with its relative path."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in [path, *path.rglob("*")] if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def artifact_hashes(repo: Path) -> dict[str, str]:
+    """Every artifact of a finished run (and metrics.json), by path."""
+    artifacts = [p for p in (repo / "artifacts").iterdir() if not p.name.startswith(".")]
+    return {p.name: tree_hash(p) for p in sorted(artifacts) + [repo / "metrics.json"]}

@@ -1,0 +1,52 @@
+"""`cli.py doctor`: what it checks, and that a problem makes it fail."""
+
+import shutil
+
+import torch
+import yaml
+import zarr
+from typer.testing import CliRunner
+
+from cli import app
+from helpers import ROOT
+from pipeline.config import load_config
+from pipeline.doctor import store_sizes
+
+
+def doctor(params, artifacts):
+    return CliRunner().invoke(app, ["doctor", "--params", str(params), "--artifacts", str(artifacts)])
+
+
+def test_reports_versions_threads_model_and_disk(tmp_path):
+    result = doctor(ROOT / "params.yaml", tmp_path / "artifacts")
+    for line in ("torch: 2.", "zarr: 3.", "dvc: 3.", "torch threads: ", "model: embedded default", "disk space: stores up to calib.zarr"):
+        assert line in result.output
+    assert "params: " in result.output and "is valid" in result.output
+
+
+def test_problems_are_listed_and_fail(tmp_path, monkeypatch):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(source="local", path=str(tmp_path / "missing"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = doctor(tmp_path / "params.yaml", tmp_path)
+    assert result.exit_code == 1
+    assert f"PROBLEM  params: invalid parameters in {tmp_path / 'params.yaml'}:   model.path: {tmp_path / 'missing'} does not exist" in result.output
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4096)
+    result = doctor(ROOT / "params.yaml", tmp_path)
+    assert result.exit_code == 1
+    assert "PROBLEM  torch threads: 4096 intra-op threads" in result.output
+    assert "PROBLEM  disk space: " in result.output and "1000 B free" in result.output and "not enough" in result.output
+
+
+def test_store_sizes_are_the_uncompressed_sizes_of_the_real_stores(reproduced):
+    repo = reproduced[0]
+    expected = store_sizes(load_config(repo / "params.yaml"))
+
+    def nbytes(group):
+        return sum(node.nbytes for _, node in group.members(max_depth=None) if isinstance(node, zarr.Array))
+
+    for name in ("calib.zarr", "stats.zarr", "votes.zarr", "samples.zarr"):
+        store = zarr.open_group(str(repo / "artifacts" / name), mode="r")
+        assert expected[name] == nbytes(store), name

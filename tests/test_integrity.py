@@ -1,0 +1,201 @@
+"""Damaged, foreign and stale artifacts are refused with a message that names the file and what does
+not match; atomic writes leave nothing behind."""
+
+import copy
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+
+from helpers import ROOT, set_params
+from pipeline.calib import open_calibration
+from pipeline.config import parse_config
+from pipeline.diffusion import save_fp_model
+from pipeline.fingerprint import check_provenance, model_hash
+from pipeline.io import ArtifactError, atomic_path, atomic_store, read_tensors, write_tensors
+from pipeline.quant import QuantSpec, quantize
+from pipeline.quant.artifacts import act_tensors, load_gamma, weight_tensors
+from pipeline.quantized import load_quantized_unet
+from pipeline.recon import init_weight_quantizers
+from stages.lineage import INPUTS, PARAMS, stage_provenance
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A small sealed calibration-like store: several chunks per array."""
+    path = tmp_path / "calib.zarr"
+    with atomic_store(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        root.create_array("trajectory/x_t", data=np.arange(64, dtype=np.float32).reshape(16, 4), chunks=(4, 4))
+        root.create_array("layers/conv/input", data=np.ones((8, 3), dtype=np.float16), chunks=(2, 3))
+        root.attrs.update({"steps": 2})
+    return path
+
+
+def chunk(store):
+    return store / "trajectory/x_t/c/1/0"
+
+
+def truncate(store):
+    data = chunk(store).read_bytes()
+    chunk(store).write_bytes(data[: len(data) // 2])
+
+
+def flip_a_byte(store):
+    data = bytearray(chunk(store).read_bytes())
+    data[-1] ^= 0xFF
+    chunk(store).write_bytes(bytes(data))
+
+
+def add_a_file(store):
+    (store / "trajectory/x_t/c/9").write_bytes(b"\0" * 16)
+
+
+def unseal(store):
+    root = zarr.open_group(str(store), mode="r+")
+    del root.attrs["manifest"]
+
+
+def break_metadata(store):
+    (store / "zarr.json").write_text("{not json")
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (truncate, r"is damaged: trajectory/x_t/c/1/0 has \d+ bytes, the manifest says \d+ \(truncated\?\)"),
+        (flip_a_byte, r"is damaged: trajectory/x_t/c/1/0 does not match its checksum \(corrupt\)"),
+        (lambda s: chunk(s).unlink(), r"is damaged: trajectory/x_t/c/1/0 is missing"),
+        (add_a_file, r"is damaged: trajectory/x_t/c/9 is not in the store's manifest"),
+        (unseal, r"has no manifest, so it was not completely written by this pipeline"),
+        (break_metadata, r"is unreadable"),
+    ],
+)
+def test_damaged_store_is_refused_naming_the_file(store, damage, expected):
+    open_calibration(store)
+    damage(store)
+    with pytest.raises(ArtifactError, match=rf"calibration store {re.escape(str(store))} {expected}"):
+        open_calibration(store)
+
+
+@pytest.fixture
+def tensors_file(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    write_tensors(path, {"conv.weight_int": torch.arange(600, dtype=torch.uint8).reshape(20, 30)}, {"w_bits": 4})
+    return path
+
+
+def test_damaged_or_foreign_safetensors_are_refused(tensors_file, tmp_path):
+    assert read_tensors(tensors_file)[1] == {"w_bits": 4}
+    data = tensors_file.read_bytes()
+    tensors_file.write_bytes(data[:-100])
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors is unreadable \(truncated, or not a safetensors file\)"):
+        read_tensors(tensors_file)
+    tensors_file.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors is corrupt: its tensors do not match the checksum"):
+        read_tensors(tensors_file)
+    save_file({"conv.weight_int": torch.zeros(2)}, str(tensors_file))
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors has no header: it was not written by this pipeline"):
+        read_tensors(tensors_file)
+
+
+def test_tensors_for_layers_the_model_lacks_are_refused(tiny_unet):
+    layers = quantize(tiny_unet, QuantSpec(w_bits=4))
+    gammas = {f"{name}.gamma": torch.ones_like(layer.gamma) for name, layer in layers.items()}
+    gammas["down_blocks.3.resnets.0.conv1.gamma"] = torch.ones(8)
+    with pytest.raises(ValueError, match=r"les\.safetensors: tensor 'down_blocks\.3\.resnets\.0\.conv1\.gamma' matches no layer"):
+        load_gamma(layers, gammas, "les.safetensors")
+
+
+@pytest.fixture
+def quantized_artifacts(tiny_unet, tmp_path):
+    """An FP model folder and weight / activation artifacts made from it for 2 sampling steps."""
+    save_fp_model(tiny_unet, DDPMScheduler(num_train_timesteps=1000), tmp_path / "fp_model")
+    fp_hash = model_hash(tmp_path / "fp_model")
+    q = copy.deepcopy(tiny_unet)
+    layers = quantize(q, QuantSpec(w_bits=4, a_bits=8, num_steps=2))
+    init_weight_quantizers(layers, grid=2, p=2.4)
+    write_tensors(tmp_path / "weights.safetensors", weight_tensors(layers), {"model_hash": fp_hash, "w_bits": 4, "split": True})
+    header = {"model_hash": fp_hash, "a_bits": 8, "steps": 2}
+    write_tensors(tmp_path / "act_params.safetensors", act_tensors(layers), header)
+    return tmp_path, fp_hash
+
+
+def test_activation_parameters_for_other_steps_than_the_sampler_are_refused(quantized_artifacts):
+    folder, fp_hash = quantized_artifacts
+    load_quantized_unet(folder / "fp_model", folder / "weights.safetensors", folder / "act_params.safetensors", fp_hash, steps=2)
+    with pytest.raises(ArtifactError, match=r"act_params\.safetensors holds activation parameters for 2 sampling steps, but the sampler runs 20 \(diffusion\.steps\)"):
+        load_quantized_unet(folder / "fp_model", folder / "weights.safetensors", folder / "act_params.safetensors", fp_hash, steps=20)
+    with pytest.raises(ValueError, match=r"weights\.safetensors was made for model \w+, but the current FP model is other"):
+        load_quantized_unet(folder / "fp_model", folder / "weights.safetensors", None, "other", steps=2, a_bits=8)
+
+
+def test_stale_artifact_names_the_parameter_that_changed():
+    cfg = parse_config({"les": {"iters": 5}})
+    made = stage_provenance(cfg, "recon", "abc")
+    check_provenance(made, stage_provenance(cfg, "recon", "abc"), "weights.safetensors")
+    now = parse_config({"les": {"iters": 5}, "recon": {"lr": 0.01}})
+    with pytest.raises(ValueError, match=r"weights\.safetensors was made with other parameters than the current ones: recon\.lr = 0\.001 there, 0\.01 now"):
+        check_provenance(made, stage_provenance(now, "recon", "abc"), "weights.safetensors")
+    with pytest.raises(ValueError, match="made for model abc, but the current FP model is def"):
+        check_provenance(made, stage_provenance(cfg, "recon", "def"), "weights.safetensors")
+    with pytest.raises(ValueError, match="has no provenance"):
+        check_provenance({"model_hash": "abc"}, made, "weights.safetensors")
+
+
+def test_provenance_follows_dvc_yaml():
+    """stages/lineage.py declares what dvc.yaml declares: each stage's params, and the stages whose
+    outputs it depends on."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outputs = {stage: {next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])} for stage, spec in dvc.items()}
+    assert set(PARAMS) == set(INPUTS) == set(dvc)
+    for stage, spec in dvc.items():
+        assert set(PARAMS[stage]) == set(spec["params"]), stage
+        assert set(INPUTS[stage]) == {other for other, outs in outputs.items() if outs & set(spec["deps"])}, stage
+
+
+@pytest.mark.parametrize(
+    "change, stage, expected",
+    [
+        (
+            {"diffusion": {"steps": 5}},
+            "sample",
+            r"artifacts/act_params\.safetensors holds activation parameters for 4 sampling steps, but the sampler runs 5 \(diffusion\.steps\)",
+        ),
+        ({"les": {"iters": 7}}, "recon", r"artifacts/les\.safetensors was made with other parameters than the current ones: les\.iters = 5 there, 7 now"),
+        ("truncate", "les", r"calibration store artifacts/calib\.zarr is damaged: .* \(truncated\?\)"),
+    ],
+    ids=["act-params-for-other-steps", "stale-les", "truncated-calib"],
+)
+def test_stage_refuses_a_stale_or_damaged_input(pipeline_copy, change, stage, expected):
+    if change == "truncate":
+        biggest = max((pipeline_copy / "artifacts/calib.zarr").rglob("c/*/*/*/*"), key=lambda p: p.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[:100])
+    else:
+        set_params(pipeline_copy, change)
+    done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=pipeline_copy, capture_output=True, text=True)
+    assert done.returncode != 0 and re.search(expected, done.stderr), done.stderr[-2000:]
+
+
+def test_failed_write_leaves_nothing_and_stale_temporaries_of_dead_writers_go(tmp_path):
+    target = tmp_path / "out.zarr"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".out.zarr.tmp-{dead.pid}-0123abcd").mkdir()  # left by a writer that was killed
+    (tmp_path / f".out.zarr.tmp-{os.getpid()}-4567cdef").mkdir()  # a writer still running
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.zarr.tmp-{os.getpid()}-4567cdef", "out.zarr"]

@@ -1,0 +1,102 @@
+"""Stages killed with SIGKILL: nothing half-written is left at an output path, the next `dvc repro`
+redoes the stage cleanly, and les / recon resume from their checkpoints to the same bytes as an
+uninterrupted run (the test prints the time lost)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from helpers import ran_stages, run, set_params
+from pipeline.calib import open_calibration
+
+
+def start(cmd, cwd) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_until(process: subprocess.Popen, reached, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not reached():
+        assert process.poll() is None, f"the process ended before the kill point:\n{process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "the kill point was not reached"
+        time.sleep(0.02)
+
+
+def timed(cmd, cwd) -> tuple[float, str]:
+    start_time = time.perf_counter()
+    output = run(cmd, cwd)
+    return time.perf_counter() - start_time, output
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_dump_killed_mid_write_leaves_no_output_and_repro_redoes_it(pipeline_copy):
+    repo, artifacts = pipeline_copy, pipeline_copy / "artifacts"
+    set_params(repo, {"calib": {"seed": 99}})  # a new dump: DVC has no cached result to restore
+    process = start(["dvc", "repro", "--single-item", "dump"], repo)
+    wait_until(process, lambda: any(artifacts.glob(".calib.zarr.tmp-*/trajectory")))
+    os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage under it
+    process.wait()
+    assert not (artifacts / "calib.zarr").exists()
+    assert list(artifacts.glob(".calib.zarr.tmp-*"))  # what the killed writer left, beside the output path
+
+    assert ran_stages(run(["dvc", "repro", "--single-item", "dump"], repo)) == {"dump"}
+    assert open_calibration(artifacts / "calib.zarr").attrs["params"]["calib.seed"] == 99  # complete: matches its manifest
+    assert not list(artifacts.glob(".calib.zarr.tmp-*"))  # the next writer removed the dead one's temporary
+
+
+@pytest.mark.parametrize(
+    "stage, params, units, kill_after",
+    [
+        ("les", {"les": {"iters": 50}}, 49, 20),  # 49 layers, learned by 2 worker processes
+        ("recon", {"recon": {"iters": 60}}, 19, 8),  # 19 blocks and stray layers, in order
+    ],
+)
+def test_killed_stage_resumes_to_the_same_bytes(pipeline_copy, stage, params, units, kill_after, record_property):
+    repo = pipeline_copy
+    set_params(repo, params)
+    output = repo / {"les": "artifacts/les.safetensors", "recon": "artifacts/weights.safetensors"}[stage]
+    checkpoints = repo / f"artifacts/.{stage}.ckpt"
+    command = [sys.executable, "-m", f"stages.{stage}"]
+
+    uninterrupted, _ = timed(command, repo)
+    expected = output.read_bytes()
+    assert not checkpoints.exists()  # removed once the output is written
+    output.unlink()
+
+    started = time.perf_counter()
+    process = start(command, repo)
+    wait_until(process, lambda: len(list(checkpoints.glob("*/*.safetensors"))) >= kill_after)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGKILL)  # the stage process only, as the OOM killer would
+    process.wait()
+    killed = time.perf_counter() - started
+    assert not output.exists()
+    saved = len(list(checkpoints.glob("*/*.safetensors")))
+    assert kill_after <= saved < units
+    deadline = time.monotonic() + 10
+    while not all(map(gone, workers)):  # orphaned LES workers notice and exit
+        assert time.monotonic() < deadline, "worker processes outlived the killed stage"
+        time.sleep(0.1)
+
+    resumed, log = timed(command, repo)
+    assert f"resuming: {saved} finished units" in log
+    assert output.read_bytes() == expected  # bit-identical to the uninterrupted run
+    assert not checkpoints.exists()
+
+    lost = killed + resumed - uninterrupted
+    record_property(f"{stage}_seconds", {"uninterrupted": uninterrupted, "killed": killed, "resumed": resumed, "lost": lost})
+    print(
+        f"\n{stage}: uninterrupted {uninterrupted:.1f} s; killed after {saved}/{units} units at {killed:.1f} s, "
+        f"resumed in {resumed:.1f} s: {lost:.1f} s lost ({100 * lost / uninterrupted:.0f} %)"
+    )
