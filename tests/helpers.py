@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +81,15 @@ def artifact_hashes(repo: Path) -> dict[str, str]:
     """Every artifact of a finished run (and metrics.json), by path."""
     artifacts = [p for p in (repo / "artifacts").iterdir() if not p.name.startswith(".")]
     return {p.name: tree_hash(p) for p in sorted(artifacts) + [repo / "metrics.json"]}
+
+
+class TwoConvs(torch.nn.Module):
+    """Stand-in for a UNet in reconstruction tests: called as model(x, t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.b(torch.relu(self.a(x)))

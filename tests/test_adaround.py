@@ -9,18 +9,7 @@ from pipeline.adaround import AdaRoundSettings, adaround
 from pipeline.checkpoint import Checkpoints
 from pipeline.quant import QuantSpec, quantize
 from pipeline.recon import init_weight_quantizers
-
-
-class TwoConvs(nn.Module):
-    """Stand-in for a UNet: called as model(x, t)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(4, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 3, padding=1)
-
-    def forward(self, x, t):
-        return self.b(torch.relu(self.a(x)))
+from helpers import TwoConvs
 
 
 def test_learned_rounding_beats_nearest_and_ends_on_the_grid():

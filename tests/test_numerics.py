@@ -20,6 +20,7 @@ from pipeline.quant.layers import QuantLayer
 from pipeline.quant.quantizers import ActQuantizer, affine_params, search_weight_params
 from pipeline.recon import init_weight_quantizers
 from pipeline.weighting import make_weighting
+from helpers import TwoConvs
 
 STEPS, PER_STEP = 4, 3
 SETTINGS = AdaRoundSettings(iters=20, lr=1e-2, batch_size=8, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0)
@@ -79,16 +80,6 @@ def test_dump_stops_at_a_float16_overflow_naming_layer_and_step(tiny_unet, tmp_p
         tiny_unet.down_blocks[0].resnets[0].conv1.weight.mul_(1e6)  # GroupNorm after it keeps the model finite
     with pytest.raises(FloatingPointError, match=r"layer 'down_blocks\.0\.resnets\.0\.conv1' output overflows float16 at step 0"):
         dump(tiny_unet, tmp_path / "calib.zarr")
-
-
-class TwoConvs(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(4, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 3, padding=1)
-
-    def forward(self, x, t):
-        return self.b(torch.relu(self.a(x)))
 
 
 def quantized_pair(zero_channel=False):
