@@ -10,20 +10,13 @@ from pipeline.calib import open_calibration
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import load_config
 from pipeline.diffusion import load_fp_model
-from pipeline.fingerprint import model_hash, params_hash
+from pipeline.fingerprint import model_hash
 from pipeline.io import write_json, write_tensors
 from pipeline.les import learn_all
 from pipeline.methods import METHODS
 from pipeline.quant import QuantSpec, quantize
 from stages.layout import CALIB, FP_MODEL, LES, LES_CHECKPOINTS, REPORTS
-from stages.lineage import check_input, stage_provenance
-
-
-def checkpoint_key(provenance: dict) -> str:
-    """What the learned γ depend on: model and params, except les.workers (γ do not depend on it, so
-    a rerun with fewer workers, after running out of memory say, still resumes)."""
-    params = {key: value for key, value in provenance["params"].items() if key != "les.workers"}
-    return f"{provenance['model_hash']}-{params_hash(params)}"
+from stages.lineage import check_input, checkpoint_key, stage_provenance
 
 
 def main() -> None:

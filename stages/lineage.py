@@ -43,9 +43,21 @@ def lineage_params(stage: str) -> set[str]:
     return keys
 
 
+# Params that change how a stage runs, not what it writes (γ are bit-identical for any number of LES
+# workers): left out of provenance, so changing them neither makes downstream artifacts stale nor
+# discards checkpoints.
+RESULT_INDEPENDENT = {"les.workers"}
+
+
 def stage_provenance(cfg: Config, stage: str, model: str | None) -> dict:
     """The provenance header of an artifact that ``stage`` writes under the parameters ``cfg``."""
-    return provenance(config_values(cfg.model_dump(mode="json"), sorted(lineage_params(stage))), model)
+    values = config_values(cfg.model_dump(mode="json"), sorted(lineage_params(stage)))
+    return provenance({key: value for key, value in values.items() if key not in RESULT_INDEPENDENT}, model)
+
+
+def checkpoint_key(provenance: dict) -> str:
+    """Checkpoints are valid for one model and one set of params."""
+    return f"{provenance['model_hash']}-{provenance['params_hash']}"
 
 
 def check_input(header: dict, cfg: Config, stage: str, model: str | None, path) -> None:

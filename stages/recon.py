@@ -19,7 +19,7 @@ from pipeline.quant.artifacts import load_gamma, weight_tensors
 from pipeline.recon import init_weight_quantizers
 from pipeline.weighting import make_weighting
 from stages.layout import CALIB, FP_MODEL, LES, RECON_CHECKPOINTS, REPORTS, WEIGHTS
-from stages.lineage import check_input, stage_provenance
+from stages.lineage import check_input, checkpoint_key, stage_provenance
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
             steps = calib.attrs["steps"]
             weighting = partial(make_weighting, method.weighting, steps, cfg.les.focal_r, cfg.les.focal_momentum)
         settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed)
-        checkpoints = Checkpoints(RECON_CHECKPOINTS, f"{fp_hash}-{provenance['params_hash']}")  # model and params
+        checkpoints = Checkpoints(RECON_CHECKPOINTS, checkpoint_key(provenance))
         start = time.perf_counter()
         inputs = (x.to(device), t.to(device))
         units = adaround(q_unet.to(device), fp_unet.to(device), inputs, settings, weighting, step.to(device), checkpoints)

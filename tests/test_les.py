@@ -9,6 +9,7 @@ from pipeline.checkpoint import Checkpoints
 from pipeline.les import learn_all, learn_gamma
 from pipeline.quant.layers import QuantLayer
 from pipeline.weighting import make_weighting
+from helpers import Killed, dies_on_the_second_call
 
 S, M = 4, 16
 OUTLIERS = [3, 17]
@@ -100,24 +101,14 @@ def test_workers_do_not_change_gamma(three_layers):
     assert l1 == l2
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_resumed_run_skips_finished_layers_and_equals_an_uninterrupted_one(three_layers, tmp_path, monkeypatch, workers):
     layers, store = three_layers
     uninterrupted = learn_all(layers, store, workers=workers, **LEARN)
     real_job, learned = pipeline.les._learn_from_store, []
 
-    def dies_on_the_second_layer(name, *args, **kwargs):
-        if learned:
-            raise Killed
-        learned.append(name)
-        return real_job(name, *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.les, "_learn_from_store", dies_on_the_second_layer)
+        patch.setattr(pipeline.les, "_learn_from_store", dies_on_the_second_call(real_job, learned))
         with pytest.raises(Killed):
             learn_all(layers, store, workers=1, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
     assert Checkpoints(tmp_path / "ckpt", "key").done() == learned
@@ -152,8 +143,7 @@ def test_a_damaged_checkpoint_is_redone(three_layers, tmp_path):
 
 def test_checkpoint_key_ignores_the_number_of_workers_only():
     from pipeline.config import parse_config
-    from stages.les import checkpoint_key
-    from stages.lineage import stage_provenance
+    from stages.lineage import checkpoint_key, stage_provenance
 
     def key(**les):
         return checkpoint_key(stage_provenance(parse_config({"les": les}), "les", "model"))
