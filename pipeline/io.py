@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 import zarr
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.fingerprint import file_hash, tensors_hash
 
@@ -108,7 +108,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as error:
         raise ArtifactError(f"{path} is unreadable (truncated, or not a safetensors file): {error}; {REBUILD}") from None
     if HEADER_KEY not in metadata:
