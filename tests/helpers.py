@@ -93,3 +93,19 @@ class TwoConvs(torch.nn.Module):
 
     def forward(self, x, t):
         return self.b(torch.relu(self.a(x)))
+
+
+class Killed(Exception):
+    """Stands in for a kill in the resume tests."""
+
+
+def dies_on_the_second_call(real, calls: list):
+    """Wrap ``real(name, ...)``: run it for the first name (recorded in ``calls``), then raise Killed."""
+
+    def wrapper(name, *args, **kwargs):
+        if calls:
+            raise Killed
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    return wrapper

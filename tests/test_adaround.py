@@ -9,7 +9,7 @@ from pipeline.adaround import AdaRoundSettings, adaround
 from pipeline.checkpoint import Checkpoints
 from pipeline.quant import QuantSpec, quantize
 from pipeline.recon import init_weight_quantizers
-from helpers import TwoConvs
+from helpers import Killed, TwoConvs, dies_on_the_second_call
 
 
 def test_learned_rounding_beats_nearest_and_ends_on_the_grid():
@@ -51,10 +51,6 @@ class ThreeConvs(nn.Module):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resumed_reconstruction_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     """Units depend on the units before them: a run killed after unit a and resumed in a fresh
     process (a fresh quantized model) must restore a's rounding exactly and end bit-identical."""
@@ -78,14 +74,8 @@ def test_resumed_reconstruction_equals_an_uninterrupted_one(tmp_path, monkeypatc
 
     real_unit, reconstructed = pipeline.adaround.reconstruct_unit, []
 
-    def dies_on_the_second_unit(name, *args, **kwargs):
-        if reconstructed:
-            raise Killed
-        reconstructed.append(name)
-        return real_unit(name, *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.adaround, "reconstruct_unit", dies_on_the_second_unit)
+        patch.setattr(pipeline.adaround, "reconstruct_unit", dies_on_the_second_call(real_unit, reconstructed))
         with pytest.raises(Killed):
             adaround(*fresh()[:1], fp, (x, t), settings, checkpoints=Checkpoints(tmp_path, "key"))
     assert Checkpoints(tmp_path, "key").done() == ["a"]
