@@ -52,6 +52,12 @@ class Denoiser(nn.Module):
             self.kind = "unconditional"
             self.num_conditions = 0
 
+    def with_unet(self, unet: nn.Module) -> "Denoiser":
+        """The same conditioning around another UNet of the same model (e.g. its quantized copy)."""
+        if self.kind == "text":
+            return Denoiser(unet, prompt_embeddings=self.embeddings[:-1], null_embedding=self.embeddings[-1])
+        return Denoiser(unet, null_class=getattr(self, "null_class", None))
+
     @property
     def conditional(self) -> bool:
         return self.kind != "unconditional"

@@ -58,16 +58,16 @@ class PTSVoter:
         self.results: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in layers}
 
     @torch.no_grad()
-    def __call__(self, unet, step: int, inputs: tuple[torch.Tensor, ...], batch_size: int) -> None:
-        """Vote at ``step`` on the records ``inputs`` = (x, t) or (x, t, cond)."""
+    def __call__(self, unet, step: int, records: tuple[torch.Tensor, ...], batch_size: int) -> None:
+        """Vote at ``step`` on the model inputs ``records`` = (x, t) or (x, t, cond)."""
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
         handles = [
             layer.register_forward_pre_hook(lambda mod, args, n=name: inputs[n].append(mod.scale_input(args[0])))
             for name, layer in self.layers.items()
         ]
         try:
-            for start in range(0, len(inputs[0]), batch_size):
-                unet(*(v[start : start + batch_size] for v in inputs))
+            for start in range(0, len(records[0]), batch_size):
+                unet(*(v[start : start + batch_size] for v in records))
         finally:
             for handle in handles:
                 handle.remove()
