@@ -28,7 +28,7 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
-from pipeline.conditioning import NULL, as_denoiser
+from pipeline.conditioning import NULL, Denoiser, as_denoiser, load_denoiser
 from pipeline.diffusion import ddim_sample, sample_noise
 from pipeline.io import ArtifactError, open_store, store_name
 
@@ -72,7 +72,8 @@ def dump_calibration(
     guidance_scale: float = 1.0,
 ) -> None:
     """``model``: a :class:`~pipeline.conditioning.Denoiser` or a bare unconditional UNet. Sample n
-    gets the condition ``model.condition_keys(n)``; with guidance both its inputs are recorded."""
+    gets the condition ``model.condition_keys(n)``; with guidance both its inputs are recorded. For a
+    text-to-image model ``attrs`` must carry the ``prompts`` (see :func:`record_denoiser`)."""
     denoiser = as_denoiser(model)
     steps = len(scheduler.timesteps)
     shape = denoiser.sample_shape
@@ -105,6 +106,12 @@ def dump_calibration(
     dump_layer_io(root, denoiser, layers, steps, num_samples, per_step, batch_size, chunk_records, device)
     root.attrs.update({**attrs, "steps": steps, "num_samples": num_samples, "layer_records_per_step": per_step,
                        "guidance_scale": guidance_scale})  # fmt: skip
+
+
+def record_denoiser(folder: str | Path, unet: nn.Module, root: zarr.Group, null_class: int | None = None) -> Denoiser:
+    """``unet`` with the conditioning the store's records were dumped with (its ``prompts``
+    attribute, for a text-to-image model), so that the records' condition keys mean the same."""
+    return load_denoiser(folder, unet, root.attrs.get("prompts"), null_class)
 
 
 def records_per_step(root: zarr.Group, num_samples: int) -> int:

@@ -159,16 +159,17 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], batch_size: int 
     return torch.cat(out)
 
 
-def load_denoiser(folder: str | Path, unet: nn.Module, prompts: str | Path | None = None, null_class: int | None = None) -> Denoiser:
+def load_denoiser(folder: str | Path, unet: nn.Module, prompts: list[str] | None = None, null_class: int | None = None) -> Denoiser:
     """``unet`` (FP or quantized, loaded from ``folder``) with the conditioning of the model in
-    ``folder``: for a text-to-image model, the CLIP embeddings of the prompts in the ``prompts`` file."""
+    ``folder``: for a text-to-image model, the CLIP embeddings of ``prompts`` (condition key i is
+    ``prompts[i]``, so calibration records must be read with the prompts they were dumped with)."""
     layout = find_layout(folder)
     if layout.text_encoder is None:
         return Denoiser(unet, null_class=null_class)
-    if prompts is None:
-        raise ValueError(f"{folder} is a text-to-image model: name a prompts file (.txt, .csv or .json)")
+    if not prompts:
+        raise ValueError(f"{folder} is a text-to-image model: it needs prompts (calib.prompts / sample.prompts)")
     encoder, tokenizer = load_text_encoder(layout)
-    embeddings = encode_prompts(encoder, tokenizer, read_prompts(prompts))
+    embeddings = encode_prompts(encoder, tokenizer, prompts)
     null = encode_prompts(encoder, tokenizer, [""])[0]
     return Denoiser(unet, prompt_embeddings=embeddings, null_embedding=null)
 
@@ -177,17 +178,19 @@ class Decoder:
     """Latents to pixels in [-1, 1] with the model's autoencoder (VQModel or AutoencoderKL); the
     identity for a pixel-space model."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, device: torch.device | str = "cpu") -> None:
         self.autoencoder = load_autoencoder(layout)
+        self.device = torch.device(device)
+        if self.autoencoder is not None:
+            self.autoencoder.to(self.device)
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         if self.autoencoder is None:
             return latents
         ae = self.autoencoder
-        device = next(ae.parameters()).device
         images = [
-            ae.decode(chunk.to(device) / ae.config.scaling_factor).sample.clamp(-1, 1).cpu()
+            ae.decode(chunk.to(self.device) / ae.config.scaling_factor).sample.clamp(-1, 1).cpu()
             for chunk in latents.split(batch_size)
         ]
         return torch.cat(images)

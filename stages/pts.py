@@ -4,7 +4,7 @@ the methods that use it -> artifacts/act_params.safetensors, artifacts/votes.zar
 import zarr
 
 from pipeline.actcalib import calibrate_activations
-from pipeline.calib import open_calibration
+from pipeline.calib import open_calibration, record_denoiser
 from pipeline.config import load_config
 from pipeline.diffusion import resolve_device
 from pipeline.fingerprint import model_hash
@@ -29,7 +29,7 @@ def main() -> None:
     steps = calib.attrs["steps"]
     unet, _, layers, headers = load_quantized_unet(FP_MODEL, WEIGHTS, None, fp_hash, steps, a_bits=cfg.quant.a_bits)
     check_input(headers["weights"], cfg, "recon", fp_hash, WEIGHTS)
-    unet.to(device)
+    model = record_denoiser(FP_MODEL, unet, calib, cfg.model.null_class).to(device)
     voter = None
     if method.pts:
         if p.layers == "auto":
@@ -39,8 +39,8 @@ def main() -> None:
         else:
             names = select_pts_layers(list(layers), p.layers)
         voter = PTSVoter({n: layers[n] for n in names}, p.num_candidates, p.ratio_threshold)
-    after_step = None if voter is None else (lambda s, x, t: voter(unet, s, x, t, p.batch_size))
-    calibrate_activations(unet, layers, calib, p.calib_records, p.batch_size, p.momentum, device, after_step)
+    after_step = None if voter is None else (lambda s, inputs: voter(model, s, inputs, p.batch_size))
+    calibrate_activations(model, layers, calib, p.calib_records, p.batch_size, p.momentum, device, after_step)
     provenance = stage_provenance(cfg, "pts", fp_hash)
     header = {
         **provenance, "method": cfg.quant.method, "w_bits": headers["weights"]["w_bits"], "a_bits": cfg.quant.a_bits,

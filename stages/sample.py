@@ -1,7 +1,10 @@
-"""Stage sample: DDIM with the FP and the quantized UNet from the same seeds -> samples.zarr, grids."""
+"""Stage sample: DDIM with the FP and the quantized UNet from the same seeds (and conditions) ->
+samples.zarr (pixels: latent models' samples decoded), grids."""
 
 import zarr
 
+from pipeline.components import find_layout
+from pipeline.conditioning import Decoder, load_denoiser, read_prompts
 from pipeline.config import load_config
 from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
 from pipeline.figures import save_grid
@@ -23,9 +26,11 @@ def main() -> None:
     check_input(headers["weights"], cfg, "recon", fp_hash, WEIGHTS)
     check_input(headers["act"], cfg, "pts", fp_hash, ACT_PARAMS)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
+    fp = load_denoiser(FP_MODEL, fp_unet, read_prompts(s.prompts) if s.prompts else None, cfg.model.null_class)
+    decode = Decoder(find_layout(FP_MODEL), device)
     runs = {
-        "fp": generate(fp_unet.to(device), scheduler, s.num_samples, s.batch_size, s.eta, s.seed, device, "sample fp"),
-        "quant": generate(q_unet.to(device), scheduler, s.num_samples, s.batch_size, s.eta, s.seed, device, "sample quant"),
+        name: decode(generate(model.to(device), scheduler, s.num_samples, s.batch_size, s.eta, s.seed, device, f"sample {name}", s.guidance_scale))
+        for name, model in (("fp", fp), ("quant", fp.with_unet(q_unet)))
     }
     label = f"{headers['act']['method']} W{headers['act']['w_bits']}A{headers['act']['a_bits']}"
     with atomic_store(SAMPLES) as tmp:

@@ -50,7 +50,7 @@ class Quantized:
 
     def __init__(self, kind: str, folder: Path) -> None:
         self.kind, self.folder = kind, folder
-        self.prompts = write_prompts(folder / "prompts.txt") if kind == "text" else None
+        self.prompts = read_prompts(write_prompts(folder / "prompts.txt")) if kind == "text" else None
         self.model = folder / "fp_model"
         import_model(save_tiny_model(kind, folder / "source"), self.model)
         self.hash = model_hash(self.model)
@@ -190,5 +190,5 @@ def test_bad_model_folders_are_refused_with_the_file_named(tmp_path):
     shutil.rmtree(folder / "text_encoder")
     with pytest.raises(FileNotFoundError, match="UNet2DConditionModel .* needs text_encoder/"):
         find_layout(folder)
-    with pytest.raises(ValueError, match="text-to-image model: name a prompts file"):
+    with pytest.raises(ValueError, match="text-to-image model: it needs prompts"):
         load_denoiser(save_tiny_model("text", tmp_path / "sd2"), None)
