@@ -66,5 +66,73 @@ def doctor(
     typer.echo("no problems found")
 
 
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg="red", err=True)
+    raise typer.Exit(1) from None
+
+
+@app.command()
+def export(
+    out: Path = typer.Argument(..., help="the checkpoint to write (.safetensors)"),
+    params: Path = typer.Option(Path("params.yaml"), help="the params the artifacts were made with (stored in the header)"),
+    model: Path = typer.Option(Path("artifacts/fp_model"), help="the FP model folder the artifacts belong to"),
+    weights: Path = typer.Option(Path("artifacts/weights.safetensors"), help="integer weights (recon stage)"),
+    act: Path = typer.Option(Path("artifacts/act_params.safetensors"), help="per-step activation parameters (pts stage)"),
+) -> None:
+    """Write one portable safetensors checkpoint: packed 4-bit weights, scales, zero points, γ, per-step
+    activation parameters and PTS exponents, with the params and the FP model's hash in its header."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.export import export_checkpoint
+    from pipeline.fingerprint import model_hash
+
+    try:
+        config = load_config(params).model_dump(mode="json")
+        header = export_checkpoint(out, weights, act, model, model_hash(model), config)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        _fail(error)
+    typer.echo(f"{out}: W{header['w_bits']}A{header['a_bits']}, {header['steps']} steps, {out.stat().st_size} bytes")
+
+
+@app.command()
+def sample(
+    quantized: Path = typer.Option(..., help="a checkpoint written by `export`"),
+    model: Path = typer.Option(..., help="the FP model folder it was exported from (pipeline layout or bare UNet)"),
+    out: Path = typer.Option(Path("samples.safetensors"), help="samples in [-1, 1] (pixels); a PNG grid is written next to it"),
+    num_samples: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    seed: int | None = typer.Option(None, help="default: sample.seed of the checkpoint's params"),
+    prompts: Path | None = typer.Option(None, help="text-to-image models: prompts file (default: sample.prompts of the params)"),
+    guidance_scale: float | None = typer.Option(None, help="default: sample.guidance_scale of the params"),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+) -> None:
+    """Sample from a portable checkpoint, without the DVC repository: DDIM with the steps and η the
+    checkpoint was calibrated for."""
+    from pipeline.components import find_layout
+    from pipeline.conditioning import Decoder, load_denoiser, read_prompts
+    from pipeline.diffusion import ddim_scheduler, resolve_device
+    from pipeline.export import load_checkpoint
+    from pipeline.figures import save_grid
+    from pipeline.io import write_tensors
+    from pipeline.sampling import generate
+
+    try:
+        unet, train_scheduler, _, header = load_checkpoint(quantized, model)
+        s = header["config"]["sample"]
+        prompt_file = prompts or s.get("prompts")
+        denoiser = load_denoiser(model, unet, read_prompts(prompt_file) if prompt_file else None, header["config"]["model"].get("null_class"))
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+    run_on = resolve_device(device)
+    scheduler = ddim_scheduler(train_scheduler, header["steps"])
+    seed = s["seed"] if seed is None else seed
+    scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+    latents = generate(denoiser.to(run_on), scheduler, num_samples, batch_size, s["eta"], seed, run_on, "sample", scale)
+    images = Decoder(find_layout(model), run_on)(latents)
+    write_tensors(out, {"images": images}, {"checkpoint": str(quantized), "seed": seed, "guidance_scale": scale})
+    grid = out.with_suffix(".png")
+    save_grid(images, grid, max(1, int(len(images) ** 0.5)), f"{header['method']} W{header['w_bits']}A{header['a_bits']}")
+    typer.echo(f"{out}: {tuple(images.shape)}, grid {grid}; range [{float(images.min()):.3g}, {float(images.max()):.3g}]")
+
+
 if __name__ == "__main__":
     app()

@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from pipeline.adaround import AdaRoundSettings, adaround
 from pipeline.calib import dump_calibration, open_calibration, random_records, step_records
 from pipeline.components import find_layout, import_model
 from pipeline.conditioning import NULL, Decoder, load_denoiser, read_prompts
+from pipeline.config import parse_config
 from pipeline.diffusion import ddim_scheduler, load_fp_model
+from pipeline.export import load_checkpoint, pack_nibbles, read_checkpoint, unpack_nibbles, export_checkpoint
 from pipeline.fingerprint import model_hash
-from pipeline.io import atomic_store, read_tensors, write_tensors
+from pipeline.io import ArtifactError, atomic_store, read_tensors, write_tensors
 from pipeline.les import learn_all
 from pipeline.pts import PTSVoter, select_pts_layers
 from pipeline.quant import QuantSpec, quantizable_layers, quantize
@@ -30,10 +33,11 @@ from pipeline.quant.model import concat_splits, set_step
 from pipeline.quantized import load_quantized_unet
 from pipeline.recon import init_weight_quantizers
 from pipeline.sampling import generate
+from helpers import ROOT
 from tiny_models import KINDS, PROMPTS, save_tiny_model, write_prompts
 
 CPU = torch.device("cpu")
-STEPS, SAMPLES, GUIDANCE = 4, 4, {"class": 3.0, "text": 7.5}
+STEPS, SAMPLES, SEED, GUIDANCE = 4, 4, 7, {"class": 3.0, "text": 7.5}
 # Relative RMS error, quantized vs FP, at W8A8, as measured on these models (test_w8a8_stays_close_to_fp
 # prints it): one denoiser call 0.018-0.037 (W4A8: 0.10-0.16); the sampler output after 4 DDIM steps
 # 0.06-0.10, 0.39 for the class model, whose guidance scale 3 multiplies the error (W4A8: 0.13-0.66).
@@ -96,8 +100,8 @@ class Quantized:
         write_tensors(out / "act_params.safetensors", act_tensors(layers), header)
         # sampling from the reloaded artifacts, FP and quantized from the same noise and conditions
         q_unet, *_ = load_quantized_unet(self.model, out / "weights.safetensors", out / "act_params.safetensors", self.hash, STEPS)
-        fp = generate(self.fp, self.scheduler, SAMPLES, SAMPLES, 0.0, 7, CPU, "fp", self.guidance)
-        quant = generate(self.fp.with_unet(q_unet), self.scheduler, SAMPLES, SAMPLES, 0.0, 7, CPU, "quant", self.guidance)
+        fp = generate(self.fp, self.scheduler, SAMPLES, SAMPLES, 0.0, SEED, CPU, "fp", self.guidance)
+        quant = generate(self.fp.with_unet(q_unet), self.scheduler, SAMPLES, SAMPLES, 0.0, SEED, CPU, "quant", self.guidance)
         return {"fp": fp, "quant": quant, "units": units, "error": relative_error(quant, fp), "eps_error": self._eps_error(q_unet), "dir": out}
 
     @torch.no_grad()
@@ -192,3 +196,57 @@ def test_bad_model_folders_are_refused_with_the_file_named(tmp_path):
         find_layout(folder)
     with pytest.raises(ValueError, match="text-to-image model: it needs prompts"):
         load_denoiser(save_tiny_model("text", tmp_path / "sd2"), None)
+
+
+def test_nibble_packing_is_exact_and_two_per_byte():
+    assert pack_nibbles(torch.tensor([1, 2, 3])).tolist() == [0x21, 0x03]  # low nibble first, odd count padded
+    for shape in [(7, 3, 3, 3), (5, 6), (1,)]:
+        values = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(len(shape)))
+        packed = pack_nibbles(values)
+        assert packed.dtype == torch.uint8 and packed.numel() == (values.numel() + 1) // 2
+        assert torch.equal(unpack_nibbles(packed, shape), values)
+
+
+def export(quantized, w_bits: int) -> tuple[Path, dict]:
+    run = quantized.run(w_bits, 8)
+    sample = {"seed": SEED, "eta": 0.0, "guidance_scale": quantized.guidance, "prompts": str(quantized.folder / "prompts.txt") if quantized.prompts else None}
+    config = parse_config({"diffusion": {"steps": STEPS}, "sample": sample}).model_dump(mode="json")
+    path = run["dir"] / "checkpoint.safetensors"
+    export_checkpoint(path, run["dir"] / "weights.safetensors", run["dir"] / "act_params.safetensors", quantized.model, quantized.hash, config)
+    return path, run
+
+
+def test_checkpoint_round_trip_samples_like_the_pipeline_artifacts(quantized):
+    path, run = export(quantized, 4)
+    weights, _, header = read_checkpoint(path)
+    stored = read_tensors(run["dir"] / "weights.safetensors")[0]
+    assert header["packed_shapes"] and set(weights) == set(stored)
+    assert all(torch.equal(weights[k], stored[k]) for k in stored)
+    unet, *_ = load_checkpoint(path, quantized.model)
+    images = generate(quantized.fp.with_unet(unet), quantized.scheduler, SAMPLES, SAMPLES, 0.0, SEED, CPU, "checkpoint", quantized.guidance)
+    assert torch.equal(images, run["quant"])
+    # 8-bit weights are stored one per byte, and read back the same way
+    path8, run8 = export(quantized, 8)
+    weights8, _, header8 = read_checkpoint(path8)
+    assert not header8["packed_shapes"] and all(torch.equal(weights8[k], v) for k, v in read_tensors(run8["dir"] / "weights.safetensors")[0].items())
+
+
+def test_checkpoint_for_another_model_is_refused(quantized, tmp_path):
+    path, _ = export(quantized, 4)
+    other = "latent" if quantized.kind == "pixel" else "pixel"
+    folder = save_tiny_model(other, tmp_path / other)
+    with pytest.raises(ArtifactError, match=r"was exported for another model: its UNet weights hash to \w+, the UNet in .* to \w+"):
+        load_checkpoint(path, folder)
+
+
+def test_cli_samples_from_the_checkpoint_and_the_users_own_model_folder(quantized, tmp_path):
+    """Outside the repository, on the model folder as the user has it (bare UNet, vqvae/, ...)."""
+    path, run = export(quantized, 4)
+    out = tmp_path / "samples.safetensors"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "sample", "--quantized", str(path), "--model", str(quantized.folder / "source"),
+           "--out", str(out), "--num-samples", str(SAMPLES), "--batch-size", str(SAMPLES)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = Decoder(find_layout(quantized.model))(run["quant"])
+    torch.testing.assert_close(read_tensors(out)[0]["images"], expected, atol=1e-5, rtol=1e-5)
+    assert out.with_suffix(".png").exists()
