@@ -108,10 +108,10 @@ def dump_calibration(
                        "guidance_scale": guidance_scale})  # fmt: skip
 
 
-def record_denoiser(folder: str | Path, unet: nn.Module, root: zarr.Group, null_class: int | None = None) -> Denoiser:
+def record_denoiser(folder: str | Path, unet: nn.Module, root: zarr.Group) -> Denoiser:
     """``unet`` with the conditioning the store's records were dumped with (its ``prompts``
     attribute, for a text-to-image model), so that the records' condition keys mean the same."""
-    return load_denoiser(folder, unet, root.attrs.get("prompts"), null_class)
+    return load_denoiser(folder, unet, root.attrs.get("prompts"))
 
 
 def records_per_step(root: zarr.Group, num_samples: int) -> int:

@@ -7,7 +7,7 @@ reconstruction, activation calibration and sampling all make the same call whate
 
 * unconditional pixel or latent ``UNet2DModel``: ``unet(x, t)``;
 * class-conditional (``num_class_embeds``): ``unet(x, t, class_labels=...)``, the NULL key mapped to
-  the null class (by default the last row of the class embedding, as in LDM cin256-v2 and DiT);
+  the null class, the last row of the class embedding (the convention of LDM cin256-v2 and DiT);
 * text-to-image ``UNet2DConditionModel``: ``unet(x, t, encoder_hidden_states=...)``, the keys
   indexing CLIP embeddings of the prompts computed once, NULL the empty prompt's.
 
@@ -32,8 +32,7 @@ PROMPT_COLUMNS = ("caption", "prompt", "text")
 class Denoiser(nn.Module):
     """A UNet with its conditioning; ``forward`` returns the noise prediction as a tensor."""
 
-    def __init__(self, unet: nn.Module, null_class: int | None = None, prompt_embeddings: torch.Tensor | None = None,
-                 null_embedding: torch.Tensor | None = None) -> None:  # fmt: skip
+    def __init__(self, unet: nn.Module, prompt_embeddings: torch.Tensor | None = None, null_embedding: torch.Tensor | None = None) -> None:
         super().__init__()
         self.unet = unet
         num_class_embeds = getattr(unet.config, "num_class_embeds", None)
@@ -44,9 +43,7 @@ class Denoiser(nn.Module):
             self.num_conditions = len(prompt_embeddings)
         elif num_class_embeds is not None:
             self.kind = "class"
-            self.null_class = num_class_embeds - 1 if null_class is None else null_class
-            if not 0 <= self.null_class < num_class_embeds:
-                raise ValueError(f"model.null_class: {self.null_class} is not a class of a model with {num_class_embeds} class embeddings")
+            self.null_class = num_class_embeds - 1
             self.num_conditions = num_class_embeds - 1
         else:
             self.kind = "unconditional"
@@ -56,7 +53,7 @@ class Denoiser(nn.Module):
         """The same conditioning around another UNet of the same model (e.g. its quantized copy)."""
         if self.kind == "text":
             return Denoiser(unet, prompt_embeddings=self.embeddings[:-1], null_embedding=self.embeddings[-1])
-        return Denoiser(unet, null_class=getattr(self, "null_class", None))
+        return Denoiser(unet)
 
     @property
     def conditional(self) -> bool:
@@ -70,12 +67,9 @@ class Denoiser(nn.Module):
         return self.unet.config.in_channels, height, width
 
     def condition_keys(self, indices: torch.Tensor) -> torch.Tensor | None:
-        """The condition of sample ``i``: class / prompt ``i mod count`` (the null class skipped), so
-        a sample's condition, like its noise, depends on its index alone."""
-        if not self.conditional:
-            return None
-        keys = indices.long() % self.num_conditions
-        return keys + (keys >= self.null_class).long() if self.kind == "class" else keys
+        """The condition of sample ``i``: class / prompt ``i mod count``, so a sample's condition, like
+        its noise, depends on its index alone."""
+        return indices.long() % self.num_conditions if self.conditional else None
 
     def unet_kwargs(self, cond: torch.Tensor | None) -> dict:
         if not self.conditional:
@@ -159,13 +153,13 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], batch_size: int 
     return torch.cat(out)
 
 
-def load_denoiser(folder: str | Path, unet: nn.Module, prompts: list[str] | None = None, null_class: int | None = None) -> Denoiser:
+def load_denoiser(folder: str | Path, unet: nn.Module, prompts: list[str] | None = None) -> Denoiser:
     """``unet`` (FP or quantized, loaded from ``folder``) with the conditioning of the model in
     ``folder``: for a text-to-image model, the CLIP embeddings of ``prompts`` (condition key i is
     ``prompts[i]``, so calibration records must be read with the prompts they were dumped with)."""
     layout = find_layout(folder)
     if layout.text_encoder is None:
-        return Denoiser(unet, null_class=null_class)
+        return Denoiser(unet)
     if not prompts:
         raise ValueError(f"{folder} is a text-to-image model: it needs prompts (calib.prompts / sample.prompts)")
     encoder, tokenizer = load_text_encoder(layout)

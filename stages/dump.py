@@ -18,7 +18,7 @@ def main() -> None:
     unet, train_scheduler = load_fp_model(FP_MODEL)
     c = cfg.calib
     prompts = read_prompts(c.prompts) if c.prompts else None
-    denoiser = load_denoiser(FP_MODEL, unet, prompts, cfg.model.null_class).to(device)
+    denoiser = load_denoiser(FP_MODEL, unet, prompts).to(device)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     with atomic_store(CALIB) as tmp:
         dump_calibration(
