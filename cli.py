@@ -74,20 +74,22 @@ def _fail(error: Exception) -> None:
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="the checkpoint to write (.safetensors)"),
+    row: str = typer.Option(..., help="a row of params.yaml, e.g. dmq-w4a8: its weights and activation parameters"),
     params: Path = typer.Option(Path("params.yaml"), help="the params the artifacts were made with (stored in the header)"),
-    model: Path = typer.Option(Path("artifacts/fp_model"), help="the FP model folder the artifacts belong to"),
-    weights: Path = typer.Option(Path("artifacts/weights.safetensors"), help="integer weights (recon stage)"),
-    act: Path = typer.Option(Path("artifacts/act_params.safetensors"), help="per-step activation parameters (pts stage)"),
 ) -> None:
-    """Write one portable safetensors checkpoint: packed 4-bit weights, scales, zero points, γ, per-step
-    activation parameters and PTS exponents, with the params and the FP model's hash in its header."""
+    """Write one portable safetensors checkpoint of a row: packed 4-bit weights, scales, zero points, γ,
+    per-step activation parameters and PTS exponents, with the params and the FP model's hash."""
     from pipeline.config import ConfigError, load_config
     from pipeline.export import export_checkpoint
     from pipeline.fingerprint import model_hash
+    from stages.layout import FP_MODEL, act_params_path, weights_path
 
     try:
-        config = load_config(params).model_dump(mode="json")
-        header = export_checkpoint(out, weights, act, model, model_hash(model), config)
+        cfg = load_config(params)
+        if row not in cfg.rows:
+            raise ValueError(f"no row {row!r} in {params}; rows: {', '.join(cfg.rows)}")
+        weights = weights_path(cfg.rows[row].weights)
+        header = export_checkpoint(out, weights, act_params_path(row), FP_MODEL, model_hash(FP_MODEL), cfg.model_dump(mode="json"))
     except (ConfigError, FileNotFoundError, ValueError) as error:
         _fail(error)
     typer.echo(f"{out}: W{header['w_bits']}A{header['a_bits']}, {header['steps']} steps, {out.stat().st_size} bytes")

@@ -352,9 +352,14 @@ def _file_problems(cfg: Config) -> list[str]:
                 problems.append(f"{key}: {error}")
         elif text:
             problems.append(f"{key}: required for the text-to-image model in {cfg.model.path} (a .txt, .csv or .json file of prompts)")
-    for key, value in (("eval.inception_weights", cfg.eval.inception_weights), ("eval.reference_images", cfg.eval.reference_images)):
+    for key, value, what in (
+        ("eval.inception_weights", cfg.eval.inception_weights, "local InceptionV3 weights: FID of real images needs Inception features"),
+        ("eval.reference_images", cfg.eval.reference_images, "a folder of real images to measure the samples against"),
+    ):  # fmt: skip
         if value is not None and not Path(value).exists():
             problems.append(f"{key}: {value} not found")
+        elif value is None and cfg.model.source == "local":
+            problems.append(f"{key}: required for a local model ({what})")
     return problems
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.actcalib import calibrate_activations
 from pipeline.adaround import AdaRoundSettings, adaround
@@ -250,3 +251,68 @@ def test_cli_samples_from_the_checkpoint_and_the_users_own_model_folder(quantize
     expected = Decoder(find_layout(quantized.model))(run["quant"])
     torch.testing.assert_close(read_tensors(out)[0]["images"], expected, atol=1e-5, rtol=1e-5)
     assert out.with_suffix(".png").exists()
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    """A weights file of torch-fidelity's inception-v3-compat architecture with random values (the real
+    ones are not shipped): built without its download by standing in an empty state dict."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"), mock.patch("torch.load", return_value={}):
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    torch.manual_seed(0)
+    with torch.no_grad():  # batch-norm statistics of a plausible scale, so features are not all zero
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_fid_with_local_inception_weights(inception_weights, tmp_path):
+    from pipeline.metrics import INCEPTION, evaluate_runs, feature_space, reference_set
+
+    features = feature_space("unused-classifier", str(inception_weights))
+    assert features.extractor == INCEPTION and features.note == "Inception-v3 features"
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 3, 8, 8, generator=generator) * 2 - 1
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    from PIL import Image
+
+    for i, image in enumerate(((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    reference = reference_set("local", 8, str(folder), images)
+    other = -images  # a different distribution of the same size
+    same = evaluate_runs({0: images}, reference, features, kid_subset_size=6, isc_splits=2, prc_neighborhood=3)
+    apart = evaluate_runs({0: other}, reference, features, kid_subset_size=6, isc_splits=2, prc_neighborhood=3)
+    assert same["features"] == "Inception-v3 features" and "confident_share" not in same["mean"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in same["mean"].values())
+    assert abs(same["mean"]["fid"]) < 1e-3 * apart["mean"]["fid"]  # the samples are the reference images
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights: .* not found"):
+        feature_space("unused", str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="eval.reference_images: required for the metrics of a local model"):
+        reference_set("local", 8, None, images)
+
+
+def test_params_of_a_local_text_model_name_what_is_missing(tmp_path):
+    from pipeline.config import ConfigError, load_config
+
+    folder = save_tiny_model("text", tmp_path / "sd")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(source="local", path=str(folder))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    for key in ("calib.prompts: required for the text-to-image model", "sample.prompts: required", "eval.inception_weights: required for a local model",
+                "eval.reference_images: required for a local model"):  # fmt: skip
+        assert key in str(error.value)
+    params["calib"]["prompts"] = str(tmp_path / "missing.txt")
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"calib\.prompts: prompts file .*missing\.txt not found"):
+        load_config(path)
