@@ -34,7 +34,7 @@ from pipeline.quant.model import concat_splits, set_step
 from pipeline.quantized import load_quantized_unet
 from pipeline.recon import init_weight_quantizers
 from pipeline.sampling import generate
-from helpers import ROOT
+from helpers import ROOT, init_repo, reduced_params, run
 from tiny_models import KINDS, PROMPTS, save_tiny_model, write_prompts
 
 CPU = torch.device("cpu")
@@ -316,3 +316,33 @@ def test_params_of_a_local_text_model_name_what_is_missing(tmp_path):
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match=r"calib\.prompts: prompts file .*missing\.txt not found"):
         load_config(path)
+
+
+@pytest.mark.slow
+def test_every_stage_runs_on_a_local_text_to_image_model(tmp_path, inception_weights):
+    """The DVC stage scripts, in dvc.yaml's order, on a tiny Stable-Diffusion-like folder: import,
+    dump with guidance, stats, LES, AdaRound, PTS, sampling with decoding, FID with Inception features."""
+    from PIL import Image
+
+    repo = init_repo(tmp_path / "repo", reduced_params())
+    source = save_tiny_model("text", tmp_path / "sd")
+    prompts = write_prompts(tmp_path / "prompts.txt")
+    (references := tmp_path / "reference").mkdir()
+    for i in range(6):
+        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8).numpy()).save(references / f"{i}.png")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update(source="local", path=str(source))
+    params["calib"].update(prompts=str(prompts), num_samples=4, layer_records_per_step=4, batch_size=4)
+    params["sample"].update(prompts=str(prompts), num_samples=6, batch_size=6, seeds=[1])
+    params["eval"].update(inception_weights=str(inception_weights), reference_images=str(references), kid_subset_size=6)
+    params["weights"] = {"dmq-w4a8": {"method": "dmq", "w_bits": 4, "a_bits": 8}}
+    params["rows"] = {"dmq-w4a8": {"weights": "dmq-w4a8", "a_bits": 8}}
+    params["peers"], params["report"] = {}, {"table": ["dmq-w4a8"], "ablation": ["dmq-w4a8"]}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("fp_model", "classifier", "dump", "stats", "les dmq-w4a8", "recon dmq-w4a8", "pts dmq-w4a8",
+                  "sample fp", "sample dmq-w4a8", "fid fp", "fid dmq-w4a8"):  # fmt: skip
+        run([sys.executable, "-m", *f"stages.{stage}".split()], repo)
+    metrics = json.loads((repo / "metrics/dmq-w4a8.json").read_text())
+    assert metrics["features"] == "Inception-v3 features" and metrics["mean"]["paired_mse"] > 0
+    root = open_calibration(repo / "artifacts/calib.zarr")
+    assert root.attrs["guided"] and root.attrs["prompts"] == PROMPTS
