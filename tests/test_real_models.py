@@ -33,7 +33,7 @@ from pipeline.quant.artifacts import act_tensors, load_gamma, weight_tensors
 from pipeline.quant.model import concat_splits, set_step
 from pipeline.quantized import load_quantized_unet
 from pipeline.recon import init_weight_quantizers
-from pipeline.sampling import generate
+from pipeline.sampling import generate, read_samples
 from helpers import ROOT, init_repo, reduced_params, run
 from tiny_models import KINDS, PROMPTS, save_tiny_model, write_prompts
 
@@ -346,3 +346,9 @@ def test_every_stage_runs_on_a_local_text_to_image_model(tmp_path, inception_wei
     assert metrics["features"] == "Inception-v3 features" and metrics["mean"]["paired_mse"] > 0
     root = open_calibration(repo / "artifacts/calib.zarr")
     assert root.attrs["guided"] and root.attrs["prompts"] == PROMPTS
+    # the row as a portable checkpoint, sampled outside the repository on the user's own model folder
+    run([sys.executable, "cli.py", "export", "--row", "dmq-w4a8", str(tmp_path / "sd-w4a8.safetensors")], repo)
+    run([sys.executable, str(repo / "cli.py"), "sample", "--quantized", str(tmp_path / "sd-w4a8.safetensors"), "--model", str(source),
+         "--num-samples", "6", "--batch-size", "6", "--seed", "1", "--out", str(tmp_path / "out.safetensors")], tmp_path)  # fmt: skip
+    row_samples = read_samples(repo / "artifacts/samples/dmq-w4a8.zarr")[0][1]
+    torch.testing.assert_close(read_tensors(tmp_path / "out.safetensors")[0]["images"], row_samples, atol=1e-5, rtol=1e-5)
