@@ -25,13 +25,14 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from pipeline.adaround import AdaRoundSettings, adaround  # noqa: E402
 from pipeline.calib import dump_calibration, open_calibration, random_records  # noqa: E402
-from pipeline.conditioning import Denoiser  # noqa: E402
+from pipeline.conditioning import Denoiser, probe_kwargs  # noqa: E402
 from pipeline.diffusion import ddim_scheduler  # noqa: E402
 from pipeline.io import atomic_store  # noqa: E402
 from pipeline.les import learn_all  # noqa: E402
 from pipeline.quant import QuantSpec, quantizable_layers, quantize  # noqa: E402
 from pipeline.recon import init_weight_quantizers  # noqa: E402
 
+TEXT_LENGTH = 16  # tokens of the small models' prompts
 SD = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # Stable Diffusion v1.x UNet
 LDM4_BEDROOM = dict(  # LDM-4 LSUN bedrooms (VQ-f4 latents 64x64x3), from its published config
     sample_size=64, in_channels=3, out_channels=3, block_out_channels=(224, 448, 672, 896), layers_per_block=2,
@@ -48,16 +49,13 @@ def sd_like(width: int, size: int) -> UNet2DConditionModel:
     )  # fmt: skip
 
 
-def inputs_for(unet, batch: int, device="cpu"):
+def forward(unet, batch: int, device: str, text_length: int) -> None:
     c = unet.config
     x = torch.zeros(batch, c.in_channels, c.sample_size, c.sample_size, device=device)
-    t = torch.full((batch,), 500, device=device)
-    if isinstance(unet, UNet2DConditionModel):
-        return x, t, torch.zeros(batch, 77 if c.cross_attention_dim == 768 else 16, c.cross_attention_dim, device=device)
-    return x, t
+    unet(x, torch.full((batch,), 500, device=device), **probe_kwargs(unet, batch, device, text_length))
 
 
-def shape_facts(unet) -> dict:
+def shape_facts(unet, text_length: int = 77) -> dict:
     """Per record: forward FLOPs, bytes of every quantized layer's input + output in float16 (the
     dump), the largest block input in float32 (AdaRound keeps one per record)."""
     layers = quantizable_layers(unet)
@@ -74,7 +72,7 @@ def shape_facts(unet) -> dict:
     handles += [m.register_forward_pre_hook(block_hook, with_kwargs=True) for m in unet.modules()
                 if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel", "Attention") and len(list(m.children()))]  # fmt: skip
     with FlopCounterMode(display=False) as counter:
-        unet(*inputs_for(unet, 1, device="meta"))
+        forward(unet, 1, "meta", text_length)
     for h in handles:
         h.remove()
     params = sum(p.numel() for p in unet.parameters())
@@ -84,19 +82,19 @@ def shape_facts(unet) -> dict:
 
 
 def per_record_forward_seconds(unet, batch: int = 8, repeats: int = 3) -> float:
-    args = inputs_for(unet, batch)
     with torch.no_grad():
-        unet(*args)
+        forward(unet, batch, "cpu", TEXT_LENGTH)
         start = time.perf_counter()
         for _ in range(repeats):
-            unet(*args)
+            forward(unet, batch, "cpu", TEXT_LENGTH)
     return (time.perf_counter() - start) / repeats / batch
 
 
 def measured_multiples(unet, folder: Path, iters: int = 10, batch: int = 8) -> dict:
     """Seconds per iteration of LES (all layers) and AdaRound (all blocks), and per record of the
     dump, each divided by the seconds of one forward of one record."""
-    den = Denoiser(unet, prompt_embeddings=torch.randn(2, 16, unet.config.cross_attention_dim), null_embedding=torch.zeros(16, unet.config.cross_attention_dim))
+    width = unet.config.cross_attention_dim
+    den = Denoiser(unet, prompt_embeddings=torch.randn(2, TEXT_LENGTH, width), null_embedding=torch.zeros(TEXT_LENGTH, width))
     from diffusers import DDPMScheduler
 
     scheduler = ddim_scheduler(DDPMScheduler(), 2)
@@ -136,7 +134,7 @@ def main() -> None:
         unet = sd_like(width, size).eval().requires_grad_(False)
         with tempfile.TemporaryDirectory() as folder:
             with torch.device("meta"):
-                facts = shape_facts(sd_like(width, size))
+                facts = shape_facts(sd_like(width, size), TEXT_LENGTH)
             small[name] = {**facts, **measured_multiples(unet, Path(folder))}
     print(json.dumps({"real": real, "measured": small}, indent=1))
 

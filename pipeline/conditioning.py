@@ -93,6 +93,18 @@ class Denoiser(nn.Module):
         return eps_u + scale * (eps_c - eps_u)
 
 
+def probe_kwargs(unet: nn.Module, batch: int = 1, device: torch.device | str = "meta", text_length: int = 77) -> dict:
+    """Conditioning inputs for a forward pass that only needs shapes (e.g. on the meta device): a class
+    label, or text embeddings of CLIP's length (77 tokens), as the UNet's config asks."""
+    c = unet.config
+    kwargs = {}
+    if getattr(c, "num_class_embeds", None) is not None:
+        kwargs["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
+    if getattr(c, "cross_attention_dim", None) is not None:
+        kwargs["encoder_hidden_states"] = torch.zeros(batch, text_length, c.cross_attention_dim, device=device)
+    return kwargs
+
+
 def as_denoiser(model: nn.Module) -> Denoiser:
     """``model`` itself if it is a Denoiser, else an unconditional UNet wrapped in one."""
     return model if isinstance(model, Denoiser) else Denoiser(model)
