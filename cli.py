@@ -235,7 +235,7 @@ def sample(
     out: Path = typer.Option(Path("samples.safetensors"), help="samples in [-1, 1] (pixels); a PNG grid is written next to it"),
     num_samples: int = typer.Option(16, min=1),
     batch_size: int = typer.Option(16, min=1),
-    seed: int | None = typer.Option(None, help="default: sample.seed of the checkpoint's params"),
+    seed: int | None = typer.Option(None, help="default: the first of sample.seeds of the checkpoint's params"),
     prompts: Path | None = typer.Option(None, help="text-to-image models: prompts file (default: sample.prompts of the params)"),
     guidance_scale: float | None = typer.Option(None, help="default: sample.guidance_scale of the params"),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
@@ -259,7 +259,7 @@ def sample(
         _fail(error)
     run_on = resolve_device(device)
     scheduler = ddim_scheduler(train_scheduler, header["steps"])
-    seed = s["seed"] if seed is None else seed
+    seed = s["seeds"][0] if seed is None else seed
     scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
     latents = generate(denoiser.to(run_on), scheduler, num_samples, batch_size, s["eta"], seed, run_on, "sample", scale)
     images = Decoder(find_layout(model), run_on)(latents)

@@ -210,7 +210,7 @@ def test_nibble_packing_is_exact_and_two_per_byte():
 
 def export(quantized, w_bits: int) -> tuple[Path, dict]:
     run = quantized.run(w_bits, 8)
-    sample = {"seed": SEED, "eta": 0.0, "guidance_scale": quantized.guidance, "prompts": str(quantized.folder / "prompts.txt") if quantized.prompts else None}
+    sample = {"seeds": [SEED], "eta": 0.0, "guidance_scale": quantized.guidance, "prompts": str(quantized.folder / "prompts.txt") if quantized.prompts else None}
     config = parse_config({"diffusion": {"steps": STEPS}, "sample": sample}).model_dump(mode="json")
     path = run["dir"] / "checkpoint.safetensors"
     export_checkpoint(path, run["dir"] / "weights.safetensors", run["dir"] / "act_params.safetensors", quantized.model, quantized.hash, config)
