@@ -254,7 +254,7 @@ def sample(
         unet, train_scheduler, _, header = load_checkpoint(quantized, model)
         s = header["config"]["sample"]
         prompt_file = prompts or s.get("prompts")
-        denoiser = load_denoiser(model, unet, read_prompts(prompt_file) if prompt_file else None)
+        denoiser = load_denoiser(model, unet, read_prompts(prompt_file, num_samples) if prompt_file else None)
     except (FileNotFoundError, ValueError) as error:
         _fail(error)
     run_on = resolve_device(device)

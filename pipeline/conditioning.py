@@ -110,10 +110,11 @@ def as_denoiser(model: nn.Module) -> Denoiser:
     return model if isinstance(model, Denoiser) else Denoiser(model)
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     """Prompts from a local file: .txt (one per line), .csv (column caption, prompt or text, else the
     first), .json (a list of strings or of objects with one of those keys, or COCO captions with
-    ``annotations``)."""
+    ``annotations``). With ``limit`` only the first ``limit``: sample i uses prompt i mod count, so
+    ``limit`` samples never reach further, and a large caption file is not encoded whole."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} not found")
@@ -141,7 +142,7 @@ def read_prompts(path: str | Path) -> list[str]:
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"prompts file {path} holds no prompts")
-    return prompts
+    return prompts[:limit]
 
 
 def _prompt_of(item, path: Path) -> str:

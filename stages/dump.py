@@ -17,7 +17,7 @@ def main() -> None:
     device = resolve_device(cfg.device)
     unet, train_scheduler = load_fp_model(FP_MODEL)
     c = cfg.calib
-    prompts = read_prompts(c.prompts) if c.prompts else None
+    prompts = read_prompts(c.prompts, c.num_samples) if c.prompts else None
     denoiser = load_denoiser(FP_MODEL, unet, prompts).to(device)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     with atomic_store(CALIB) as tmp:

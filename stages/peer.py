@@ -36,7 +36,7 @@ def main(name: str) -> None:
     calibration = record_denoiser(FP_MODEL, unet, calib).to(device)
     quanto_quantize(calibration, variant.w_bits, variant.a_bits, tuple(v.to(device) for v in records), s.batch_size)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts) if s.prompts else None).to(device)  # the rows' sampling prompts
+    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(device)  # the rows' sampling prompts
     decode = Decoder(find_layout(FP_MODEL), device)
     runs = {
         seed: decode(generate(model, scheduler, s.num_samples, s.batch_size, s.eta, seed, device, f"sample {name} seed {seed}", s.guidance_scale))

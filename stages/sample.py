@@ -30,7 +30,7 @@ def main(row: str) -> None:
         check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
         check_input(headers["act"], cfg, "pts", fp_hash, act_params_path(row), variant)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts) if s.prompts else None).to(device)
+    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(device)
     decode = Decoder(find_layout(FP_MODEL), device)
     runs = {
         seed: decode(generate(model, scheduler, s.num_samples, s.batch_size, s.eta, seed, device, f"sample {row} seed {seed}", s.guidance_scale))

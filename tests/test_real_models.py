@@ -185,7 +185,7 @@ def test_prompt_files(tmp_path, suffix):
         path.write_text(json.dumps(PROMPTS))
     else:
         path.write_text(json.dumps({"annotations": [{"image_id": i, "caption": p} for i, p in enumerate(PROMPTS)]}))
-    assert read_prompts(path) == PROMPTS
+    assert read_prompts(path) == PROMPTS and read_prompts(path, 2) == PROMPTS[:2]
 
 
 def test_bad_model_folders_are_refused_with_the_file_named(tmp_path):
