@@ -23,7 +23,7 @@ from pipeline.components import find_layout, import_model
 from pipeline.conditioning import NULL, Decoder, load_denoiser, read_prompts
 from pipeline.config import parse_config
 from pipeline.diffusion import ddim_scheduler, load_fp_model
-from pipeline.export import load_checkpoint, pack_nibbles, read_checkpoint, unpack_nibbles, export_checkpoint
+from pipeline.export import export_checkpoint, load_checkpoint, pack_nibbles, read_checkpoint, unpack_nibbles
 from pipeline.fingerprint import model_hash
 from pipeline.io import ArtifactError, atomic_store, read_tensors, write_tensors
 from pipeline.les import learn_all
