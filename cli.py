@@ -87,7 +87,6 @@ def table(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     """Print the current table (FP first, then report.table) from the metrics in metrics/."""
-    from pipeline.metrics import FEATURE_NOTE
     from pipeline.report import ABLATION_COLUMNS, COLUMNS, Row, markdown_table
 
     try:
@@ -96,7 +95,7 @@ def table(
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{title}\n")
-    typer.echo(markdown_table([Row.from_record(r) for r in records], records[0]["steps"], FEATURE_NOTE, ABLATION_COLUMNS if ablation else COLUMNS))
+    typer.echo(markdown_table([Row.from_record(r) for r in records], records[0]["steps"], records[0]["features"], ABLATION_COLUMNS if ablation else COLUMNS))
 
 
 @app.command("run")
@@ -195,6 +194,76 @@ def _metric_by_row(metrics_diff: dict, metric: str) -> list[tuple[str, float | N
 
 def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.4g}"
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg="red", err=True)
+    raise typer.Exit(1) from None
+
+
+@app.command()
+def export(
+    out: Path = typer.Argument(..., help="the checkpoint to write (.safetensors)"),
+    row: str = typer.Option(..., help="a row of params.yaml, e.g. dmq-w4a8: its weights and activation parameters"),
+    params: Path = typer.Option(Path("params.yaml"), help="the params the artifacts were made with (stored in the header)"),
+) -> None:
+    """Write one portable safetensors checkpoint of a row: packed 4-bit weights, scales, zero points, γ,
+    per-step activation parameters and PTS exponents, with the params and the FP model's hash."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.export import export_checkpoint
+    from pipeline.fingerprint import model_hash
+    from stages.layout import FP_MODEL, act_params_path, weights_path
+
+    try:
+        cfg = load_config(params)
+        if row not in cfg.rows:
+            raise ValueError(f"no row {row!r} in {params}; rows: {', '.join(cfg.rows)}")
+        weights = weights_path(cfg.rows[row].weights)
+        header = export_checkpoint(out, weights, act_params_path(row), FP_MODEL, model_hash(FP_MODEL), cfg.model_dump(mode="json"))
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        _fail(error)
+    typer.echo(f"{out}: W{header['w_bits']}A{header['a_bits']}, {header['steps']} steps, {out.stat().st_size} bytes")
+
+
+@app.command()
+def sample(
+    quantized: Path = typer.Option(..., help="a checkpoint written by `export`"),
+    model: Path = typer.Option(..., help="the FP model folder it was exported from (pipeline layout or bare UNet)"),
+    out: Path = typer.Option(Path("samples.safetensors"), help="samples in [-1, 1] (pixels); a PNG grid is written next to it"),
+    num_samples: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    seed: int | None = typer.Option(None, help="default: the first of sample.seeds of the checkpoint's params"),
+    prompts: Path | None = typer.Option(None, help="text-to-image models: prompts file (default: sample.prompts of the params)"),
+    guidance_scale: float | None = typer.Option(None, help="default: sample.guidance_scale of the params"),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+) -> None:
+    """Sample from a portable checkpoint, without the DVC repository: DDIM with the steps and η the
+    checkpoint was calibrated for."""
+    from pipeline.components import find_layout
+    from pipeline.conditioning import Decoder, load_denoiser, read_prompts
+    from pipeline.diffusion import ddim_scheduler, resolve_device
+    from pipeline.export import load_checkpoint
+    from pipeline.figures import save_grid
+    from pipeline.io import write_tensors
+    from pipeline.sampling import generate
+
+    try:
+        unet, train_scheduler, _, header = load_checkpoint(quantized, model)
+        s = header["config"]["sample"]
+        prompt_file = prompts or s.get("prompts")
+        denoiser = load_denoiser(model, unet, read_prompts(prompt_file, num_samples) if prompt_file else None)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+    run_on = resolve_device(device)
+    scheduler = ddim_scheduler(train_scheduler, header["steps"])
+    seed = s["seeds"][0] if seed is None else seed
+    scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+    latents = generate(denoiser.to(run_on), scheduler, num_samples, batch_size, s["eta"], seed, run_on, "sample", scale)
+    images = Decoder(find_layout(model), run_on)(latents)
+    write_tensors(out, {"images": images}, {"checkpoint": str(quantized), "seed": seed, "guidance_scale": scale})
+    grid = out.with_suffix(".png")
+    save_grid(images, grid, max(1, int(len(images) ** 0.5)), f"{header['method']} W{header['w_bits']}A{header['a_bits']}")
+    typer.echo(f"{out}: {tuple(images.shape)}, grid {grid}; range [{float(images.min()):.3g}, {float(images.max()):.3g}]")
 
 
 if __name__ == "__main__":

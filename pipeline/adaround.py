@@ -99,8 +99,8 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture_unit_io(model: nn.Module, unit: nn.Module, inputs, batch_size: int, want: str):
-    """Run ``model`` over ``inputs`` = (x, t) in batches, keeping ``unit``'s call (args, kwargs) or
-    its output, and stopping each forward pass as soon as the unit has run."""
+    """Run ``model`` over ``inputs`` = (x, t) or (x, t, cond) in batches, keeping ``unit``'s call
+    (args, kwargs) or its output, and stopping each forward pass as soon as the unit has run."""
     kept = []
 
     def pre(module, args, kwargs):
@@ -113,11 +113,10 @@ def capture_unit_io(model: nn.Module, unit: nn.Module, inputs, batch_size: int, 
         raise _Stop
 
     handle = unit.register_forward_pre_hook(pre, with_kwargs=True) if want == "args" else unit.register_forward_hook(post, with_kwargs=True)
-    x, t = inputs
     try:
-        for start in range(0, len(x), batch_size):
+        for start in range(0, len(inputs[0]), batch_size):
             try:
-                model(x[start : start + batch_size], t[start : start + batch_size])
+                model(*(v[start : start + batch_size] for v in inputs))
             except _Stop:
                 pass
     finally:
@@ -141,6 +140,11 @@ def _take(batches, index: torch.Tensor):
     return gather(batches)
 
 
+def _main_output(output):
+    """A block's hidden states: diffusers' Transformer2DModel returns them in a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings: AdaRoundSettings, weighting=None, steps=None) -> dict:
     """Learn the rounding of every QuantLayer inside ``unit``; return the (unweighted) loss before
     and after. With a ``weighting`` (and the records' step indices) the training loss is timestep
@@ -153,8 +157,8 @@ def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings:
 
     def per_sample_loss(index: torch.Tensor) -> torch.Tensor:
         args, kwargs = _take(q_inputs, index)
-        out = unit(*args, **kwargs)
-        return (out - _take(fp_outputs, index)).pow(2).sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
+        out, target = _main_output(unit(*args, **kwargs)), _main_output(_take(fp_outputs, index))
+        return (out - target).pow(2).sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
 
     def full_loss() -> float:
         with torch.no_grad():
@@ -206,16 +210,16 @@ def adaround(
     q_model: nn.Module, fp_model: nn.Module, inputs, settings: AdaRoundSettings, make_weighting=None, steps=None,
     checkpoints: Checkpoints | None = None,
 ) -> dict[str, dict]:  # fmt: skip
-    """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model``.
+    """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model`` on
+    ``inputs`` = (x, t) or (x, t, cond) (models: bare UNets or :class:`~pipeline.conditioning.Denoiser`).
     ``make_weighting()`` gives each unit a fresh timestep weighting over the records' ``steps``.
 
     With ``checkpoints`` every reconstructed unit is saved at once, and units found there are restored
     instead of reconstructed. A unit's inputs come from the units before it, so those are restored
     exactly (the rounding variables themselves); each unit draws its batches from its own generator,
     so a resumed run ends bit-identical to an uninterrupted one."""
-    x, t = inputs
     capture_batch = max(settings.batch_size, 64)
-    units = reconstruction_units(q_model, lambda: q_model(x[:1], t[:1]))
+    units = reconstruction_units(q_model, lambda: q_model(*(v[:1] for v in inputs)))
     fp_units = dict(fp_model.named_modules())
     report = {}
     for name, unit in tqdm(units, desc="adaround"):

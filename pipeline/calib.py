@@ -6,8 +6,15 @@ Store layout (``calib.zarr``)::
     trajectory/t        (S*N,) int64             diffusion timestep
     trajectory/step     (S*N,) int32             step index s (0 = noisiest)
     trajectory/sample   (S*N,) int32
-    layers/<module.path>/input   (S*M, ...) float16   record s*M + m: sample m < M at step s
+    trajectory/cond     (N,) int64               condition key of each sample (conditional models only)
+    layers/<module.path>/input   (S*M, ...) float16   record s*M + m: the m-th record of step s
     layers/<module.path>/output  (S*M, ...) float16
+
+Records are model inputs: ``(x_t, t)``, or ``(x_t, t, cond)`` for a conditional model (see
+:mod:`pipeline.conditioning`). A store dumped with classifier-free guidance (attribute ``guided``)
+follows every conditional record with its unconditional twin (same x_t, key NULL): the UNet sees both
+inputs at every sampling step, so both are calibrated. Record counts (``count`` arguments, M) then
+count records, two per sample.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
+from pipeline.conditioning import NULL, Denoiser, as_denoiser, load_denoiser
 from pipeline.diffusion import ddim_sample, sample_noise
 from pipeline.io import ArtifactError, open_store, store_name
 
@@ -50,7 +58,7 @@ def _chunks(shape: tuple[int, ...], chunk_records: int) -> tuple[int, ...]:
 
 def dump_calibration(
     store_path: Path,
-    unet: nn.Module,
+    model: nn.Module,
     scheduler,
     layers: dict[str, nn.Module],
     num_samples: int,
@@ -61,44 +69,65 @@ def dump_calibration(
     chunk_records: int,
     attrs: dict,
     device: torch.device,
+    guidance_scale: float = 1.0,
 ) -> None:
+    """``model``: a :class:`~pipeline.conditioning.Denoiser` or a bare unconditional UNet. Sample n
+    gets the condition ``model.condition_keys(n)``; with guidance both its inputs are recorded. For a
+    text-to-image model ``attrs`` must carry the ``prompts`` (see :func:`record_denoiser`)."""
+    denoiser = as_denoiser(model)
     steps = len(scheduler.timesteps)
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    shape = denoiser.sample_shape
+    guided = denoiser.conditional and guidance_scale != 1
+    keys = denoiser.condition_keys(torch.arange(num_samples))
     root = zarr.open_group(str(store_path), mode="w")
     n_records = steps * num_samples
     x_t = root.create_array("trajectory/x_t", shape=(n_records, *shape), chunks=_chunks((n_records, *shape), chunk_records), dtype="float32")
     root.create_array("trajectory/t", data=np.repeat(scheduler.timesteps.numpy().astype(np.int64), num_samples))
     root.create_array("trajectory/step", data=np.repeat(np.arange(steps, dtype=np.int32), num_samples))
     root.create_array("trajectory/sample", data=np.tile(np.arange(num_samples, dtype=np.int32), steps))
+    if keys is not None:
+        root.create_array("trajectory/cond", data=keys.numpy())
+    root.attrs["guided"] = guided
     x0 = root.create_array("trajectory/x0", shape=(num_samples, *shape), dtype="float32")
 
     for start in tqdm(range(0, num_samples, batch_size), desc="dump trajectories"):
         indices = torch.arange(start, min(start + batch_size, num_samples))
         noise = sample_noise(seed, indices, steps, shape).to(device)
+        cond = None if keys is None else keys[indices].to(device)
 
         def record(s, t, x):
             if not torch.isfinite(x).all():
                 raise FloatingPointError(f"dump: the FP model's trajectory is not finite (NaN or Inf) at step {s}")
             x_t[s * num_samples + start : s * num_samples + start + len(indices)] = x.cpu().numpy()
 
-        x0[start : start + len(indices)] = ddim_sample(unet, scheduler, noise, eta, record).cpu().numpy()
+        x0[start : start + len(indices)] = ddim_sample(denoiser, scheduler, noise, eta, record, cond, guidance_scale).cpu().numpy()
 
-    dump_layer_io(root, unet, layers, scheduler.timesteps, num_samples, min(layer_records_per_step, num_samples), batch_size, chunk_records, device)
-    root.attrs.update({**attrs, "steps": steps, "num_samples": num_samples, "layer_records_per_step": min(layer_records_per_step, num_samples)})
+    per_step = min(layer_records_per_step, records_per_step(root, num_samples))
+    dump_layer_io(root, denoiser, layers, steps, num_samples, per_step, batch_size, chunk_records, device)
+    root.attrs.update({**attrs, "steps": steps, "num_samples": num_samples, "layer_records_per_step": per_step,
+                       "guidance_scale": guidance_scale})  # fmt: skip
+
+
+def record_denoiser(folder: str | Path, unet: nn.Module, root: zarr.Group) -> Denoiser:
+    """``unet`` with the conditioning the store's records were dumped with (its ``prompts``
+    attribute, for a text-to-image model), so that the records' condition keys mean the same."""
+    return load_denoiser(folder, unet, root.attrs.get("prompts"))
+
+
+def records_per_step(root: zarr.Group, num_samples: int) -> int:
+    return 2 * num_samples if root.attrs.get("guided", False) else num_samples
 
 
 @torch.no_grad()
-def dump_layer_io(root, unet, layers, timesteps, num_samples, per_step, batch_size, chunk_records, device) -> None:
-    """Replay the first ``per_step`` samples of each step through the FP model with forward hooks."""
-    steps = len(timesteps)
-    x_t = root["trajectory/x_t"]
+def dump_layer_io(root, model, layers, steps, num_samples, per_step, batch_size, chunk_records, device) -> None:
+    """Replay the first ``per_step`` records of each step through the FP model with forward hooks."""
     arrays = {}
     for s in tqdm(range(steps), desc="dump layer I/O"):
+        inputs = _records(root, s * num_samples, num_samples, per_step)
         for start in range(0, per_step, batch_size):
             stop = min(start + batch_size, per_step)
-            x = torch.from_numpy(x_t[s * num_samples + start : s * num_samples + stop]).to(device)
             with capture_io(layers) as captured:
-                unet(x, timesteps[s].to(device))
+                model(*(v[start:stop].to(device) for v in inputs))
             for name, (inp, out) in captured.items():
                 if name not in arrays:
                     arrays[name] = {
@@ -138,20 +167,43 @@ def _finite_records(x: torch.Tensor, steps: torch.Tensor, source: str) -> torch.
     return x
 
 
-def step_records(root: zarr.Group, step: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``count`` trajectory inputs of step ``step`` and their timestep."""
+def _with_condition(root: zarr.Group, x: torch.Tensor, t: torch.Tensor, samples: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Model inputs of trajectory records: ``(x, t)``, or ``(x, t, cond)`` for a conditional store,
+    with every record followed by its unconditional twin when the store is guided."""
+    if "trajectory/cond" not in root:
+        return x, t
+    cond = torch.from_numpy(root["trajectory/cond"][:][samples])
+    if not root.attrs.get("guided", False):
+        return x, t, cond
+    twins = torch.stack([cond, torch.full_like(cond, NULL)], 1).flatten()
+    return x.repeat_interleave(2, 0), t.repeat_interleave(2, 0), twins
+
+
+def _records(root: zarr.Group, first: int, num_samples: int, count: int) -> tuple[torch.Tensor, ...]:
+    """The first ``count`` records of the step whose trajectory rows start at ``first``."""
+    samples = -(-count // 2) if root.attrs.get("guided", False) else count
+    samples = min(samples, num_samples)
+    x = torch.from_numpy(root["trajectory/x_t"][first : first + samples])
+    t = torch.full((samples,), int(root["trajectory/t"][first]), dtype=torch.long)
+    return tuple(v[:count] for v in _with_condition(root, x, t, np.arange(samples)))
+
+
+def step_records(root: zarr.Group, step: int, count: int) -> tuple[torch.Tensor, ...]:
+    """The first ``count`` records of step ``step``: (x_t, t) or (x_t, t, cond)."""
     n = root.attrs["num_samples"]
-    count = min(count, n)
-    x = torch.from_numpy(root["trajectory/x_t"][step * n : step * n + count])
-    t = int(root["trajectory/t"][step * n])
-    return _finite_records(x, torch.full((count,), step), store_name(root)), torch.full((count,), t, dtype=torch.long)
+    inputs = _records(root, step * n, n, count)
+    _finite_records(inputs[0], torch.full((len(inputs[0]),), step), store_name(root))
+    return inputs
 
 
-def random_records(root: zarr.Group, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``count`` trajectory records drawn without replacement from all steps: (x_t, t, step)."""
+def random_records(root: zarr.Group, count: int, seed: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """``count`` trajectory rows drawn without replacement from all steps, as model inputs (x_t, t)
+    or (x_t, t, cond) (two records per row in a guided store), and the step index of each record."""
     total = root["trajectory/x_t"].shape[0]
     index = np.sort(torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: min(count, total)].numpy())
     x = torch.from_numpy(root["trajectory/x_t"].get_orthogonal_selection((index,)))
     t = torch.from_numpy(root["trajectory/t"][:][index])
     step = torch.from_numpy(root["trajectory/step"][:][index]).long()
-    return _finite_records(x, step, store_name(root)), t, step
+    _finite_records(x, step, store_name(root))
+    inputs = _with_condition(root, x, t, root["trajectory/sample"][:][index] if "trajectory/cond" in root else index)
+    return inputs, step.repeat_interleave(len(inputs[0]) // len(step), 0)

@@ -25,7 +25,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     source: Literal["embedded", "local"] = "embedded"
-    path: str | None = Field(None, validate_default=True, description="local diffusers folder (unet/, scheduler/)")
+    path: str | None = Field(None, validate_default=True, description="local diffusers folder (see docs/real-models.md)")
     image_size: int = Field(16, ge=8, le=64)
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
@@ -40,7 +40,7 @@ class ModelConfig(Section):
     @classmethod
     def _local_needs_path(cls, path: str | None, info: ValidationInfo) -> str | None:
         if info.data.get("source") == "local" and not path:
-            raise ValueError("required when model.source is 'local': a diffusers folder with unet/ and scheduler/")
+            raise ValueError("required when model.source is 'local': a diffusers pipeline folder (unet/, scheduler/) or a bare UNet folder")
         return path
 
     @model_validator(mode="after")
@@ -68,6 +68,8 @@ class CalibConfig(Section):
     eta: float = Field(0.0, ge=0, le=1)
     seed: int = 1234
     chunk_records: int = Field(64, ge=1)
+    guidance_scale: float = Field(7.5, ge=1, description="classifier-free guidance of the calibration trajectories (conditional models)")
+    prompts: str | None = Field(None, description="text-to-image models: calibration prompts file (.txt, .csv or .json)")
 
 
 class QuantConfig(Section):
@@ -182,13 +184,16 @@ class SampleConfig(Section):
     seeds: list[int] = Field([2024, 2025, 2026], min_length=1, description="one set of samples per seed: the ± of the table")
     eta: float = Field(0.0, ge=0, le=1)
     grid_size: int = Field(8, ge=1)
+    guidance_scale: float = Field(7.5, ge=1, description="classifier-free guidance scale (conditional models)")
+    prompts: str | None = Field(None, description="text-to-image models: prompts file (.txt, .csv or .json)")
 
 
 class EvalConfig(Section):
     kid_subset_size: int = Field(500, ge=2)
     isc_splits: int = Field(5, ge=1)
     prc_neighborhood: int = Field(3, ge=1)
-    inception_weights: str | None = None
+    inception_weights: str | None = Field(None, description="local InceptionV3 weights for torch-fidelity's inception-v3-compat")
+    reference_images: str | None = Field(None, description="folder of reference images (required for FID of a local model)")
 
 
 class Config(Section):
@@ -329,11 +334,40 @@ def check_against_model(cfg: Config, source: str = "params") -> None:
         unet = unet_skeleton(cfg.model)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"invalid parameters in {source}:\n  model.path: {error}") from None
+    problems = _file_problems(cfg)
+    if problems:
+        raise ConfigError("\n  ".join([f"invalid parameters in {source}:", *problems]))
     if any(METHODS[w.method].pts for w in cfg.weights.values()) and cfg.pts.layers != "auto":
         try:
             select_pts_layers(list(quantizable_layers(unet)), cfg.pts.layers)
         except ValueError as error:
             raise ConfigError(f"invalid parameters in {source}:\n  {error}") from None
+
+
+def _file_problems(cfg: Config) -> list[str]:
+    """Files the params name that are missing or unreadable, and the prompts a text-to-image model needs."""
+    from pipeline.components import find_layout
+    from pipeline.conditioning import read_prompts
+
+    problems = []
+    text = cfg.model.source == "local" and find_layout(cfg.model.path).text_encoder is not None
+    for key, value in (("calib.prompts", cfg.calib.prompts), ("sample.prompts", cfg.sample.prompts)):
+        if value is not None:
+            try:
+                read_prompts(value)
+            except (FileNotFoundError, ValueError) as error:
+                problems.append(f"{key}: {error}")
+        elif text:
+            problems.append(f"{key}: required for the text-to-image model in {cfg.model.path} (a .txt, .csv or .json file of prompts)")
+    for key, value, what in (
+        ("eval.inception_weights", cfg.eval.inception_weights, "local InceptionV3 weights: FID of real images needs Inception features"),
+        ("eval.reference_images", cfg.eval.reference_images, "a folder of real images to measure the samples against"),
+    ):  # fmt: skip
+        if value is not None and not Path(value).exists():
+            problems.append(f"{key}: {value} not found")
+        elif value is None and cfg.model.source == "local":
+            problems.append(f"{key}: required for a local model ({what})")
+    return problems
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from pipeline.components import find_layout, load_scheduler, load_unet, unet_skeleton_from
+from pipeline.conditioning import as_denoiser
 from pipeline.models import build_unet
 
 if TYPE_CHECKING:
@@ -31,38 +32,18 @@ def save_fp_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path) -> 
     scheduler.save_pretrained(folder / "scheduler")
 
 
-def unet_config(folder: str | Path) -> dict:
-    """The UNet config of a diffusers model folder, after checking the folder has a UNet with weights."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
-    config = folder / "unet" / "config.json"
-    if not config.exists():
-        raise FileNotFoundError(f"{folder} has no unet/config.json: not a diffusers model folder with a UNet")
-    if not any((folder / "unet").glob("*.safetensors")):
-        raise FileNotFoundError(f"{folder}/unet has no .safetensors weights")
-    return json.loads(config.read_text())
-
-
 def unet_skeleton(model: "ModelConfig") -> torch.nn.Module:
     """The UNet that ``model`` describes, without weights (meta device): its layer names and shapes."""
+    if model.source == "local":
+        return unet_skeleton_from(model.path)
     with torch.device("meta"):
-        if model.source == "embedded":
-            return build_unet(model.image_size, model.block_out_channels, model.layers_per_block, model.norm_num_groups)
-        config = unet_config(model.path)
-        classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-        name = config.get("_class_name")
-        if name not in classes:
-            raise ValueError(f"{model.path}/unet/config.json is a {name}; supported: {', '.join(classes)}")
-        return classes[name].from_config(config)
+        return build_unet(model.image_size, model.block_out_channels, model.layers_per_block, model.norm_num_groups)
 
 
-def load_fp_model(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
-    folder = Path(folder)
-    unet_config(folder)
-    unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval().requires_grad_(False)
-    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-    return unet, scheduler
+def load_fp_model(folder: str | Path) -> tuple[torch.nn.Module, DDIMScheduler]:
+    """The UNet (UNet2DModel or UNet2DConditionModel) and training scheduler of a model folder."""
+    layout = find_layout(folder)
+    return load_unet(layout), load_scheduler(layout)
 
 
 def ddim_scheduler(train_scheduler: DDPMScheduler, steps: int) -> DDIMScheduler:
@@ -85,19 +66,24 @@ def sample_noise(seed: int, indices: torch.Tensor, steps: int, shape: tuple[int,
 
 @torch.no_grad()
 def ddim_sample(
-    unet: torch.nn.Module,
+    model: torch.nn.Module,
     scheduler: DDIMScheduler,
     noise: torch.Tensor,
     eta: float,
     before_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    cond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Run DDIM from ``noise[:, 0]``; ``before_step(s, t, x_t)`` sees every model input (s = 0 is the
-    noisiest step), which is where calibration records and per-step quantizer switches hook in."""
+    noisiest step), which is where calibration records and per-step quantizer switches hook in.
+    ``model`` is a :class:`~pipeline.conditioning.Denoiser` (or a bare unconditional UNet); ``cond``
+    holds the samples' condition keys, guided with ``guidance_scale`` (classifier-free guidance)."""
+    denoiser = as_denoiser(model)
     x = noise[:, 0]
     for s, t in enumerate(scheduler.timesteps):
         if before_step is not None:
             before_step(s, t, x)
-        eps = unet(x, t.to(x.device)).sample
+        eps = denoiser.guided(x, t.to(x.device), cond, guidance_scale)
         variance_noise = noise[:, s + 1] if eta > 0 else None
         x = scheduler.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
     return x

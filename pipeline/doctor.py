@@ -15,6 +15,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.conditioning import probe_kwargs
 from pipeline.diffusion import unet_skeleton
 from pipeline.methods import METHODS
 from pipeline.pts import select_pts_layers
@@ -75,7 +76,7 @@ def layer_io_numel(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
     ]
     c = unet.config
     try:
-        unet(torch.empty(1, c.in_channels, c.sample_size, c.sample_size, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+        unet(torch.empty(1, c.in_channels, c.sample_size, c.sample_size, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"), **probe_kwargs(unet))
     finally:
         for hook in hooks:
             hook.remove()

@@ -22,17 +22,20 @@ def save_figure(fig, path: str | Path) -> None:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, rows: int, title: str | None = None) -> None:
-    """Square-ish grid of [-1, 1] single-channel images, written atomically as PNG."""
+    """Square-ish grid of [-1, 1] single-channel or RGB images, written atomically as PNG."""
     images = images[: rows * rows].clamp(-1, 1)
-    n, _, h, w = images.shape
+    n, channels, h, w = images.shape
     cols = rows
     rows = (n + cols - 1) // cols
-    canvas = torch.full((rows * (h + 1) + 1, cols * (w + 1) + 1), -1.0)
+    canvas = torch.full((channels, rows * (h + 1) + 1, cols * (w + 1) + 1), -1.0)
     for i in range(n):
         r, c = divmod(i, cols)
-        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[i, 0]
+        canvas[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[i]
     fig, ax = plt.subplots(figsize=(cols * 0.45 + 0.2, rows * 0.45 + (0.5 if title else 0.2)), dpi=100)
-    ax.imshow(canvas.numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    if channels == 1:
+        ax.imshow(canvas[0].numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(((canvas.permute(1, 2, 0) + 1) / 2).numpy(), interpolation="nearest")
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=9)

@@ -1,10 +1,17 @@
-"""torch-fidelity metrics with the digit classifier as a registered feature extractor.
+"""torch-fidelity metrics in one of two feature spaces:
 
-Every number computed here is "digit-classifier features", not Inception features: say so wherever
-it is shown."""
+* the digit classifier, registered as a torch-fidelity feature extractor, for the embedded default:
+  its numbers are "digit-classifier features", not Inception features; say so wherever they are shown;
+* the standard InceptionV3 (torch-fidelity's ``inception-v3-compat``) from a local weights file
+  (``eval.inception_weights``), for real models: nothing is downloaded.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_fidelity
@@ -17,6 +24,28 @@ from pipeline.models import DigitClassifier
 
 FEATURE_EXTRACTOR = "digit-classifier"
 FEATURE_NOTE = "digit-classifier features"
+INCEPTION = "inception-v3-compat"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    extractor: str  # torch-fidelity feature extractor name
+    weights: str  # its weights file
+    note: str  # how tables name the features
+
+    @property
+    def digits(self) -> bool:
+        return self.extractor == FEATURE_EXTRACTOR
+
+
+def feature_space(classifier_path: str, inception_weights: str | None) -> FeatureSpace:
+    """Inception features when local Inception weights are given, else the digit classifier's."""
+    if inception_weights is not None:
+        if not Path(inception_weights).is_file():
+            raise FileNotFoundError(f"eval.inception_weights: {inception_weights} not found")
+        return FeatureSpace(INCEPTION, str(inception_weights), "Inception-v3 features")
+    return FeatureSpace(FEATURE_EXTRACTOR, classifier_path, FEATURE_NOTE)
 
 
 class DigitClassifierFeatures(FeatureExtractorBase):
@@ -91,7 +120,7 @@ class ImageTensors(torch.utils.data.Dataset):
 def fidelity_metrics(
     generated_uint8: torch.Tensor,
     reference_uint8: torch.Tensor,
-    classifier_path: str,
+    features: FeatureSpace,
     kid_subset_size: int,
     isc_splits: int,
     prc_neighborhood: int,
@@ -105,8 +134,8 @@ def fidelity_metrics(
         kid=True,
         isc=True,
         prc=True,
-        feature_extractor=FEATURE_EXTRACTOR,
-        feature_extractor_weights_path=classifier_path,
+        feature_extractor=features.extractor,
+        feature_extractor_weights_path=features.weights,
         kid_subset_size=min(kid_subset_size, len(generated_uint8), len(reference_uint8)),
         isc_splits=isc_splits,
         prc_neighborhood=prc_neighborhood,
@@ -130,19 +159,21 @@ def fidelity_metrics(
 def evaluate_runs(
     runs: dict[int, torch.Tensor],
     reference_uint8: torch.Tensor,
-    classifier_path: str,
+    features: FeatureSpace,
     kid_subset_size: int,
     isc_splits: int,
     prc_neighborhood: int,
     fp_runs: dict[int, torch.Tensor] | None = None,
 ) -> dict:
     """Metrics of each seed's samples ([-1, 1]), plus the paired error against the FP samples of the
-    same seed when given, and their mean over seeds ("mean"; the spread is in "seeds")."""
+    same seed when given, and their mean over seeds ("mean"; the spread is in "seeds"). The share of
+    confidently classified digits only in the digit classifier's feature space."""
     per_seed = {}
     for seed, images in runs.items():
         uint8 = to_uint8_rgb(images)
-        found = fidelity_metrics(uint8, reference_uint8, classifier_path, kid_subset_size, isc_splits, prc_neighborhood)
-        found["confident_share"] = confident_share(uint8, classifier_path)
+        found = fidelity_metrics(uint8, reference_uint8, features, kid_subset_size, isc_splits, prc_neighborhood)
+        if features.digits:
+            found["confident_share"] = confident_share(uint8, features.weights)
         found["num_samples"] = len(images)
         if fp_runs is not None:
             if seed not in fp_runs:
@@ -152,9 +183,32 @@ def evaluate_runs(
         per_seed[str(seed)] = found
     keys = next(iter(per_seed.values())).keys()
     mean = {key: sum(found[key] for found in per_seed.values()) / len(per_seed) for key in keys}
-    return {"seeds": per_seed, "mean": mean}
+    return {"features": features.note, "seeds": per_seed, "mean": mean}
 
 
 def reference_digits(image_size: int) -> torch.Tensor:
     """The real digits, as uint8 RGB at the model's size: the reference distribution of every metric."""
     return to_uint8_rgb(load_digits_images(image_size)[0])
+
+
+def reference_images(folder: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """The images of a local folder as uint8 RGB (N, 3, H, W), resized to the samples' ``size``: the
+    reference distribution for a real model."""
+    from PIL import Image
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"eval.reference_images: {folder} is not a folder of images ({', '.join(IMAGE_SUFFIXES)})")
+    images = [np.asarray(Image.open(f).convert("RGB").resize((size[1], size[0]), Image.BICUBIC)) for f in files]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def reference_set(source: str, image_size: int, folder: str | None, samples: torch.Tensor) -> torch.Tensor:
+    """The real images the samples are measured against: the digits for the embedded default, the
+    folder ``eval.reference_images`` (at the samples' size) for a local model."""
+    if source == "embedded":
+        return reference_digits(image_size)
+    if folder is None:
+        raise ValueError("eval.reference_images: required for the metrics of a local model (a folder of real images)")
+    return reference_images(folder, tuple(samples.shape[-2:]))

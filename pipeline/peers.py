@@ -14,16 +14,16 @@ PEER_LIBRARIES = ("optimum-quanto",)
 
 
 @torch.no_grad()
-def quanto_quantize(unet: torch.nn.Module, w_bits: int, a_bits: int, x: torch.Tensor, t: torch.Tensor, batch_size: int) -> torch.nn.Module:
-    """``unet`` quantized in place by optimum-quanto (W4 or W8, A8), calibrated on the trajectory
-    inputs ``x`` at timesteps ``t``, and frozen (integer weights)."""
+def quanto_quantize(model: torch.nn.Module, w_bits: int, a_bits: int, inputs: tuple[torch.Tensor, ...], batch_size: int) -> torch.nn.Module:
+    """``model`` (a UNet or a Denoiser) quantized in place by optimum-quanto (W4 or W8, A8),
+    calibrated on the trajectory records ``inputs`` = (x, t) or (x, t, cond), and frozen (integer weights)."""
     from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
 
     weights = {4: qint4, 8: qint8}[w_bits]
     activations = {8: qint8}[a_bits]
-    quantize(unet, weights=weights, activations=activations)
+    quantize(model, weights=weights, activations=activations)
     with Calibration(momentum=0.9):
-        for start in tqdm(range(0, len(x), batch_size), desc="quanto calibration"):
-            unet(x[start : start + batch_size], t[start : start + batch_size])
-    freeze(unet)
-    return unet
+        for start in tqdm(range(0, len(inputs[0]), batch_size), desc="quanto calibration"):
+            model(*(v[start : start + batch_size] for v in inputs))
+    freeze(model)
+    return model

@@ -58,15 +58,16 @@ class PTSVoter:
         self.results: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in layers}
 
     @torch.no_grad()
-    def __call__(self, unet, step: int, x: torch.Tensor, t: torch.Tensor, batch_size: int) -> None:
+    def __call__(self, unet, step: int, records: tuple[torch.Tensor, ...], batch_size: int) -> None:
+        """Vote at ``step`` on the model inputs ``records`` = (x, t) or (x, t, cond)."""
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
         handles = [
             layer.register_forward_pre_hook(lambda mod, args, n=name: inputs[n].append(mod.scale_input(args[0])))
             for name, layer in self.layers.items()
         ]
         try:
-            for start in range(0, len(x), batch_size):
-                unet(x[start : start + batch_size], t[start : start + batch_size])
+            for start in range(0, len(records[0]), batch_size):
+                unet(*(v[start : start + batch_size] for v in records))
         finally:
             for handle in handles:
                 handle.remove()

@@ -117,7 +117,7 @@ def plot_fid_against_activation_bits(records: list[dict], path: str | Path) -> N
         x = [r["a_bits"] + offset for r in group]
         ax.errorbar(x, [m for m, _ in points], yerr=[s for _, s in points], marker="o", capsize=3, label=f"{method} W{w_bits}")
     ax.set_xlabel("activation bits")
-    ax.set_ylabel("FID (digit-classifier features) ↓")
+    ax.set_ylabel(f"FID ({fp['features']}) ↓")
     ax.set_xticks(sorted({r["a_bits"] for r in records if r is not fp}))
     ax.legend(fontsize=8)
     ax.set_title("FID against activation bits (mean ± std over seeds)", fontsize=9)

@@ -1,6 +1,7 @@
 """Stage dump: FP DDIM trajectories and per-layer FP inputs/outputs -> artifacts/calib.zarr."""
 
 from pipeline.calib import dump_calibration
+from pipeline.conditioning import load_denoiser, read_prompts
 from pipeline.config import load_config
 from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
 from pipeline.fingerprint import model_hash
@@ -15,15 +16,16 @@ def main() -> None:
     check_input(read_json(FP_PROVENANCE), cfg, "fp_model", None, FP_MODEL)
     device = resolve_device(cfg.device)
     unet, train_scheduler = load_fp_model(FP_MODEL)
-    unet.to(device)
-    scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     c = cfg.calib
+    prompts = read_prompts(c.prompts, c.num_samples) if c.prompts else None
+    denoiser = load_denoiser(FP_MODEL, unet, prompts).to(device)
+    scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     with atomic_store(CALIB) as tmp:
         dump_calibration(
-            tmp, unet, scheduler, quantizable_layers(unet),
+            tmp, denoiser, scheduler, quantizable_layers(unet), guidance_scale=c.guidance_scale,
             num_samples=c.num_samples, layer_records_per_step=c.layer_records_per_step, batch_size=c.batch_size,
             eta=c.eta, seed=c.seed, chunk_records=c.chunk_records, device=device,
-            attrs=stage_provenance(cfg, "dump", model_hash(FP_MODEL)),
+            attrs={**stage_provenance(cfg, "dump", model_hash(FP_MODEL)), "prompts": prompts},
         )  # fmt: skip
 
 

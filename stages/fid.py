@@ -4,7 +4,7 @@ seed -> metrics/<row>.json."""
 
 from pipeline.config import load_config
 from pipeline.io import read_tensors, write_json
-from pipeline.metrics import evaluate_runs, reference_digits
+from pipeline.metrics import evaluate_runs, feature_space, reference_set
 from pipeline.report import metrics_record
 from pipeline.sampling import read_samples
 from stages.layout import CLASSIFIER, FP, entry_argument, metrics_path, samples_path
@@ -23,7 +23,8 @@ def main(row: str) -> None:
     if row != FP:
         fp_runs, fp_attrs = read_samples(samples_path(FP))
         check_input(fp_attrs, cfg, "sample_fp", attrs["model_hash"], samples_path(FP))
-    found = evaluate_runs(runs, reference_digits(cfg.model.image_size), str(CLASSIFIER), e.kid_subset_size, e.isc_splits, e.prc_neighborhood, fp_runs)
+    reference = reference_set(cfg.model.source, cfg.model.image_size, cfg.eval.reference_images, next(iter(runs.values())))
+    found = evaluate_runs(runs, reference, feature_space(str(CLASSIFIER), cfg.eval.inception_weights), e.kid_subset_size, e.isc_splits, e.prc_neighborhood, fp_runs)
     provenance = stage_provenance(cfg, "fid_fp" if row == FP else "fid", attrs["model_hash"], variant)
     write_json(metrics_path(row), metrics_record(attrs["label"], variant, attrs["steps"], found, provenance))
 

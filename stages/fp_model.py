@@ -1,9 +1,11 @@
-"""Stage fp_model: train the embedded default UNet on scikit-learn's digits (DDPM, 1000 steps)."""
+"""Stage fp_model: train the embedded default UNet on scikit-learn's digits (DDPM, 1000 steps), or
+import a local diffusers model (model.source: local) into the pipeline's layout."""
 
 import time
 
 from diffusers import DDPMScheduler
 
+from pipeline.components import import_model
 from pipeline.config import load_config
 from pipeline.data import load_digits_images
 from pipeline.diffusion import save_fp_model
@@ -16,8 +18,13 @@ from stages.lineage import stage_provenance
 def main() -> None:
     cfg = load_config()
     m = cfg.model
-    if m.source != "embedded":
-        raise SystemExit("model.source: local is not supported yet; use the embedded default")
+    if m.source == "local":
+        with atomic_path(FP_MODEL) as tmp:
+            layout = import_model(m.path, tmp)
+            write_json(tmp / FP_PROVENANCE.name, stage_provenance(cfg, "fp_model", None))
+        write_json(REPORTS / "fp_model.json", {"source": m.path, "unet": str(layout.unet.name), "autoencoder": layout.autoencoder is not None,
+                                               "text_encoder": layout.text_encoder is not None})  # fmt: skip
+        return
     generator = seed_everything(cfg.seed)
     images, _ = load_digits_images(m.image_size)
     unet = build_unet(m.image_size, m.block_out_channels, m.layers_per_block, m.norm_num_groups)

@@ -2,13 +2,15 @@
 dumped trajectories, sampled from the same seeds and measured like every row ->
 artifacts/samples/<name>.zarr, reports/samples/<name>.png, metrics/<name>.json."""
 
-from pipeline.calib import open_calibration, random_records
+from pipeline.calib import open_calibration, random_records, record_denoiser
+from pipeline.components import find_layout
+from pipeline.conditioning import Decoder, load_denoiser, read_prompts
 from pipeline.config import load_config
 from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
 from pipeline.figures import save_grid
 from pipeline.fingerprint import model_hash
 from pipeline.io import read_tensors, write_json
-from pipeline.metrics import evaluate_runs, reference_digits
+from pipeline.metrics import evaluate_runs, feature_space, reference_set
 from pipeline.peers import quanto_quantize
 from pipeline.report import metrics_record
 from pipeline.sampling import generate, read_samples, write_samples
@@ -30,14 +32,21 @@ def main(name: str) -> None:
     check_input(fp_attrs, cfg, "sample_fp", fp_hash, samples_path(FP))
     check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
     unet, train_scheduler = load_fp_model(FP_MODEL)
-    x, t, _ = random_records(calib, peer.calib_records, cfg.seed)
-    quanto_quantize(unet.to(device), variant.w_bits, variant.a_bits, x.to(device), t.to(device), s.batch_size)
+    records, _ = random_records(calib, peer.calib_records, cfg.seed)
+    calibration = record_denoiser(FP_MODEL, unet, calib).to(device)
+    quanto_quantize(calibration, variant.w_bits, variant.a_bits, tuple(v.to(device) for v in records), s.batch_size)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    runs = {seed: generate(unet, scheduler, s.num_samples, s.batch_size, s.eta, seed, device, f"sample {name} seed {seed}") for seed in s.seeds}
+    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(device)  # the rows' sampling prompts
+    decode = Decoder(find_layout(FP_MODEL), device)
+    runs = {
+        seed: decode(generate(model, scheduler, s.num_samples, s.batch_size, s.eta, seed, device, f"sample {name} seed {seed}", s.guidance_scale))
+        for seed in s.seeds
+    }
     provenance = stage_provenance(cfg, "peer", fp_hash, variant)
     write_samples(samples_path(name), runs, {**provenance, "steps": cfg.diffusion.steps, "label": label})
     save_grid(runs[s.seeds[0]], grid_path(name), s.grid_size, label)
-    found = evaluate_runs(runs, reference_digits(cfg.model.image_size), str(CLASSIFIER), e.kid_subset_size, e.isc_splits, e.prc_neighborhood, fp_runs)
+    reference = reference_set(cfg.model.source, cfg.model.image_size, cfg.eval.reference_images, next(iter(runs.values())))
+    found = evaluate_runs(runs, reference, feature_space(str(CLASSIFIER), cfg.eval.inception_weights), e.kid_subset_size, e.isc_splits, e.prc_neighborhood, fp_runs)
     write_json(metrics_path(name), metrics_record(label, variant, cfg.diffusion.steps, found, provenance))
 
 

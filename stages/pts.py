@@ -4,7 +4,7 @@ for the methods that use it -> artifacts/act_params/<row>.safetensors, artifacts
 import zarr
 
 from pipeline.actcalib import calibrate_activations
-from pipeline.calib import open_calibration
+from pipeline.calib import open_calibration, record_denoiser
 from pipeline.config import load_config
 from pipeline.diffusion import resolve_device
 from pipeline.fingerprint import model_hash
@@ -31,7 +31,7 @@ def main(row: str) -> None:
     steps = calib.attrs["steps"]
     unet, _, layers, headers = load_quantized_unet(FP_MODEL, weights_path(weights), None, fp_hash, steps, a_bits=variant.a_bits)
     check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
-    unet.to(device)
+    model = record_denoiser(FP_MODEL, unet, calib).to(device)
     voter = None
     if method.pts:
         if p.layers == "auto":
@@ -41,8 +41,8 @@ def main(row: str) -> None:
         else:
             names = select_pts_layers(list(layers), p.layers)
         voter = PTSVoter({n: layers[n] for n in names}, p.num_candidates, p.ratio_threshold)
-    after_step = None if voter is None else (lambda s, x, t: voter(unet, s, x, t, p.batch_size))
-    calibrate_activations(unet, layers, calib, p.calib_records, p.batch_size, p.momentum, device, after_step)
+    after_step = None if voter is None else (lambda s, inputs: voter(model, s, inputs, p.batch_size))
+    calibrate_activations(model, layers, calib, p.calib_records, p.batch_size, p.momentum, device, after_step)
     provenance = stage_provenance(cfg, "pts", fp_hash, variant)
     header = {**provenance, **variant._asdict(), "steps": steps, "pts": voter is not None}
     write_tensors(act_params_path(row), act_tensors(layers), header)

@@ -7,7 +7,7 @@ import time
 from functools import partial
 
 from pipeline.adaround import AdaRoundSettings, adaround
-from pipeline.calib import open_calibration, random_records
+from pipeline.calib import open_calibration, random_records, record_denoiser
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import load_config
 from pipeline.diffusion import load_fp_model, resolve_device
@@ -42,7 +42,7 @@ def main(name: str) -> None:
     if method.adaround:
         calib = open_calibration(CALIB)
         check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
-        x, t, step = random_records(calib, r.records, r.seed)
+        records, step = random_records(calib, r.records, r.seed)
         weighting = None
         if r.weighting == "method":
             steps = calib.attrs["steps"]
@@ -50,8 +50,9 @@ def main(name: str) -> None:
         settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed)
         checkpoints = Checkpoints(checkpoints_path("recon", name), checkpoint_key(provenance))
         start = time.perf_counter()
-        inputs = (x.to(device), t.to(device))
-        units = adaround(q_unet.to(device), fp_unet.to(device), inputs, settings, weighting, step.to(device), checkpoints)
+        inputs = tuple(v.to(device) for v in records)
+        fp = record_denoiser(FP_MODEL, fp_unet, calib)
+        units = adaround(fp.with_unet(q_unet).to(device), fp.to(device), inputs, settings, weighting, step.to(device), checkpoints)
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)
         report["mean_loss_after"] = sum(u["after"] for u in units.values()) / len(units)

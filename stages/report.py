@@ -6,7 +6,6 @@ import datetime
 
 from pipeline.config import Config, load_config
 from pipeline.io import ArtifactError, read_json, write_text
-from pipeline.metrics import FEATURE_NOTE
 from pipeline.report import ABLATION_COLUMNS, COLUMNS, plot_fid_against_activation_bits, plot_sample_grids, report_document
 from pipeline.sampling import read_samples
 from stages.layout import ABLATION, FID_FIG, FP, GRIDS_FIG, PAPER_TABLE, STATS_HEATMAP_FIG, metrics_path, samples_path
@@ -44,9 +43,9 @@ def main() -> None:
     spread = "± is the standard deviation over the sampling seeds (the same quantized model, other noise): a difference between rows smaller than it is noise."
     peers = [f"{records[name]['label']} ({name}) is a peer row: another library on the same model, calibration data, seeds and metric." for name in r.table if name in cfg.peers]
     table = [fp, *(records[name] for name in r.table)]
-    write_text(PAPER_TABLE, report_document("Paper table", table, FEATURE_NOTE, [spread, *peers, f"Outlier statistics: `{STATS_HEATMAP_FIG}`."], setup, COLUMNS))
+    write_text(PAPER_TABLE, report_document("Paper table", table, fp["features"], [spread, *peers, f"Outlier statistics: `{STATS_HEATMAP_FIG}`."], setup, COLUMNS))
     ablation = [fp, *(records[name] for name in r.ablation)]
-    write_text(ABLATION, report_document("Ablation", ablation, FEATURE_NOTE, [spread, "MSE / PSNR vs FP: per-sample pixel error against the FP sample from the same noise."], setup, ABLATION_COLUMNS))
+    write_text(ABLATION, report_document("Ablation", ablation, fp["features"], [spread, "MSE / PSNR vs FP: per-sample pixel error against the FP sample from the same noise."], setup, ABLATION_COLUMNS))
     plot_fid_against_activation_bits(table, FID_FIG)
     seed = cfg.sample.seeds[0]
     at_grid_bits = [name for name in r.table if cfg.row_variant(name).label == r.grid_bits]

@@ -1,6 +1,9 @@
-"""Stage sample@<row> (and sample_fp): DDIM from the same seeds with the row's quantized UNet, or the
-FP UNet for "fp" -> artifacts/samples/<row>.zarr (one array per seed), reports/samples/<row>.png."""
+"""Stage sample@<row> (and sample_fp): DDIM from the same seeds (and conditions) with the row's
+quantized UNet, or the FP UNet for "fp" -> artifacts/samples/<row>.zarr (one array per seed; pixels,
+latent models' samples decoded), reports/samples/<row>.png."""
 
+from pipeline.components import find_layout
+from pipeline.conditioning import Decoder, load_denoiser, read_prompts
 from pipeline.config import load_config
 from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
 from pipeline.figures import save_grid
@@ -27,8 +30,12 @@ def main(row: str) -> None:
         check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
         check_input(headers["act"], cfg, "pts", fp_hash, act_params_path(row), variant)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    unet.to(device)
-    runs = {seed: generate(unet, scheduler, s.num_samples, s.batch_size, s.eta, seed, device, f"sample {row} seed {seed}") for seed in s.seeds}
+    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(device)
+    decode = Decoder(find_layout(FP_MODEL), device)
+    runs = {
+        seed: decode(generate(model, scheduler, s.num_samples, s.batch_size, s.eta, seed, device, f"sample {row} seed {seed}", s.guidance_scale))
+        for seed in s.seeds
+    }
     attrs = {**stage_provenance(cfg, stage, fp_hash, variant), "steps": cfg.diffusion.steps, "label": label}
     write_samples(samples_path(row), runs, attrs)
     save_grid(runs[s.seeds[0]], grid_path(row), s.grid_size, label)

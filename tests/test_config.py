@@ -78,7 +78,7 @@ def test_local_model_needs_a_path():
     "section, values, expected",
     [
         ("model", {"source": "local", "path": "no/such/folder"}, r"model\.path: no/such/folder does not exist"),
-        ("model", {"source": "local", "path": "{tmp}"}, r"model\.path: .* has no unet/config\.json"),
+        ("model", {"source": "local", "path": "{tmp}"}, r"model\.path: .* has neither unet/ \(pipeline layout\) nor config\.json \(bare UNet\)"),
         ("pts", {"layers": ["*shortcut_conv"]}, r"pts\.layers: pattern '\*shortcut_conv' matches no quantized layer; .* end in .*conv_shortcut"),
     ],
 )

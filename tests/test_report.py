@@ -28,7 +28,7 @@ def test_table_rows_order_and_caption():
 
 def record(method, w_bits, a_bits, fids, label=None):
     seeds = {str(seed): {"fid": fid, "kid": 100.0, "isc": 2.0, "precision": 0.5, "recall": 0.25, "num_samples": 48} for seed, fid in zip((1, 2), fids)}
-    return {"label": label or method, "method": method, "w_bits": w_bits, "a_bits": a_bits, "steps": 4, "seeds": seeds}
+    return {"label": label or method, "method": method, "w_bits": w_bits, "a_bits": a_bits, "steps": 4, "features": "digit-classifier features", "seeds": seeds}
 
 
 def test_report_stage_writes_the_table_from_the_metrics_in_the_configured_order(pipeline_copy):

@@ -1,0 +1,147 @@
+"""Local diffusers folders: find the parts of a model, import them into the pipeline's layout, load them.
+
+Two layouts are accepted (nothing is ever fetched from a hub):
+
+* a **pipeline folder**: ``unet/`` and ``scheduler/`` subfolders (``model_index.json`` optional), plus,
+  where the model has them, an autoencoder (``vqvae/`` as LDMPipeline saves it, or ``vae/`` as Stable
+  Diffusion does), ``text_encoder/`` and ``tokenizer/``;
+* a **bare UNet folder**: the UNet's ``config.json`` and weights, with a ``scheduler_config.json``
+  next to them (or in ``scheduler/``).
+
+:func:`import_model` rewrites either into the pipeline layout with ``save_pretrained`` (the
+autoencoder always in ``vae/``), so every stage reads one layout and one weights format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+AUTOENCODER_CLASSES = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
+AUTOENCODER_DIRS = ("vae", "vqvae")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each part of a model lives; None for the parts the model does not have."""
+
+    unet: Path
+    scheduler: Path  # the scheduler_config.json file
+    autoencoder: Path | None = None
+    text_encoder: Path | None = None
+    tokenizer: Path | None = None
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+
+
+def find_layout(folder: str | Path) -> Layout:
+    """The parts of the diffusers model in ``folder``; errors name the missing file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    if (folder / "unet").is_dir():
+        unet, scheduler = folder / "unet", folder / "scheduler" / "scheduler_config.json"
+    elif (folder / "config.json").exists():
+        unet = folder
+        candidates = [folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"]
+        scheduler = next((c for c in candidates if c.exists()), candidates[0])
+    else:
+        raise FileNotFoundError(
+            f"{folder} is not a diffusers model folder: it has neither unet/ (pipeline layout) nor config.json (bare UNet)"
+        )
+    if not (unet / "config.json").exists():
+        raise FileNotFoundError(f"{unet} has no config.json: not a diffusers UNet folder")
+    name = _read_config(unet / "config.json").get("_class_name")
+    if name not in UNET_CLASSES:
+        raise ValueError(f"{unet}/config.json is a {name}; supported: {', '.join(UNET_CLASSES)}")
+    if not _has_weights(unet):
+        raise FileNotFoundError(f"{unet} has no weights (*.safetensors or *.bin)")
+    if not scheduler.exists():
+        raise FileNotFoundError(f"{folder} has no scheduler config ({scheduler.relative_to(folder)})")
+    autoencoder = next((folder / d for d in AUTOENCODER_DIRS if unet != folder and (folder / d / "config.json").exists()), None)
+    if autoencoder is not None:
+        kind = _read_config(autoencoder / "config.json").get("_class_name")
+        if kind not in AUTOENCODER_CLASSES:
+            raise ValueError(f"{autoencoder}/config.json is a {kind}; supported autoencoders: {', '.join(AUTOENCODER_CLASSES)}")
+    text_encoder, tokenizer = (folder / "text_encoder", folder / "tokenizer") if unet != folder else (None, None)
+    if text_encoder is not None and not text_encoder.is_dir():
+        text_encoder = tokenizer = None
+    elif text_encoder is not None and not tokenizer.is_dir():
+        raise FileNotFoundError(f"{folder} has text_encoder/ but no tokenizer/")
+    if name == "UNet2DConditionModel" and text_encoder is None:
+        raise FileNotFoundError(f"{unet} is a UNet2DConditionModel (cross-attention): {folder} needs text_encoder/ and tokenizer/")
+    return Layout(unet, scheduler, autoencoder, text_encoder, tokenizer)
+
+
+def unet_class(layout: Layout) -> type:
+    return UNET_CLASSES[_read_config(layout.unet / "config.json")["_class_name"]]
+
+
+def unet_skeleton_from(folder: str | Path) -> torch.nn.Module:
+    """The UNet of a local folder without weights (meta device): its layer names and shapes."""
+    layout = find_layout(folder)
+    with torch.device("meta"):
+        return unet_class(layout).from_config(_read_config(layout.unet / "config.json"))
+
+
+def load_unet(layout: Layout) -> torch.nn.Module:
+    return unet_class(layout).from_pretrained(layout.unet, low_cpu_mem_usage=False).eval().requires_grad_(False)
+
+
+def load_scheduler(layout: Layout) -> DDIMScheduler:
+    """The model's noise schedule as a DDIM scheduler. Any diffusers scheduler config (DDPM, DDIM,
+    PNDM, ...) carries the schedule; reading it straight into DDIM keeps DDIM-only keys such as Stable
+    Diffusion's ``set_alpha_to_one: false`` that a DDPM scheduler would drop."""
+    return DDIMScheduler.from_config(_read_config(layout.scheduler))
+
+
+def load_autoencoder(layout: Layout) -> torch.nn.Module | None:
+    if layout.autoencoder is None:
+        return None
+    kind = _read_config(layout.autoencoder / "config.json")["_class_name"]
+    return AUTOENCODER_CLASSES[kind].from_pretrained(layout.autoencoder, low_cpu_mem_usage=False).eval().requires_grad_(False)
+
+
+def load_text_encoder(layout: Layout):
+    """(CLIP text encoder, tokenizer), or (None, None) for a model without text conditioning."""
+    if layout.text_encoder is None:
+        return None, None
+    from transformers import CLIPTextModel, CLIPTokenizer  # only text-to-image models need transformers
+
+    encoder = CLIPTextModel.from_pretrained(layout.text_encoder).eval().requires_grad_(False)
+    return encoder, CLIPTokenizer.from_pretrained(layout.tokenizer)
+
+
+def import_model(source: str | Path, target: str | Path) -> Layout:
+    """Copy the model in ``source`` (either layout) into ``target`` in the pipeline layout."""
+    layout = find_layout(source)
+    target = Path(target)
+    load_unet(layout).save_pretrained(target / "unet")
+    scheduler = target / "scheduler"
+    scheduler.mkdir(parents=True, exist_ok=True)
+    (scheduler / "scheduler_config.json").write_text(layout.scheduler.read_text())
+    if (autoencoder := load_autoencoder(layout)) is not None:
+        autoencoder.save_pretrained(target / "vae")
+    encoder, tokenizer = load_text_encoder(layout)
+    if encoder is not None:
+        encoder.save_pretrained(target / "text_encoder")
+        tokenizer.save_pretrained(target / "tokenizer")
+    return find_layout(target)
