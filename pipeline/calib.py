@@ -12,6 +12,7 @@ Store layout (``calib.zarr``)::
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +22,9 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
+from pipeline.accel import to_device
 from pipeline.diffusion import ddim_sample, sample_noise
+from pipeline.distributed import SINGLE, World, my_batches, plan_batches
 from pipeline.io import ArtifactError, open_store, store_name
 
 
@@ -61,57 +64,73 @@ def dump_calibration(
     chunk_records: int,
     attrs: dict,
     device: torch.device,
+    world: World = SINGLE,
 ) -> None:
+    """Write the calibration store at ``store_path``. With several ranks every rank makes this call
+    on the same temporary store (:func:`pipeline.distributed.shared_store`): rank 0 creates the
+    arrays, each rank fills whole chunks of them, and the store equals a one-process one byte for
+    byte. Trajectory records ``s*N + n`` of one chunk belong to one step only when ``chunk_records``
+    divides N; otherwise the trajectories are one unit of work (rank 0 runs them all)."""
     steps = len(scheduler.timesteps)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    root = zarr.open_group(str(store_path), mode="w")
     n_records = steps * num_samples
-    x_t = root.create_array("trajectory/x_t", shape=(n_records, *shape), chunks=_chunks((n_records, *shape), chunk_records), dtype="float32")
-    root.create_array("trajectory/t", data=np.repeat(scheduler.timesteps.numpy().astype(np.int64), num_samples))
-    root.create_array("trajectory/step", data=np.repeat(np.arange(steps, dtype=np.int32), num_samples))
-    root.create_array("trajectory/sample", data=np.tile(np.arange(num_samples, dtype=np.int32), steps))
-    x0 = root.create_array("trajectory/x0", shape=(num_samples, *shape), dtype="float32")
-
-    for start in tqdm(range(0, num_samples, batch_size), desc="dump trajectories"):
-        indices = torch.arange(start, min(start + batch_size, num_samples))
-        noise = sample_noise(seed, indices, steps, shape).to(device)
+    per_step = min(layer_records_per_step, num_samples)
+    sample_chunk = chunk_records if num_samples % chunk_records == 0 else num_samples
+    if world.main:
+        root = zarr.open_group(str(store_path), mode="w")
+        root.create_array("trajectory/x_t", shape=(n_records, *shape), chunks=_chunks((n_records, *shape), chunk_records), dtype="float32")
+        root.create_array("trajectory/t", data=np.repeat(scheduler.timesteps.numpy().astype(np.int64), num_samples))
+        root.create_array("trajectory/step", data=np.repeat(np.arange(steps, dtype=np.int32), num_samples))
+        root.create_array("trajectory/sample", data=np.tile(np.arange(num_samples, dtype=np.int32), steps))
+        root.create_array("trajectory/x0", shape=(num_samples, *shape), chunks=(sample_chunk, *shape), dtype="float32")
+        if world.size > 1 and sample_chunk == num_samples:
+            print(f"dump: calib.chunk_records ({chunk_records}) does not divide calib.num_samples ({num_samples}), so rank 0 runs every trajectory", file=sys.stderr)
+    world.barrier()
+    root = zarr.open_group(str(store_path), mode="r+")
+    x_t, x0 = root["trajectory/x_t"], root["trajectory/x0"]
+    batches = my_batches(plan_batches(num_samples, batch_size, sample_chunk), world)
+    for start, stop in tqdm(batches, desc="dump trajectories", disable=not world.main):
+        noise = to_device(sample_noise(seed, torch.arange(start, stop), steps, shape), device)
 
         def record(s, t, x):
             if not torch.isfinite(x).all():
                 raise FloatingPointError(f"dump: the FP model's trajectory is not finite (NaN or Inf) at step {s}")
-            x_t[s * num_samples + start : s * num_samples + start + len(indices)] = x.cpu().numpy()
+            x_t[s * num_samples + start : s * num_samples + stop] = x.cpu().numpy()
 
-        x0[start : start + len(indices)] = ddim_sample(unet, scheduler, noise, eta, record).cpu().numpy()
-
-    dump_layer_io(root, unet, layers, scheduler.timesteps, num_samples, min(layer_records_per_step, num_samples), batch_size, chunk_records, device)
-    root.attrs.update({**attrs, "steps": steps, "num_samples": num_samples, "layer_records_per_step": min(layer_records_per_step, num_samples)})
+        x0[start:stop] = ddim_sample(unet, scheduler, noise, eta, record).cpu().numpy()
+    world.barrier()  # layer I/O replays trajectory records that other ranks wrote
+    dump_layer_io(root, unet, layers, scheduler.timesteps, num_samples, per_step, batch_size, chunk_records, device, world)
+    world.barrier()
+    if world.main:
+        root.attrs.update({**attrs, "steps": steps, "num_samples": num_samples, "layer_records_per_step": per_step})
 
 
 @torch.no_grad()
-def dump_layer_io(root, unet, layers, timesteps, num_samples, per_step, batch_size, chunk_records, device) -> None:
-    """Replay the first ``per_step`` samples of each step through the FP model with forward hooks."""
-    steps = len(timesteps)
+def dump_layer_io(root, unet, layers, timesteps, num_samples, per_step, batch_size, chunk_records, device, world: World = SINGLE) -> None:
+    """Replay the first ``per_step`` samples of each step through the FP model with forward hooks.
+    Layer records ``s*per_step + m`` go in batches that never straddle a step or a chunk; each rank
+    replays the batches of its chunks. Rank 0 creates the arrays from the shapes of one probe pass."""
+    n = len(timesteps) * per_step
     x_t = root["trajectory/x_t"]
-    arrays = {}
-    for s in tqdm(range(steps), desc="dump layer I/O"):
-        for start in range(0, per_step, batch_size):
-            stop = min(start + batch_size, per_step)
-            x = torch.from_numpy(x_t[s * num_samples + start : s * num_samples + stop]).to(device)
-            with capture_io(layers) as captured:
-                unet(x, timesteps[s].to(device))
-            for name, (inp, out) in captured.items():
-                if name not in arrays:
-                    arrays[name] = {
-                        kind: root.create_array(
-                            f"layers/{name}/{kind}",
-                            shape=(steps * per_step, *t.shape[1:]),
-                            chunks=_chunks((steps * per_step, *t.shape[1:]), chunk_records),
-                            dtype="float16",
-                        )
-                        for kind, t in (("input", inp), ("output", out))
-                    }
-                for kind, value in (("input", inp), ("output", out)):
-                    arrays[name][kind][s * per_step + start : s * per_step + stop] = _float16(value, f"layer {name!r} {kind}", s)
+    if world.main:
+        with capture_io(layers) as captured:
+            unet(to_device(torch.from_numpy(x_t[0:1]), device), timesteps[0].to(device))
+        for name, (inp, out) in captured.items():
+            for kind, value in (("input", inp), ("output", out)):
+                shape = (n, *value.shape[1:])
+                root.create_array(f"layers/{name}/{kind}", shape=shape, chunks=_chunks(shape, chunk_records), dtype="float16")
+    names = world.broadcast(list(captured) if world.main else None)
+    world.barrier()
+    arrays = {name: {kind: root[f"layers/{name}/{kind}"] for kind in ("input", "output")} for name in names}
+    batches = my_batches(plan_batches(n, batch_size, min(chunk_records, n), period=per_step), world)
+    for a, b in tqdm(batches, desc="dump layer I/O", disable=not world.main):
+        s, m = divmod(a, per_step)
+        x = to_device(torch.from_numpy(x_t[s * num_samples + m : s * num_samples + m + b - a]), device)
+        with capture_io(layers) as captured:
+            unet(x, timesteps[s].to(device))
+        for name, (inp, out) in captured.items():
+            for kind, value in (("input", inp), ("output", out)):
+                arrays[name][kind][a:b] = _float16(value, f"layer {name!r} {kind}", s)
 
 
 def _float16(x: torch.Tensor, what: str, step: int) -> np.ndarray:

@@ -94,10 +94,11 @@ def ddim_sample(
     """Run DDIM from ``noise[:, 0]``; ``before_step(s, t, x_t)`` sees every model input (s = 0 is the
     noisiest step), which is where calibration records and per-step quantizer switches hook in."""
     x = noise[:, 0]
+    on_device = scheduler.timesteps.to(x.device)  # one copy up front, not a host-to-device copy per step
     for s, t in enumerate(scheduler.timesteps):
         if before_step is not None:
             before_step(s, t, x)
-        eps = unet(x, t.to(x.device)).sample
+        eps = unet(x, on_device[s]).sample.float()  # float32 under autocast too: the update stays exact
         variance_noise = noise[:, s + 1] if eta > 0 else None
         x = scheduler.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
     return x

@@ -12,13 +12,13 @@ PARAMS = {
     "classifier": ("classifier", "model.image_size"),
     "dump": ("device", "diffusion", "calib"),
     "stats": ("stats",),
-    "les": ("quant.method", "quant.w_bits", "quant.a_bits", "les"),
+    "les": ("device", "quant.method", "quant.w_bits", "quant.a_bits", "les"),
     "recon": (
-        "device", "quant.method", "quant.w_bits", "quant.weight_clip_grid", "quant.weight_clip_p",
+        "device", "autocast", "quant.method", "quant.w_bits", "quant.weight_clip_grid", "quant.weight_clip_p",
         "recon", "les.focal_r", "les.focal_momentum",
     ),  # fmt: skip
     "pts": ("device", "quant.method", "quant.a_bits", "pts"),
-    "sample": ("device", "diffusion.steps", "sample"),
+    "sample": ("device", "autocast", "diffusion.steps", "sample"),
     "fid": ("eval", "model.image_size"),
 }
 
