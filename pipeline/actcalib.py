@@ -9,6 +9,7 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
+from pipeline.accel import to_device
 from pipeline.calib import step_records
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import set_step
@@ -35,7 +36,7 @@ def calibrate_activations(
     for s in tqdm(range(steps), desc="calibrate activations"):
         set_step(unet, s)
         x, t = step_records(calib, s, records)
-        x, t = x.to(device), t.to(device)
+        x, t = to_device(x, device), to_device(t, device)
         for layer in layers.values():
             layer.act_quantizer.calibrating = True
         for start in range(0, len(x), batch_size):

@@ -6,6 +6,7 @@ import copy
 import time
 from functools import partial
 
+from pipeline.accel import to_device
 from pipeline.adaround import AdaRoundSettings, adaround
 from pipeline.calib import open_calibration, random_records
 from pipeline.checkpoint import Checkpoints
@@ -46,11 +47,11 @@ def main() -> None:
         if r.weighting == "method":
             steps = calib.attrs["steps"]
             weighting = partial(make_weighting, method.weighting, steps, cfg.les.focal_r, cfg.les.focal_momentum)
-        settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed)
+        settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed, cfg.autocast)
         checkpoints = Checkpoints(RECON_CHECKPOINTS, checkpoint_key(provenance))
         start = time.perf_counter()
-        inputs = (x.to(device), t.to(device))
-        units = adaround(q_unet.to(device), fp_unet.to(device), inputs, settings, weighting, step.to(device), checkpoints)
+        inputs = (to_device(x, device), to_device(t, device))
+        units = adaround(q_unet.to(device), fp_unet.to(device), inputs, settings, weighting, to_device(step, device), checkpoints)
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)
         report["mean_loss_after"] = sum(u["after"] for u in units.values()) / len(units)
