@@ -7,7 +7,8 @@ anywhere fails before any work starts, with pydantic's message naming the dotted
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+import re
+from typing import Annotated, Literal, NamedTuple
 
 import annotated_types
 import yaml
@@ -69,11 +70,22 @@ class CalibConfig(Section):
 
 
 class QuantConfig(Section):
-    method: str = "minmax"
-    w_bits: int = Field(4, ge=2, le=16)
-    a_bits: int = Field(8, ge=2, le=16)
+    """Weight-quantizer settings shared by every entry of ``weights``."""
+
     weight_clip_grid: int = Field(80, ge=1, description="clipping ratios 1 - 0.01 i searched for weight scales")
     weight_clip_p: float = Field(2.4, gt=0)
+
+
+Bits = Annotated[int, Field(ge=2, le=16)]
+ENTRY_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]*$")  # a stage-name suffix and a file name
+
+
+class WeightsEntry(Section):
+    """One weight quantization (an les and a recon stage), shared by the rows that name it."""
+
+    method: str
+    w_bits: Bits
+    a_bits: Bits | None = Field(None, description="only for methods with LES: γ is learned against this activation quantizer")
 
     @field_validator("method")
     @classmethod
@@ -81,6 +93,49 @@ class QuantConfig(Section):
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
         return name
+
+    @model_validator(mode="after")
+    def _a_bits_iff_les(self) -> "WeightsEntry":
+        if METHODS[self.method].les and self.a_bits is None:
+            raise ValueError(f"a_bits is required: {self.method} learns γ against the activation quantizer")
+        if not METHODS[self.method].les and self.a_bits is not None:
+            raise ValueError(f"a_bits must be left out: {self.method}'s weights do not depend on it, so rows with any a_bits share them")
+        return self
+
+
+class RowEntry(Section):
+    """One row of the table: activation calibration, sampling and metrics on a ``weights`` entry."""
+
+    weights: str
+    a_bits: Bits
+
+
+class PeerEntry(Section):
+    """A row quantized by another library, on the same model, seeds and metric."""
+
+    library: Literal["optimum-quanto"]
+    w_bits: Literal[4, 8]
+    a_bits: Literal[8]
+    calib_records: int = Field(256, ge=1, description="calibration trajectory records (all steps) for its activation ranges")
+
+
+class Variant(NamedTuple):
+    """What a weights entry or a row quantizes: the method and its bit-widths (a_bits None for the
+    weights of a method without LES)."""
+
+    method: str
+    w_bits: int
+    a_bits: int | None
+
+    @property
+    def label(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
+
+
+class ReportConfig(Section):
+    table: list[str] = Field([], description="rows and peers of reports/paper_table.md, in order (FP comes first)")
+    ablation: list[str] = Field([], description="rows of reports/ablation.md, in order")
+    grid_bits: str = Field("W4A6", pattern=r"^W\d+A\d+$", description="bit-width of the per-method sample grids")
 
 
 class StatsConfig(Section):
@@ -121,9 +176,9 @@ class PTSConfig(Section):
 
 
 class SampleConfig(Section):
-    num_samples: int = Field(1000, ge=1)
+    num_samples: int = Field(1000, ge=1, description="per seed")
     batch_size: int = Field(250, ge=1)
-    seed: int = 2024
+    seeds: list[int] = Field([2024, 2025, 2026], min_length=1, description="one set of samples per seed: the ± of the table")
     eta: float = Field(0.0, ge=0, le=1)
     grid_size: int = Field(8, ge=1)
 
@@ -144,12 +199,56 @@ class Config(Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     calib: CalibConfig = CalibConfig()
     quant: QuantConfig = QuantConfig()
+    weights: dict[str, WeightsEntry] = {}
+    rows: dict[str, RowEntry] = {}
+    peers: dict[str, PeerEntry] = {}
     stats: StatsConfig = StatsConfig()
     les: LESConfig = LESConfig()
     recon: ReconConfig = ReconConfig()
     pts: PTSConfig = PTSConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _entries_fit_together(self) -> "Config":
+        problems = []
+        for section in ("weights", "rows", "peers"):
+            problems += [f"{section}.{name}: use lower-case letters, digits, '.' and '-'" for name in getattr(self, section) if not ENTRY_NAME.match(name)]
+        problems += [f"rows.{name} and peers.{name}: a name names one row" for name in set(self.rows) & set(self.peers)]
+        problems += [f"rows.{name}: 'fp' names the FP model's samples" for name in ("fp",) if name in self.rows or name in self.peers]
+        for name, row in self.rows.items():
+            weights = self.weights.get(row.weights)
+            if weights is None:
+                problems.append(f"rows.{name}.weights: no weights entry {row.weights!r}; defined: {', '.join(self.weights)}")
+            elif weights.a_bits not in (None, row.a_bits):
+                problems.append(f"rows.{name}.a_bits: {row.a_bits}, but weights.{row.weights} learned γ for a_bits {weights.a_bits}")
+        for key in ("table", "ablation"):
+            problems += [
+                f"report.{key}: {name!r} is neither a row nor a peer" for name in getattr(self.report, key) if name not in self.rows and name not in self.peers
+            ]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    def entry(self, section: str, name: str):
+        """An entry by name, with a message that lists the defined ones (stage scripts take names)."""
+        entries = getattr(self, section)
+        if name not in entries:
+            raise ConfigError(f"{section}: no entry {name!r}; defined: {', '.join(entries)}")
+        return entries[name]
+
+    def weights_variant(self, name: str) -> Variant:
+        entry = self.entry("weights", name)
+        return Variant(entry.method, entry.w_bits, entry.a_bits)
+
+    def row_variant(self, name: str) -> Variant:
+        """What a row or a peer quantizes."""
+        if name in self.peers:
+            peer = self.peers[name]
+            return Variant(peer.library, peer.w_bits, peer.a_bits)
+        row = self.entry("rows", name)
+        return self.weights_variant(row.weights)._replace(a_bits=row.a_bits)
 
 
 class ConfigError(ValueError):
@@ -188,6 +287,9 @@ def _describe(error: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"])
+        if not key:  # a check across sections: its message names the keys
+            lines.append("  " + item["msg"].removeprefix("Value error, "))
+            continue
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (typo?)")
             continue
@@ -221,7 +323,7 @@ def check_against_model(cfg: Config, source: str = "params") -> None:
         unet = unet_skeleton(cfg.model)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"invalid parameters in {source}:\n  model.path: {error}") from None
-    if METHODS[cfg.quant.method].pts and cfg.pts.layers != "auto":
+    if any(METHODS[w.method].pts for w in cfg.weights.values()) and cfg.pts.layers != "auto":
         try:
             select_pts_layers(list(quantizable_layers(unet)), cfg.pts.layers)
         except ValueError as error:

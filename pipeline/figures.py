@@ -14,6 +14,13 @@ import torch  # noqa: E402
 from pipeline.io import atomic_path  # noqa: E402
 
 
+def save_figure(fig, path: str | Path) -> None:
+    """Write a figure as PNG, atomically, and free it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def save_grid(images: torch.Tensor, path: str | Path, rows: int, title: str | None = None) -> None:
     """Square-ish grid of [-1, 1] single-channel images, written atomically as PNG."""
     images = images[: rows * rows].clamp(-1, 1)
@@ -30,9 +37,7 @@ def save_grid(images: torch.Tensor, path: str | Path, rows: int, title: str | No
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout(pad=0.1)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_channel_ranges(stats: dict, layers: tuple[str, str], step: int, path: str | Path) -> None:
@@ -50,9 +55,7 @@ def plot_channel_ranges(stats: dict, layers: tuple[str, str], step: int, path: s
         ax.set_xlim(-0.5, len(lo) - 0.5)
     axes[0].set_ylabel("activation range [min, max]")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_outlier_heatmap(stats: dict, path: str | Path) -> None:
@@ -70,6 +73,4 @@ def plot_outlier_heatmap(stats: dict, path: str | Path) -> None:
     fig.colorbar(image, ax=ax, label="outlier ratio (max / median channel range)")
     ax.set_title("Inter-channel outliers of layer inputs", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

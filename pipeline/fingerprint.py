@@ -73,7 +73,7 @@ def provenance(params: dict[str, Any], model: str | None) -> dict:
         "model_hash": model,
         "params_hash": params_hash(params),
         "params": params,
-        "seeds": {key: value for key, value in params.items() if key.rsplit(".", 1)[-1] == "seed"},
+        "seeds": {key: value for key, value in params.items() if key.rsplit(".", 1)[-1] in {"seed", "seeds"}},
     }
 
 

@@ -78,9 +78,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         remove_path(tmp)
 
 
-def write_json(path: str | Path, data: dict) -> None:
+def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | Path) -> dict:

@@ -11,6 +11,7 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from pipeline.data import load_digits_images, to_uint8_rgb
 from pipeline.io import read_tensors
 from pipeline.models import DigitClassifier
 
@@ -124,3 +125,36 @@ def fidelity_metrics(
         "recall": "recall",
     }
     return {short: float(result[long]) for long, short in names.items() if long in result}
+
+
+def evaluate_runs(
+    runs: dict[int, torch.Tensor],
+    reference_uint8: torch.Tensor,
+    classifier_path: str,
+    kid_subset_size: int,
+    isc_splits: int,
+    prc_neighborhood: int,
+    fp_runs: dict[int, torch.Tensor] | None = None,
+) -> dict:
+    """Metrics of each seed's samples ([-1, 1]), plus the paired error against the FP samples of the
+    same seed when given, and their mean over seeds ("mean"; the spread is in "seeds")."""
+    per_seed = {}
+    for seed, images in runs.items():
+        uint8 = to_uint8_rgb(images)
+        found = fidelity_metrics(uint8, reference_uint8, classifier_path, kid_subset_size, isc_splits, prc_neighborhood)
+        found["confident_share"] = confident_share(uint8, classifier_path)
+        found["num_samples"] = len(images)
+        if fp_runs is not None:
+            if seed not in fp_runs:
+                raise ValueError(f"no FP samples for seed {seed}: rerun the sample stage for fp")
+            paired = paired_error(fp_runs[seed], images)
+            found.update(paired_mse=paired["mse"], paired_psnr_db=paired["psnr_db"])
+        per_seed[str(seed)] = found
+    keys = next(iter(per_seed.values())).keys()
+    mean = {key: sum(found[key] for found in per_seed.values()) / len(per_seed) for key in keys}
+    return {"seeds": per_seed, "mean": mean}
+
+
+def reference_digits(image_size: int) -> torch.Tensor:
+    """The real digits, as uint8 RGB at the model's size: the reference distribution of every metric."""
+    return to_uint8_rgb(load_digits_images(image_size)[0])

@@ -1,11 +1,20 @@
-"""Paper-style Markdown tables from metrics: FP first, then one row per method and bit-width.
+"""Paper-style Markdown tables and figures from the per-row metrics records: FP first, then one row
+per method and bit-width.
 
-A row may hold several runs (seeds); each cell then shows ``mean ± std`` over them."""
+A row holds one run per seed; each cell then shows ``mean ± std`` over them (sample standard
+deviation), which is the run-to-run spread a difference between rows has to beat."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Variant
+from pipeline.figures import plt, save_figure
 
 COLUMNS = (  # (metric key, header, digits)
     ("fid", "FID ↓", 2),
@@ -14,6 +23,30 @@ COLUMNS = (  # (metric key, header, digits)
     ("precision", "Precision ↑", 3),
     ("recall", "Recall ↑", 3),
 )
+ABLATION_COLUMNS = (
+    ("fid", "FID ↓", 2),
+    ("paired_mse", "MSE vs FP ↓", 5),
+    ("paired_psnr_db", "PSNR vs FP (dB) ↑", 2),
+    ("confident_share", "Confident ↑", 3),
+)
+FP_VARIANT = Variant("FP", 32, 32)
+
+
+def metrics_record(label: str, variant: Variant | None, steps: int, found: dict, provenance: dict) -> dict:
+    """What a fid (or peer) stage writes for one row: the metrics of each seed and their mean."""
+    variant = variant or FP_VARIANT
+    return {
+        "label": label,
+        **variant._asdict(),
+        "steps": steps,
+        **found,
+        # strings, so that `dvc metrics diff` does not list them as numbers
+        "provenance": {
+            "model_hash": provenance["model_hash"],
+            "params_hash": provenance["params_hash"],
+            "seeds": ", ".join(f"{key}={value}" for key, value in provenance["seeds"].items()),
+        },
+    }
 
 
 @dataclass
@@ -21,6 +54,11 @@ class Row:
     method: str
     bits: str  # "W4A6", or "32/32" for the FP model
     runs: list[dict] = field(default_factory=list)  # one metrics dict per seed
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Row":
+        bits = "32/32" if record["method"] == FP_VARIANT.method else f"W{record['w_bits']}A{record['a_bits']}"
+        return cls(record["method"], bits, list(record["seeds"].values()))
 
 
 def cell(values: list[float], digits: int) -> str:
@@ -45,3 +83,56 @@ def markdown_table(rows: list[Row], steps: int, feature_note: str, columns=COLUM
     lines.append("")
     lines.append(f"Metrics on {feature_note}; DDIM with {steps} steps.")
     return "\n".join(lines) + "\n"
+
+
+def report_document(title: str, records: list[dict], feature_note: str, notes: list[str], configuration: list[str], columns=COLUMNS) -> str:
+    """A Markdown report: the table (FP first), notes under it, and the configuration that produced it
+    (so a committed copy says what it shows)."""
+    table = markdown_table([Row.from_record(r) for r in records], records[0]["steps"], feature_note, columns)
+    lines = [f"# {title}", "", table, *notes, "", "## Configuration", "", *(f"- {item}" for item in configuration), ""]
+    return "\n".join(lines)
+
+
+def mean_std(record: dict, key: str) -> tuple[float, float]:
+    values = [run[key] for run in record["seeds"].values()]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plot_fid_against_activation_bits(records: list[dict], path: str | Path) -> None:
+    """FID (mean ± std over seeds) against activation bits, one line per method and weight bits, the
+    FP model as a band."""
+    fp = next(r for r in records if r["method"] == FP_VARIANT.method)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    mean, std = mean_std(fp, "fid")
+    ax.axhspan(mean - std, mean + std, color="grey", alpha=0.3, label=f"FP {mean:.1f} ± {std:.1f}")
+    ax.axhline(mean, color="grey", linewidth=1)
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for record in records:
+        if record is not fp:
+            groups.setdefault((record["method"], record["w_bits"]), []).append(record)
+    for (method, w_bits), group in groups.items():
+        group.sort(key=lambda r: r["a_bits"])
+        points = [mean_std(r, "fid") for r in group]
+        ax.errorbar([r["a_bits"] for r in group], [m for m, _ in points], yerr=[s for _, s in points], marker="o", capsize=3, label=f"{method} W{w_bits}")
+    ax.set_xlabel("activation bits")
+    ax.set_ylabel("FID (digit-classifier features) ↓")
+    ax.set_xticks(sorted({r["a_bits"] for r in records if r is not fp}))
+    ax.legend(fontsize=8)
+    ax.set_title("FID against activation bits (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_sample_grids(panels: list[tuple[str, torch.Tensor]], path: str | Path, per_side: int = 6) -> None:
+    """The first ``per_side``² samples of each panel (same seed, so the same noise), side by side."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.5), dpi=100, squeeze=False)
+    for ax, (title, images) in zip(axes[0], panels):
+        side = min(per_side, math.isqrt(len(images)))
+        tiles = images[: side * side, 0].clamp(-1, 1)
+        h, w = tiles.shape[1:]
+        canvas = tiles.reshape(side, side, h, w).permute(0, 2, 1, 3).reshape(side * h, side * w)
+        ax.imshow(canvas.numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    save_figure(fig, path)

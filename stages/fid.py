@@ -1,42 +1,32 @@
-"""Stage fid: FID / KID / ISC / precision-recall (digit-classifier features) of FP and quantized
-samples against the real digits -> metrics.json."""
-
-import torch
+"""Stage fid@<row> (and fid_fp): FID / KID / ISC / precision-recall (digit-classifier features) of
+each seed's samples against the real digits, and the paired error against the FP samples of the same
+seed -> metrics/<row>.json."""
 
 from pipeline.config import load_config
-from pipeline.data import load_digits_images, to_uint8_rgb
-from pipeline.io import open_store, read_tensors, write_json
-from pipeline.metrics import FEATURE_NOTE, confident_share, fidelity_metrics, paired_error
-from stages.layout import CLASSIFIER, METRICS, SAMPLES
+from pipeline.io import read_tensors, write_json
+from pipeline.metrics import evaluate_runs, reference_digits
+from pipeline.report import metrics_record
+from pipeline.sampling import read_samples
+from stages.layout import CLASSIFIER, FP, entry_argument, metrics_path, samples_path
 from stages.lineage import check_input, stage_provenance
 
 
-def main() -> None:
+def main(row: str) -> None:
     cfg = load_config()
     e = cfg.eval
-    samples = open_store(SAMPLES, "samples store")
-    check_input(samples.attrs, cfg, "sample", None, SAMPLES)  # fid does not read the model: its hash comes from samples
+    variant = None if row == FP else cfg.row_variant(row)
+    runs, attrs = read_samples(samples_path(row))
+    # fid does not read the model: its hash comes from the samples
+    check_input(attrs, cfg, "sample_fp" if row == FP else "sample", None, samples_path(row), variant)
     check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
-    provenance = stage_provenance(cfg, "fid", samples.attrs["model_hash"])
-    reference = to_uint8_rgb(load_digits_images(cfg.model.image_size)[0])
-    metrics = {
-        "features": FEATURE_NOTE,
-        "quant_label": samples.attrs["quant_label"],
-        # strings, so that `dvc metrics diff` does not list them as numbers
-        "provenance": {
-            "model_hash": provenance["model_hash"],
-            "params_hash": provenance["params_hash"],
-            "seeds": ", ".join(f"{key}={value}" for key, value in provenance["seeds"].items()),
-        },
-    }
-    for name in ("fp", "quant"):
-        images = to_uint8_rgb(torch.from_numpy(samples[name][:]))
-        metrics[name] = fidelity_metrics(images, reference, str(CLASSIFIER), e.kid_subset_size, e.isc_splits, e.prc_neighborhood)
-        metrics[name]["confident_share"] = confident_share(images, str(CLASSIFIER))
-        metrics[name]["num_samples"] = len(images)
-    metrics["paired"] = paired_error(torch.from_numpy(samples["fp"][:]), torch.from_numpy(samples["quant"][:]))
-    write_json(METRICS, metrics)
+    fp_runs = None
+    if row != FP:
+        fp_runs, fp_attrs = read_samples(samples_path(FP))
+        check_input(fp_attrs, cfg, "sample_fp", attrs["model_hash"], samples_path(FP))
+    found = evaluate_runs(runs, reference_digits(cfg.model.image_size), str(CLASSIFIER), e.kid_subset_size, e.isc_splits, e.prc_neighborhood, fp_runs)
+    provenance = stage_provenance(cfg, "fid_fp" if row == FP else "fid", attrs["model_hash"], variant)
+    write_json(metrics_path(row), metrics_record(attrs["label"], variant, attrs["steps"], found, provenance))
 
 
 if __name__ == "__main__":
-    main()
+    main(entry_argument())

@@ -1,25 +1,69 @@
-"""Where each artifact lives; dvc.yaml names the same paths."""
+"""Where each artifact lives; dvc.yaml names the same paths. Per-entry artifacts are named after their
+``weights`` entry (les, recon) or their row (pts, sample, fid, peer); "fp" names the FP model's."""
 
+import sys
 from pathlib import Path
 
 ARTIFACTS = Path("artifacts")
 REPORTS = Path("reports")
+METRICS = Path("metrics")
 FP_MODEL = ARTIFACTS / "fp_model"
 FP_PROVENANCE = FP_MODEL / "provenance.json"
 CLASSIFIER = ARTIFACTS / "classifier.safetensors"
 CALIB = ARTIFACTS / "calib.zarr"
-LES = ARTIFACTS / "les.safetensors"
-WEIGHTS = ARTIFACTS / "weights.safetensors"
-ACT_PARAMS = ARTIFACTS / "act_params.safetensors"
-SAMPLES = ARTIFACTS / "samples.zarr"
-METRICS = Path("metrics.json")
 STATS = ARTIFACTS / "stats.zarr"
+SAMPLES = ARTIFACTS / "samples"
 STATS_JSON = REPORTS / "stats.json"
 STATS_TABLE = REPORTS / "stats_outlier_ratio.csv"
 FIGURES = REPORTS / "figures"
 STATS_RANGES_FIG = FIGURES / "stats_channel_ranges.png"
 STATS_HEATMAP_FIG = FIGURES / "stats_outlier_heatmap.png"
-VOTES = ARTIFACTS / "votes.zarr"
-# per-layer / per-block checkpoints of an unfinished les / recon stage (removed when it completes)
-LES_CHECKPOINTS = ARTIFACTS / ".les.ckpt"
-RECON_CHECKPOINTS = ARTIFACTS / ".recon.ckpt"
+PAPER_TABLE = REPORTS / "paper_table.md"
+ABLATION = REPORTS / "ablation.md"
+FID_FIG = FIGURES / "fid_vs_activation_bits.png"
+GRIDS_FIG = FIGURES / "samples_by_method.png"
+FP = "fp"
+
+
+def les_path(weights: str) -> Path:
+    return ARTIFACTS / "les" / f"{weights}.safetensors"
+
+
+def weights_path(weights: str) -> Path:
+    return ARTIFACTS / "weights" / f"{weights}.safetensors"
+
+
+def act_params_path(row: str) -> Path:
+    return ARTIFACTS / "act_params" / f"{row}.safetensors"
+
+
+def votes_path(row: str) -> Path:
+    return ARTIFACTS / "votes" / f"{row}.zarr"
+
+
+def samples_path(row: str) -> Path:
+    return SAMPLES / f"{row}.zarr"
+
+
+def metrics_path(row: str) -> Path:
+    return METRICS / f"{row}.json"
+
+
+def report_path(stage: str, name: str) -> Path:
+    return REPORTS / stage / f"{name}.json"
+
+
+def grid_path(row: str) -> Path:
+    return REPORTS / "samples" / f"{row}.png"
+
+
+def checkpoints_path(stage: str, name: str) -> Path:
+    """Per-unit checkpoints of an unfinished les / recon stage (removed when it completes)."""
+    return ARTIFACTS / f".{stage}.ckpt" / name
+
+
+def entry_argument() -> str:
+    """The entry a per-entry stage runs for: ``python -m stages.recon qdiff-w4``."""
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: python -m {sys.modules['__main__'].__spec__.name} NAME  (an entry of params.yaml)")
+    return sys.argv[1]

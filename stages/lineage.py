@@ -1,25 +1,37 @@
 """What each stage reads: its params (dvc.yaml declares the same lists; tests/test_integrity.py keeps
 them in step) and the stages whose artifacts it reads. An artifact's provenance covers the params of
-its stage and of every stage upstream, so a reader can tell a stale artifact from the current params."""
+its stage and of every stage upstream, plus what its entry quantizes (the method and bit-widths, not
+the entry's name: two entries that quantize alike make the same artifact), so a reader can tell a
+stale artifact from the current params."""
 
 from __future__ import annotations
 
-from pipeline.config import Config
+from pipeline.config import Config, Variant
 from pipeline.fingerprint import check_provenance, config_values, provenance
+from pipeline.methods import METHODS
 
 PARAMS = {
     "fp_model": ("seed", "model"),
     "classifier": ("classifier", "model.image_size"),
     "dump": ("device", "diffusion", "calib"),
     "stats": ("stats",),
-    "les": ("device", "quant.method", "quant.w_bits", "quant.a_bits", "les"),
-    "recon": (
-        "device", "autocast", "quant.method", "quant.w_bits", "quant.weight_clip_grid", "quant.weight_clip_p",
-        "recon", "les.focal_r", "les.focal_momentum",
-    ),  # fmt: skip
-    "pts": ("device", "quant.method", "quant.a_bits", "pts"),
+    "les": ("device", "les"),
+    "recon": ("device", "autocast", "quant", "recon", "les.focal_r", "les.focal_momentum"),
+    "pts": ("device", "pts"),
+    "sample_fp": ("device", "autocast", "diffusion.steps", "sample"),
     "sample": ("device", "autocast", "diffusion.steps", "sample"),
+    "fid_fp": ("eval", "model.image_size"),
     "fid": ("eval", "model.image_size"),
+    "peer": ("device", "diffusion.steps", "sample", "eval", "model.image_size"),
+    "report": ("report",),
+}
+
+# The entry params of the per-entry stages, as dvc.yaml's foreach templates write them.
+ENTRY_PARAMS = {
+    "les": ("weights.${key}",),
+    "recon": ("weights.${key}",),
+    "pts": ("rows.${key}", "weights.${item.weights}"),
+    "peer": ("peers.${key}",),
 }
 
 INPUTS = {
@@ -30,16 +42,23 @@ INPUTS = {
     "les": ("fp_model", "dump"),
     "recon": ("fp_model", "dump", "les"),
     "pts": ("fp_model", "dump", "stats", "recon"),
+    "sample_fp": ("fp_model",),
     "sample": ("fp_model", "recon", "pts"),
-    "fid": ("sample", "classifier"),
+    "fid_fp": ("sample_fp", "classifier"),
+    "fid": ("sample", "sample_fp", "classifier"),
+    "peer": ("fp_model", "dump", "sample_fp", "classifier"),
+    "report": ("fid_fp", "fid", "peer", "sample_fp", "sample"),
 }
 
 
-def lineage_params(stage: str) -> set[str]:
-    """The params of ``stage`` and of every stage upstream of it."""
+def lineage_params(stage: str, variant: Variant | None = None) -> set[str]:
+    """The params of ``stage`` and of every stage upstream of it. The les stage of a method without
+    LES reads no params (it writes γ = 1), so its lineage is empty."""
+    if stage == "les" and variant is not None and not METHODS[variant.method].les:
+        return set()
     keys = set(PARAMS[stage])
     for upstream in INPUTS[stage]:
-        keys |= lineage_params(upstream)
+        keys |= lineage_params(upstream, variant)
     return keys
 
 
@@ -49,10 +68,14 @@ def lineage_params(stage: str) -> set[str]:
 RESULT_INDEPENDENT = {"les.workers"}
 
 
-def stage_provenance(cfg: Config, stage: str, model: str | None) -> dict:
-    """The provenance header of an artifact that ``stage`` writes under the parameters ``cfg``."""
-    values = config_values(cfg.model_dump(mode="json"), sorted(lineage_params(stage)))
-    return provenance({key: value for key, value in values.items() if key not in RESULT_INDEPENDENT}, model)
+def stage_provenance(cfg: Config, stage: str, model: str | None, variant: Variant | None = None) -> dict:
+    """The provenance header of an artifact that ``stage`` writes under the parameters ``cfg`` for an
+    entry that quantizes ``variant`` (None for the stages that quantize nothing)."""
+    values = config_values(cfg.model_dump(mode="json"), sorted(lineage_params(stage, variant)))
+    values = {key: value for key, value in values.items() if key not in RESULT_INDEPENDENT}
+    if variant is not None:
+        values.update({f"variant.{key}": value for key, value in variant._asdict().items() if value is not None})
+    return provenance(values, model)
 
 
 def checkpoint_key(provenance: dict) -> str:
@@ -60,6 +83,6 @@ def checkpoint_key(provenance: dict) -> str:
     return f"{provenance['model_hash']}-{provenance['params_hash']}"
 
 
-def check_input(header: dict, cfg: Config, stage: str, model: str | None, path) -> None:
+def check_input(header: dict, cfg: Config, stage: str, model: str | None, path, variant: Variant | None = None) -> None:
     """Refuse an artifact of ``stage`` that another model or other parameters than ``cfg`` made."""
-    check_provenance(header, stage_provenance(cfg, stage, model), str(path))
+    check_provenance(header, stage_provenance(cfg, stage, model, variant), str(path))

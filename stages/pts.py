@@ -1,5 +1,5 @@
-"""Stage pts: per-step activation calibration on the weight-quantized network, with PTS voting for
-the methods that use it -> artifacts/act_params.safetensors, artifacts/votes.zarr."""
+"""Stage pts@<row>: per-step activation calibration on the weight-quantized network, with PTS voting
+for the methods that use it -> artifacts/act_params/<row>.safetensors, artifacts/votes/<row>.zarr."""
 
 import zarr
 
@@ -14,21 +14,23 @@ from pipeline.pts import PTSVoter, select_pts_layers, vote_summary
 from pipeline.quant.artifacts import act_tensors
 from pipeline.quantized import load_quantized_unet
 from pipeline.stats import auto_pts_layers, open_stats
-from stages.layout import ACT_PARAMS, CALIB, FP_MODEL, REPORTS, STATS, VOTES, WEIGHTS
+from stages.layout import CALIB, FP_MODEL, STATS, act_params_path, entry_argument, report_path, votes_path, weights_path
 from stages.lineage import check_input, stage_provenance
 
 
-def main() -> None:
+def main(row: str) -> None:
     cfg = load_config()
     p = cfg.pts
-    method = METHODS[cfg.quant.method]
+    variant = cfg.row_variant(row)
+    weights = cfg.rows[row].weights
+    method = METHODS[variant.method]
     device = resolve_device(cfg.device)
     fp_hash = model_hash(FP_MODEL)
     calib = open_calibration(CALIB)
     check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
     steps = calib.attrs["steps"]
-    unet, _, layers, headers = load_quantized_unet(FP_MODEL, WEIGHTS, None, fp_hash, steps, a_bits=cfg.quant.a_bits)
-    check_input(headers["weights"], cfg, "recon", fp_hash, WEIGHTS)
+    unet, _, layers, headers = load_quantized_unet(FP_MODEL, weights_path(weights), None, fp_hash, steps, a_bits=variant.a_bits)
+    check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
     unet.to(device)
     voter = None
     if method.pts:
@@ -41,21 +43,18 @@ def main() -> None:
         voter = PTSVoter({n: layers[n] for n in names}, p.num_candidates, p.ratio_threshold)
     after_step = None if voter is None else (lambda s, x, t: voter(unet, s, x, t, p.batch_size))
     calibrate_activations(unet, layers, calib, p.calib_records, p.batch_size, p.momentum, device, after_step)
-    provenance = stage_provenance(cfg, "pts", fp_hash)
-    header = {
-        **provenance, "method": cfg.quant.method, "w_bits": headers["weights"]["w_bits"], "a_bits": cfg.quant.a_bits,
-        "steps": steps, "pts": voter is not None,
-    }  # fmt: skip
-    write_tensors(ACT_PARAMS, act_tensors(layers), header)
+    provenance = stage_provenance(cfg, "pts", fp_hash, variant)
+    header = {**provenance, **variant._asdict(), "steps": steps, "pts": voter is not None}
+    write_tensors(act_params_path(row), act_tensors(layers), header)
     votes = voter.stacked() if voter else {}
-    with atomic_store(VOTES) as tmp:
+    with atomic_store(votes_path(row)) as tmp:
         root = zarr.open_group(str(tmp), mode="w")
         root.attrs.update({**provenance, "steps": steps, "threshold": p.ratio_threshold, "pts": voter is not None})
         for name, arrays in votes.items():
             for key, value in arrays.items():
                 root.create_array(f"{name}/{key}", data=value.numpy())
-    write_json(REPORTS / "pts.json", vote_summary(votes))
+    write_json(report_path("pts", row), vote_summary(votes))
 
 
 if __name__ == "__main__":
-    main()
+    main(entry_argument())

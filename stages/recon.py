@@ -1,6 +1,6 @@
-"""Stage recon: fold γ into the weights, search weight scales, then learn the rounding (AdaRound) or
-round to nearest (methods without AdaRound) -> artifacts/weights.safetensors. Each reconstructed
-block is checkpointed, so a rerun after a kill resumes."""
+"""Stage recon@<weights entry>: fold γ into the weights, search weight scales, then learn the rounding
+(AdaRound) or round to nearest (methods without AdaRound) -> artifacts/weights/<entry>.safetensors.
+Each reconstructed block is checkpointed, so a rerun after a kill resumes."""
 
 import copy
 import time
@@ -19,25 +19,26 @@ from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import load_gamma, weight_tensors
 from pipeline.recon import init_weight_quantizers
 from pipeline.weighting import make_weighting
-from stages.layout import CALIB, FP_MODEL, LES, RECON_CHECKPOINTS, REPORTS, WEIGHTS
+from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path, weights_path
 from stages.lineage import check_input, checkpoint_key, stage_provenance
 
 
-def main() -> None:
+def main(name: str) -> None:
     cfg = load_config()
     q, r = cfg.quant, cfg.recon
-    method = METHODS[q.method]
+    variant = cfg.weights_variant(name)
+    method = METHODS[variant.method]
     device = resolve_device(cfg.device)
     fp_unet, _ = load_fp_model(FP_MODEL)
     fp_hash = model_hash(FP_MODEL)
-    provenance = stage_provenance(cfg, "recon", fp_hash)
-    gammas, les_header = read_tensors(LES)
-    check_input(les_header, cfg, "les", fp_hash, LES)
+    provenance = stage_provenance(cfg, "recon", fp_hash, variant)
+    gammas, les_header = read_tensors(les_path(name))
+    check_input(les_header, cfg, "les", fp_hash, les_path(name), variant)
     q_unet = copy.deepcopy(fp_unet)
-    layers = quantize(q_unet, QuantSpec(w_bits=q.w_bits, split=method.split))
-    load_gamma(layers, gammas, str(LES))
+    layers = quantize(q_unet, QuantSpec(w_bits=variant.w_bits, split=method.split))
+    load_gamma(layers, gammas, str(les_path(name)))
     init_weight_quantizers(layers, q.weight_clip_grid, q.weight_clip_p)
-    report = {"method": q.method, "adaround": method.adaround}
+    report = {"method": variant.method, "adaround": method.adaround}
     checkpoints = None
     if method.adaround:
         calib = open_calibration(CALIB)
@@ -48,19 +49,19 @@ def main() -> None:
             steps = calib.attrs["steps"]
             weighting = partial(make_weighting, method.weighting, steps, cfg.les.focal_r, cfg.les.focal_momentum)
         settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed, cfg.autocast)
-        checkpoints = Checkpoints(RECON_CHECKPOINTS, checkpoint_key(provenance))
+        checkpoints = Checkpoints(checkpoints_path("recon", name), checkpoint_key(provenance))
         start = time.perf_counter()
         inputs = (to_device(x, device), to_device(t, device))
         units = adaround(q_unet.to(device), fp_unet.to(device), inputs, settings, weighting, to_device(step, device), checkpoints)
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)
         report["mean_loss_after"] = sum(u["after"] for u in units.values()) / len(units)
-    header = {**provenance, "method": q.method, "w_bits": q.w_bits, "split": method.split}
-    write_tensors(WEIGHTS, weight_tensors(layers), header)
+    header = {**provenance, **variant._asdict(), "split": method.split}
+    write_tensors(weights_path(name), weight_tensors(layers), header)
     if checkpoints:
         checkpoints.remove()
-    write_json(REPORTS / "recon.json", report)
+    write_json(report_path("recon", name), report)
 
 
 if __name__ == "__main__":
-    main()
+    main(entry_argument())

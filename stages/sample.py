@@ -1,41 +1,39 @@
-"""Stage sample: DDIM with the FP and the quantized UNet from the same seeds -> samples.zarr, grids."""
-
-import torch
+"""Stage sample@<row> (and sample_fp): DDIM from the same seeds with the row's quantized UNet, or the
+FP UNet for "fp" -> artifacts/samples/<row>.zarr (one array per seed), reports/samples/<row>.png."""
 
 from pipeline.config import load_config
 from pipeline.diffusion import ddim_scheduler, load_fp_model
-from pipeline.distributed import init, shared_store
+from pipeline.distributed import init
 from pipeline.figures import save_grid
 from pipeline.fingerprint import model_hash
-from pipeline.io import open_store
 from pipeline.quantized import load_quantized_unet
-from pipeline.sampling import create_sample_arrays, generate, image_shape
-from stages.layout import ACT_PARAMS, FP_MODEL, REPORTS, SAMPLES, WEIGHTS
+from pipeline.sampling import read_samples, write_samples
+from stages.layout import FP, FP_MODEL, act_params_path, entry_argument, grid_path, samples_path, weights_path
 from stages.lineage import check_input, stage_provenance
 
 
-def main() -> None:
+def main(row: str) -> None:
     cfg = load_config()
     s = cfg.sample
     world, device = init(cfg.device)  # under torchrun, each rank makes its share of the samples
     fp_hash = model_hash(FP_MODEL)
-    fp_unet, train_scheduler = load_fp_model(FP_MODEL)
-    q_unet, _, _, headers = load_quantized_unet(FP_MODEL, WEIGHTS, ACT_PARAMS, fp_hash, cfg.diffusion.steps)
-    check_input(headers["weights"], cfg, "recon", fp_hash, WEIGHTS)
-    check_input(headers["act"], cfg, "pts", fp_hash, ACT_PARAMS)
+    if row == FP:
+        variant, stage, label = None, "sample_fp", "FP"
+        unet, train_scheduler = load_fp_model(FP_MODEL)
+    else:
+        variant, stage = cfg.row_variant(row), "sample"
+        label = f"{variant.method} {variant.label}"
+        weights = cfg.rows[row].weights
+        unet, train_scheduler, _, headers = load_quantized_unet(FP_MODEL, weights_path(weights), act_params_path(row), fp_hash, cfg.diffusion.steps)
+        check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
+        check_input(headers["act"], cfg, "pts", fp_hash, act_params_path(row), variant)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    label = f"{headers['act']['method']} W{headers['act']['w_bits']}A{headers['act']['a_bits']}"
-    attrs = {**stage_provenance(cfg, "sample", fp_hash), "steps": cfg.diffusion.steps, "quant_label": label}
-    unets = {"fp": fp_unet.to(device), "quant": q_unet.to(device)}
-    with shared_store(SAMPLES, world) as tmp:
-        root = create_sample_arrays(tmp, list(unets), s.num_samples, image_shape(fp_unet), s.batch_size, attrs, world)
-        for name, unet in unets.items():
-            generate(unet, scheduler, root[name], s.batch_size, s.eta, s.seed, device, f"sample {name}", world, cfg.autocast)
+    unet.to(device)
+    attrs = {**stage_provenance(cfg, stage, fp_hash, variant), "steps": cfg.diffusion.steps, "label": label}
+    write_samples(samples_path(row), unet, scheduler, s.seeds, s.num_samples, s.batch_size, s.eta, device, attrs, f"sample {row}", world, cfg.autocast)
     if world.main:
-        root = open_store(SAMPLES, "samples store")
-        for name, title in (("fp", "FP"), ("quant", label)):
-            save_grid(torch.from_numpy(root[name][: s.grid_size**2]), REPORTS / f"samples_{name}.png", s.grid_size, title)
+        save_grid(read_samples(samples_path(row), s.grid_size**2)[0][s.seeds[0]], grid_path(row), s.grid_size, label)
 
 
 if __name__ == "__main__":
-    main()
+    main(entry_argument())

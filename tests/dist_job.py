@@ -15,7 +15,7 @@ from pipeline.io import write_tensors
 from pipeline.les import learn_all
 from pipeline.models import build_unet
 from pipeline.quant import QuantSpec, quantizable_layers, quantize
-from pipeline.sampling import create_sample_arrays, generate, image_shape
+from pipeline.sampling import write_samples
 
 # chunks of 2 records and batches of 3 cut each other, so ranks get uneven, step-straddling shares
 DUMP = dict(num_samples=8, layer_records_per_step=4, batch_size=3, eta=0.5, seed=11, chunk_records=2)
@@ -31,9 +31,7 @@ def main(out: Path) -> None:
     scheduler = ddim_scheduler(DDPMScheduler(num_train_timesteps=1000), steps=3)
     with shared_store(out / "calib.zarr", world) as tmp:
         dump_calibration(tmp, unet, scheduler, quantizable_layers(unet), attrs={"job": "test"}, device=device, world=world, **DUMP)
-    with shared_store(out / "samples.zarr", world) as tmp:
-        root = create_sample_arrays(tmp, ["fp"], SAMPLE["num_samples"], image_shape(unet), SAMPLE["batch_size"], {}, world)
-        generate(unet, scheduler, root["fp"], SAMPLE["batch_size"], 0.5, 7, device, "sample", world)
+    write_samples(out / "samples.zarr", unet, scheduler, [7, 8], eta=0.5, device=device, attrs={}, desc="sample", world=world, **SAMPLE)
     layers = quantize(unet, QuantSpec(w_bits=4, a_bits=6))
     with world.main_first():
         checkpoints = Checkpoints(out / "les.ckpt", "key")

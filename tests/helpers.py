@@ -30,18 +30,22 @@ def stale_stages(repo: Path) -> set[str]:
     return set(json.loads(run(["dvc", "status", "--json"], repo)))
 
 
-def merge(base: dict, override: dict) -> dict:
+ENTRY_SECTIONS = ("weights", "rows", "peers")  # a config's own matrix replaces the shipped one
+
+
+def merge(base: dict, override: dict, replace: tuple[str, ...] = ()) -> dict:
     for key, value in override.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key not in replace:
             merge(base[key], value)
         else:
             base[key] = value
     return base
 
 
-def set_params(repo: Path, overrides: dict) -> None:
+def set_params(repo: Path, overrides: dict, replace: tuple[str, ...] = ()) -> None:
+    """Change params.yaml; the top-level sections in ``replace`` are replaced, not merged."""
     path = repo / "params.yaml"
-    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), overrides, replace), sort_keys=False))
 
 
 def set_param(repo: Path, section: str, key: str, value) -> None:
@@ -53,7 +57,7 @@ def init_repo(repo: Path, overrides: dict | None = None) -> Path:
     for item in REPO_ITEMS:
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    set_params(repo, overrides or {})
+    set_params(repo, overrides or {}, replace=ENTRY_SECTIONS)
     run(["dvc", "init", "--no-scm", "-q"], repo)
     run(["dvc", "config", "core.analytics", "false"], repo)
     return repo
@@ -78,9 +82,10 @@ def tree_hash(path: Path) -> str:
 
 
 def artifact_hashes(repo: Path) -> dict[str, str]:
-    """Every artifact of a finished run (and metrics.json), by path."""
-    artifacts = [p for p in (repo / "artifacts").iterdir() if not p.name.startswith(".")]
-    return {p.name: tree_hash(p) for p in sorted(artifacts) + [repo / "metrics.json"]}
+    """Every artifact of a finished run (and the metrics), by path."""
+    found = [p for folder in ("artifacts", "metrics") for p in (repo / folder).rglob("*") if p.is_file() or p.suffix == ".zarr"]
+    found = [p for p in found if not any(part.startswith(".") for part in p.relative_to(repo).parts) and ".zarr/" not in p.relative_to(repo).as_posix()]
+    return {p.relative_to(repo).as_posix(): tree_hash(p) for p in sorted(found)}
 
 
 class TwoConvs(torch.nn.Module):

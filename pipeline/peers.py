@@ -1,0 +1,29 @@
+"""Peer rows: the same FP model quantized by a library a practitioner would reach for instead, so
+the table compares DMQ with it on the same model, seeds and metric.
+
+optimum-quanto quantizes every Linear / Conv2d: weights per output channel (int8) or in groups
+(int4), activations per tensor with one static scale for all timesteps, calibrated by running the
+model on calibration inputs (an exponential moving average of the ranges, quanto's own)."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+PEER_LIBRARIES = ("optimum-quanto",)
+
+
+@torch.no_grad()
+def quanto_quantize(unet: torch.nn.Module, w_bits: int, a_bits: int, x: torch.Tensor, t: torch.Tensor, batch_size: int) -> torch.nn.Module:
+    """``unet`` quantized in place by optimum-quanto (W4 or W8, A8), calibrated on the trajectory
+    inputs ``x`` at timesteps ``t``, and frozen (integer weights)."""
+    from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
+
+    weights = {4: qint4, 8: qint8}[w_bits]
+    activations = {8: qint8}[a_bits]
+    quantize(unet, weights=weights, activations=activations)
+    with Calibration(momentum=0.9):
+        for start in tqdm(range(0, len(x), batch_size), desc="quanto calibration"):
+            unet(x[start : start + batch_size], t[start : start + batch_size])
+    freeze(unet)
+    return unet

@@ -1,0 +1,45 @@
+"""Stage peer@<name>: the FP UNet quantized by another library (optimum-quanto), calibrated on the
+dumped trajectories, sampled from the same seeds and measured like every row ->
+artifacts/samples/<name>.zarr, reports/samples/<name>.png, metrics/<name>.json."""
+
+from pipeline.calib import open_calibration, random_records
+from pipeline.config import load_config
+from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
+from pipeline.figures import save_grid
+from pipeline.fingerprint import model_hash
+from pipeline.io import read_tensors, write_json
+from pipeline.metrics import evaluate_runs, reference_digits
+from pipeline.peers import quanto_quantize
+from pipeline.report import metrics_record
+from pipeline.sampling import read_samples, write_samples
+from stages.layout import CALIB, CLASSIFIER, FP, FP_MODEL, entry_argument, grid_path, metrics_path, samples_path
+from stages.lineage import check_input, stage_provenance
+
+
+def main(name: str) -> None:
+    cfg = load_config()
+    s, e = cfg.sample, cfg.eval
+    peer = cfg.entry("peers", name)
+    variant = cfg.row_variant(name)
+    label = f"{peer.library} {variant.label}"
+    device = resolve_device(cfg.device)
+    fp_hash = model_hash(FP_MODEL)
+    calib = open_calibration(CALIB)
+    check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
+    fp_runs, fp_attrs = read_samples(samples_path(FP))
+    check_input(fp_attrs, cfg, "sample_fp", fp_hash, samples_path(FP))
+    check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
+    unet, train_scheduler = load_fp_model(FP_MODEL)
+    x, t, _ = random_records(calib, peer.calib_records, cfg.seed)
+    quanto_quantize(unet.to(device), variant.w_bits, variant.a_bits, x.to(device), t.to(device), s.batch_size)
+    scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
+    provenance = stage_provenance(cfg, "peer", fp_hash, variant)
+    write_samples(samples_path(name), unet, scheduler, s.seeds, s.num_samples, s.batch_size, s.eta, device, {**provenance, "steps": cfg.diffusion.steps, "label": label}, f"sample {name}")
+    runs, _ = read_samples(samples_path(name))
+    save_grid(runs[s.seeds[0]], grid_path(name), s.grid_size, label)
+    found = evaluate_runs(runs, reference_digits(cfg.model.image_size), str(CLASSIFIER), e.kid_subset_size, e.isc_splits, e.prc_neighborhood, fp_runs)
+    write_json(metrics_path(name), metrics_record(label, variant, cfg.diffusion.steps, found, provenance))
+
+
+if __name__ == "__main__":
+    main(entry_argument())
