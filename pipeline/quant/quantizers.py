@@ -12,15 +12,32 @@ import torch
 import torch.nn as nn
 
 
+class _RoundSTE(torch.autograd.Function):
+    """One rounding kernel forward and the gradient passed through backward; the textbook
+    ``(x.round() - x).detach() + x`` costs two more passes over ``x`` each way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round in the forward pass, identity gradient in the backward pass."""
-    return (x.round() - x).detach() + x
+    return _RoundSTE.apply(x)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ste: bool = False):
     levels = 2**bits - 1
-    q = (round_ste(x / scale) if ste else torch.round(x / scale)) + zero_point
-    return (q.clamp(0, levels) - zero_point) * scale
+    if ste:
+        q = round_ste(x / scale) + zero_point
+        return (q.clamp(0, levels) - zero_point) * scale
+    # Without gradients: clamp(r + zp, 0, L) - zp == clamp(r, -zp, L - zp) exactly, r and zp being
+    # integers far inside float32's exact range, so four passes over x (three in place) instead of six.
+    return torch.round(x / scale).clamp_(-zero_point, levels - zero_point).mul_(scale)
 
 
 def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +52,8 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
 
 def part_extrema(x: torch.Tensor, parts: torch.Tensor, num_parts: int, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x`` over everything but ``channel_dim``, then reduced per part of channels."""
-    per_channel = x.transpose(0, channel_dim).reshape(x.shape[channel_dim], -1)
-    lo_c, hi_c = per_channel.amin(1), per_channel.amax(1)
+    others = tuple(d for d in range(x.ndim) if d != channel_dim % x.ndim)  # reduce in place: no transposed copy of x
+    lo_c, hi_c = x.amin(others), x.amax(others)
     inf = torch.full((num_parts,), float("inf"), dtype=x.dtype, device=x.device)
     lo = inf.scatter_reduce(0, parts, lo_c, "amin")
     hi = (-inf).scatter_reduce(0, parts, hi_c, "amax")
