@@ -49,6 +49,8 @@ MODELS = {
 CASES = ("les", "adaround", "sample", "dump")
 STEPS = 10  # DDIM steps of the sampling and dump cases
 RECORDS = 32  # LES / AdaRound batch (the paper's and the reference's)
+# iterations of the two LES / AdaRound runs whose difference times one iteration, and rounds of each
+ITERS = {"default": (4, 24, 5), "ldm4-half": (2, 8, 3)}
 SAMPLE_BATCH = {"default": 32, "ldm4-half": 4}
 
 
@@ -57,12 +59,19 @@ SAMPLE_BATCH = {"default": 32, "ldm4-half": 4}
 
 def _timed(fn, repeats: int = 3) -> float:
     """Best of ``repeats`` wall times of ``fn()`` (the machine is shared: the minimum is the least noisy)."""
-    best = float("inf")
+    return _interleaved({"fn": fn}, repeats)["fn"]
+
+
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Best wall time of each function over ``repeats`` rounds that run them all in turn, so that
+    load from elsewhere on a shared machine hits every figure of a ratio alike."""
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -152,16 +161,18 @@ def case_les(model: str, device) -> dict:
         def learn(iters):
             learn_gamma(layer, inputs, outputs, 4, make_weighting("focal", 4), iters=iters, lr=1e-3, batch_size=RECORDS, seed=0, name=name)
 
-        base, more = 3, 23
-        per_iter = max(_timed(lambda: learn(more), 2) - _timed(lambda: learn(base), 2), 1e-9) / (more - base)
+        base, more, rounds = ITERS[model]
         theta = torch.zeros(layer.gamma.shape, device=device, requires_grad=True)
 
         def plain():
-            gamma = theta.exp()
-            out = layer.apply(layer.scale_input(inputs.float(), gamma), layer.scaled_weight(gamma))
-            torch.autograd.grad((out - outputs.float()).pow(2).mean(), theta)
+            for _ in range(more - base):
+                gamma = theta.exp()
+                out = layer.apply(layer.scale_input(inputs.float(), gamma), layer.scaled_weight(gamma))
+                torch.autograd.grad((out - outputs.float()).pow(2).mean(), theta)
 
-        ref = _timed(lambda: [plain() for _ in range(20)]) / 20
+        best = _interleaved({"base": lambda: learn(base), "more": lambda: learn(more), "ref": plain}, rounds)
+        per_iter = max(best["more"] - best["base"], 1e-9) / (more - base)
+        ref = best["ref"] / (more - base)
         rows[role] = {"layer": name, "iter_ms": per_iter * 1e3, "iters_per_s": 1 / per_iter, "ref_fwd_bwd_ms": ref * 1e3, "ratio": per_iter / ref}
     return rows
 
@@ -198,18 +209,20 @@ def case_adaround(model: str, device) -> dict:
             settings = AdaRoundSettings(iters=iters, lr=1e-3, batch_size=RECORDS, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0)
             reconstruct_unit(name, unit, q_inputs, fp_outputs, settings)
 
-        base, more = 3, 13
-        per_iter = max(_timed(lambda: run(more), 2) - _timed(lambda: run(base), 2), 1e-9) / (more - base)
+        base, more, rounds = ITERS[model]
         fp_unit = copy.deepcopy(fp_modules[name]).requires_grad_(True)
         args, kwargs = q_inputs[0]
         target = fp_outputs[0]
         params = list(fp_unit.parameters())
 
         def plain():
-            out = fp_unit(*args, **kwargs)
-            torch.autograd.grad((out - target).pow(2).mean(), params)
+            for _ in range(more - base):
+                out = fp_unit(*args, **kwargs)
+                torch.autograd.grad((out - target).pow(2).mean(), params)
 
-        ref = _timed(lambda: [plain() for _ in range(10)]) / 10
+        best = _interleaved({"base": lambda: run(base), "more": lambda: run(more), "ref": plain}, rounds)
+        per_iter = max(best["more"] - best["base"], 1e-9) / (more - base)
+        ref = best["ref"] / (more - base)
         rows[role] = {"block": name, "iter_ms": per_iter * 1e3, "iters_per_s": 1 / per_iter, "ref_fwd_bwd_ms": ref * 1e3, "ratio": per_iter / ref}
     return rows
 
@@ -253,10 +266,10 @@ def case_sample(model: str, device) -> dict:
     noise = sample_noise(0, torch.arange(batch), STEPS, shape).to(device)
     q = _fake_quantized(fp, device, noise[:, 0], STEPS)
     scheduler = _scheduler(STEPS)
-    times = {"fp": float("inf"), "quant": float("inf")}
-    for _ in range(3):  # interleaved, so a burst of load from elsewhere hits both alike
-        times["fp"] = min(times["fp"], _timed(lambda: ddim_sample(fp, scheduler, noise, 0.0), 1))
-        times["quant"] = min(times["quant"], _timed(lambda: ddim_sample(q, scheduler, noise, 0.0, lambda s, t, x: set_step(q, s)), 1))
+    times = _interleaved({
+        "fp": lambda: ddim_sample(fp, scheduler, noise, 0.0),
+        "quant": lambda: ddim_sample(q, scheduler, noise, 0.0, lambda s, t, x: set_step(q, s)),
+    }, 3)  # fmt: skip
     return {
         "batch": batch, "steps": STEPS,
         "fp_images_per_s": batch / times["fp"], "quant_images_per_s": batch / times["quant"], "ratio": times["quant"] / times["fp"],
@@ -350,7 +363,7 @@ def main() -> None:
         return
     codes = {"after": ROOT} if args.before is None else {"before": args.before.resolve(), "after": ROOT}
     results = []
-    header = f"{'model':<10} {'code':<7} {'case':<58} {'figure':<34} {'ratio':<18} {'peak RSS MB':>11}"
+    header = f"{'model':<10} {'code':<7} {'case':<58} {'figure':<34} {'ratio':<18} {'peak RSS MB (over imports)':>26}"
     print(header, flush=True)
     for model in args.models:
         for case in args.cases:
@@ -358,7 +371,8 @@ def main() -> None:
                 result = {**run_case(case, model, code, args.device, args.threads), "code": label}
                 results.append(result)
                 for what, figure, ratio in rows_of(result):
-                    print(f"{model:<10} {label:<7} {what:<58} {figure:<34} {ratio:<18} {result['peak_rss_mb']:>11.0f}", flush=True)
+                    memory = f"{result['peak_rss_mb']:.0f} (+{result['peak_rss_mb'] - result['rss_after_imports_mb']:.0f})"
+                    print(f"{model:<10} {label:<7} {what:<58} {figure:<34} {ratio:<18} {memory:>26}", flush=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")
 

@@ -30,14 +30,28 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _RoundSTE.apply(x)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ste: bool = False):
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ste: bool = False, inplace: bool = False
+) -> torch.Tensor:
+    """``(clamp(round(x / scale) + zp, 0, L) - zp) * scale`` with L = 2^bits - 1.
+
+    With ``ste`` the rounding passes the gradient straight through, and the zero point is left out of
+    the graph: it is a rounded value, so its gradient is 0 anyway. The clamp stays a clamp to the
+    numbers 0 and L: at the bounds it gives no gradient, where a clamp to tensor bounds would split it.
+
+    Without ``ste`` the same numbers come from ``min(max(r, -zp), L - zp) * scale`` (r = round(x / scale)
+    and zp are integers far inside float32's exact range), every step in place on one buffer: on CPU
+    a fresh output costs more than the arithmetic, and maximum/minimum with ``out=`` are several times
+    faster than ``clamp`` to tensor bounds. ``inplace`` lets it overwrite ``x`` (a caller's temporary)."""
     levels = 2**bits - 1
     if ste:
-        q = round_ste(x / scale) + zero_point
-        return (q.clamp(0, levels) - zero_point) * scale
-    # Without gradients: clamp(r + zp, 0, L) - zp == clamp(r, -zp, L - zp) exactly, r and zp being
-    # integers far inside float32's exact range, so four passes over x (three in place) instead of six.
-    return torch.round(x / scale).clamp_(-zero_point, levels - zero_point).mul_(scale)
+        zero_point = zero_point.detach()
+        return ((round_ste(x / scale) + zero_point).clamp(0, levels) - zero_point) * scale
+    q = x.div_(scale) if inplace else x / scale
+    q.round_()
+    torch.maximum(q, -zero_point, out=q)
+    torch.minimum(q, levels - zero_point, out=q)
+    return q.mul_(scale)
 
 
 def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,10 +191,11 @@ class ActQuantizer(nn.Module):
         scale = self.scale[step, self.parts] * torch.exp2(-self.exponent[step].float())
         return scale, self.zero_point[step, self.parts]
 
-    def forward(self, x: torch.Tensor, channel_dim: int, ste: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, channel_dim: int, ste: bool = False, inplace: bool = False) -> torch.Tensor:
+        """Fake-quantize ``x``; ``inplace`` lets it overwrite ``x`` (see :func:`fake_quantize`)."""
         if self.calibrating:
             self.observe(x, channel_dim)
         scale, zp = self.channel_params(self.step)
         shape = [1] * x.ndim
         shape[channel_dim] = -1
-        return fake_quantize(x, scale.view(shape), zp.view(shape), self.bits, ste=ste)
+        return fake_quantize(x, scale.view(shape), zp.view(shape), self.bits, ste=ste, inplace=inplace)
