@@ -92,3 +92,16 @@ def test_a_rank_fills_only_the_whole_chunks_of_its_share(tiny_unet, tmp_path):
     generate(tiny_unet, scheduler, root["alone"], 3, 0.0, 5, torch.device("cpu"), "alone")
     assert np.isnan(root["rank1"][:8]).all()
     np.testing.assert_array_equal(root["rank1"][8:], root["alone"][8:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, entry, output", [("les", "dmq-w4a6", "artifacts/les/dmq-w4a6.safetensors"), ("sample", "dmq-w4a6", "artifacts/samples/dmq-w4a6.zarr"), ("dump", None, "artifacts/calib.zarr")])
+def test_a_stage_under_torchrun_writes_what_dvc_repro_wrote(pipeline_copy, stage, entry, output):
+    """The stage scripts themselves, launched by torchrun with 2 gloo ranks in a reproduced repository:
+    the output equals the one-process output byte for byte, so DVC sees nothing changed."""
+    before = tree_hash(pipeline_copy / output)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", f"stages.{stage}", *([entry] if entry else [])]
+    done = subprocess.run(cmd, cwd=pipeline_copy, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert tree_hash(pipeline_copy / output) == before
