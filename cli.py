@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
@@ -64,6 +65,138 @@ def doctor(
         typer.secho(f"{problems} problem(s) found", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo("no problems found")
+
+
+def _records(params: Path, ablation: bool) -> tuple[list[dict], str]:
+    """FP's and the configured rows' metrics records from metrics/, in the report's order."""
+    from pipeline.config import load_config
+    from pipeline.io import read_json
+    from stages.layout import FP, metrics_path
+
+    cfg = load_config(params)
+    names = [FP, *(cfg.report.ablation if ablation else cfg.report.table)]
+    missing = [name for name in names if not metrics_path(name).exists()]
+    if missing:
+        raise FileNotFoundError(f"no metrics for {', '.join(missing)} yet: run `python cli.py run` (dvc repro) first")
+    return [read_json(metrics_path(name)) for name in names], "Ablation" if ablation else "Paper table"
+
+
+@app.command()
+def table(
+    ablation: bool = typer.Option(False, help="the ablation rows (report.ablation) instead of the paper table"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Print the current table (FP first, then report.table) from the metrics in metrics/."""
+    from pipeline.metrics import FEATURE_NOTE
+    from pipeline.report import ABLATION_COLUMNS, COLUMNS, Row, markdown_table
+
+    try:
+        records, title = _records(params, ablation)
+    except FileNotFoundError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{title}\n")
+    typer.echo(markdown_table([Row.from_record(r) for r in records], records[0]["steps"], FEATURE_NOTE, ABLATION_COLUMNS if ablation else COLUMNS))
+
+
+@app.command("run")
+def run_pipeline(
+    targets: list[str] = typer.Argument(None, help="stages to bring up to date (default: all, i.e. the whole table)"),
+    force: bool = typer.Option(False, help="rerun the stages even when nothing changed (dvc repro --force)"),
+) -> None:
+    """``dvc repro`` with a readable account: the stages it will run, progress as each starts, how
+    long each took, then the table."""
+    import subprocess
+    import time
+
+    command = ["dvc", "repro", *(["--force"] if force else []), *(targets or [])]
+    changed = _stages_in(subprocess.run([*command, "--dry"], capture_output=True, text=True).stdout)
+    planned = _downstream(changed, subprocess.run(["dvc", "dag", "--dot"], capture_output=True, text=True).stdout)
+    typer.echo(
+        f"{len(changed)} stage(s) changed: {', '.join(changed)}; up to {len(planned)} run, those downstream only if their inputs change"
+        if changed
+        else "everything is up to date"
+    )
+    started, durations, current, log = time.perf_counter(), {}, None, []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            log.append(line)
+            for stage in _stages_in(line):
+                now = time.perf_counter()
+                if current:
+                    durations[current] = now - durations[current]
+                current, durations[stage] = stage, now
+                typer.echo(f"[{len(durations)}/≤{len(planned)}] {stage} (at {now - started:.0f} s)")
+    if current:
+        durations[current] = time.perf_counter() - durations[current]
+    if process.returncode:
+        typer.echo("".join(log[-40:]), err=True)
+        typer.secho(f"dvc repro failed (exit {process.returncode}) in stage {current}", fg="red", err=True)
+        raise typer.Exit(process.returncode)
+    for stage, seconds in sorted(durations.items(), key=lambda item: -item[1]):
+        typer.echo(f"{seconds:8.1f} s  {stage}")
+    typer.echo(f"{len(durations)} stage(s) ran, total {time.perf_counter() - started:.1f} s")
+    if Path("metrics").is_dir():
+        table(ablation=False, params=Path("params.yaml"))
+
+
+@app.command()
+def compare(
+    a: str = typer.Argument("HEAD", help="an experiment name or git revision"),
+    b: str = typer.Argument(None, help="another one (default: the workspace)"),
+    metric: str = typer.Option("fid", help="the metric to compare (mean over seeds): fid, kid, isc, precision, recall, paired_mse"),
+) -> None:
+    """Two experiments side by side: the params that differ, and each row's metric in both (via
+    ``dvc exp diff``)."""
+    import json
+    import subprocess
+
+    done = subprocess.run(["dvc", "exp", "diff", "--json", "--all", a, *([b] if b else [])], capture_output=True, text=True)
+    if done.returncode:
+        typer.secho(f"error: {done.stderr.strip()}", fg="red", err=True)
+        raise typer.Exit(1)
+    diff = json.loads(done.stdout or "{}")
+    changed = [(key, change) for path in diff.get("params", {}).values() for key, change in path.items() if change.get("old") != change.get("new")]
+    typer.echo(f"{a} → {b or 'workspace'}")
+    typer.echo("params that differ:" if changed else "no params differ")
+    for key, change in sorted(changed):
+        typer.echo(f"  {key}: {change.get('old')} → {change.get('new')}")
+    typer.echo(f"\n{'row':<22} {metric + ' ' + a:>16} {metric + ' ' + (b or 'workspace'):>16} {'change':>10}")
+    for row, old, new in _metric_by_row(diff.get("metrics", {}), metric):
+        change = "" if old is None or new is None else f"{new - old:+.4g}"
+        typer.echo(f"{row:<22} {_number(old):>16} {_number(new):>16} {change:>10}")
+
+
+def _stages_in(dvc_output: str) -> list[str]:
+    """The stages that ``dvc repro`` output says it runs (or, with --dry, would run), in order."""
+    return re.findall(r"Running stage '([^']+)'", dvc_output)
+
+
+def _downstream(stages: list[str], dag_dot: str) -> set[str]:
+    """``stages`` and every stage downstream of them, from ``dvc dag --dot``'s edges."""
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dag_dot)
+    found, frontier = set(stages), list(stages)
+    while frontier:
+        stage = frontier.pop()
+        for source, target in edges:
+            if source == stage and target not in found:
+                found.add(target)
+                frontier.append(target)
+    return found
+
+
+def _metric_by_row(metrics_diff: dict, metric: str) -> list[tuple[str, float | None, float | None]]:
+    """(row, old, new) of one metric's mean over seeds, from ``dvc exp diff --json``'s metrics."""
+    found = []
+    for path, values in sorted(metrics_diff.items()):
+        change = values.get(f"mean.{metric}")
+        if Path(path).parent.name == "metrics" and change:
+            found.append((Path(path).stem, change.get("old"), change.get("new")))
+    return found
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 import re
+import typing
 from typing import Annotated, Literal, NamedTuple
 
 import annotated_types
@@ -256,13 +257,19 @@ class ConfigError(ValueError):
 
 
 def _field(loc: tuple) -> FieldInfo | None:
-    """The field definition at a pydantic error location, e.g. ("quant", "w_bits")."""
-    model, info = Config, None
-    for part in loc:
+    """The field definition at a pydantic error location, e.g. ("quant", "w_bits") or, inside a named
+    entry, ("weights", "qdiff-w4", "w_bits")."""
+    model, info, parts = Config, None, list(loc)
+    while parts:
+        part = parts.pop(0)
         if model is None or part not in model.model_fields:
             return None
         info = model.model_fields[part]
-        model = info.annotation if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel) else None
+        annotation = info.annotation
+        if typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+            parts = parts[1:]  # the entry's name
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return info
 
 

@@ -16,6 +16,7 @@ from packaging.specifiers import SpecifierSet
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.diffusion import unet_skeleton
+from pipeline.methods import METHODS
 from pipeline.pts import select_pts_layers
 from pipeline.quant import quantizable_layers
 
@@ -91,15 +92,15 @@ def store_sizes(cfg: Config) -> dict[str, int]:
     io = layer_io_numel(unet)
     channels = {name: module.weight.shape[1] for name, module in quantizable_layers(unet).items()}
     pts = channels if cfg.pts.layers == "auto" else select_pts_layers(list(channels), cfg.pts.layers)
+    votes = 20 * steps * sum(channels[name] for name in pts)  # k_mode (int64), agreement (float32), k (int64) per layer, step, channel
+    samples = len(cfg.sample.seeds) * cfg.sample.num_samples * 4 * sample  # float32 images per seed
     return {
         # float32 x_t and x0, int64 t, int32 step and sample; float16 layer inputs and outputs
         "calib.zarr": steps * n * (4 * sample + 16) + n * 4 * sample + steps * per_step * 2 * sum(a + b for a, b in io.values()),
         # float32 min / max / absmax / percentile per channel and two per-step numbers, per layer and step
         "stats.zarr": 4 * steps * sum(4 * ch + 2 for ch in channels.values()),
-        # k_mode (int64), agreement (float32), k (int64) per PTS layer, step and channel
-        "votes.zarr": 20 * steps * sum(channels[name] for name in pts),
-        # FP and quantized float32 images
-        "samples.zarr": 2 * cfg.sample.num_samples * 4 * sample,
+        **{f"votes/{row}.zarr": votes if METHODS[cfg.row_variant(row).method].pts else 0 for row in cfg.rows},
+        **{f"samples/{name}.zarr": samples for name in ["fp", *cfg.rows, *cfg.peers]},
     }
 
 

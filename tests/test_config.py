@@ -14,16 +14,18 @@ def default():
 
 def test_default_params_load():
     cfg = load_config(ROOT / "params.yaml")
-    assert cfg.diffusion.steps == 20 and cfg.quant.method in {"minmax", "dmq"}
+    assert cfg.diffusion.steps == 20 and cfg.row_variant("dmq-w4a6") == ("dmq", 4, 6)
+    assert cfg.row_variant("qdiff-w4a6") == ("qdiff", 4, 6) and cfg.weights_variant("qdiff-w4") == ("qdiff", 4, None)
 
 
 @pytest.mark.parametrize(
     "section, key, value, expected",
     [
-        ("quant", "w_bits", 0, "quant.w_bits: .* (got 0); allowed: [2, 16]"),
-        ("quant", "w_bits", 1, "quant.w_bits: .* (got 1); allowed: [2, 16]"),
-        ("quant", "a_bits", 17, "quant.a_bits: .* (got 17); allowed: [2, 16]"),
-        ("quant", "method", "awq", "quant.method: unknown method 'awq'; allowed: minmax, qdiff, dmq"),
+        ("weights.qdiff-w4", "w_bits", 0, "weights.qdiff-w4.w_bits: .* (got 0); allowed: [2, 16]"),
+        ("weights.qdiff-w4", "w_bits", 1, "weights.qdiff-w4.w_bits: .* (got 1); allowed: [2, 16]"),
+        ("rows.dmq-w4a8", "a_bits", 17, "rows.dmq-w4a8.a_bits: .* (got 17); allowed: [2, 16]"),
+        ("weights.qdiff-w4", "method", "awq", "weights.qdiff-w4.method: unknown method 'awq'; allowed: minmax, qdiff, dmq"),
+        ("quant", "weight_clip_grid", 0, "quant.weight_clip_grid: .* (got 0); allowed: [1, inf)"),
         ("pts", "ratio_threshold", 0.0, "pts.ratio_threshold: .* (got 0.0); allowed: (0, 1]"),
         ("pts", "ratio_threshold", 1.5, "pts.ratio_threshold: .* (got 1.5); allowed: (0, 1]"),
         ("les", "iters", 0, "les.iters: .* (got 0); allowed: [1, inf)"),
@@ -36,15 +38,32 @@ def test_default_params_load():
 )
 def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, expected):
     data = default()
-    data[section][key] = value
+    entry = data
+    for part in section.split("."):
+        entry = entry[part]
+    entry[key] = value
     with pytest.raises(ConfigError, match=re.escape(expected).replace(r"\.\*", ".*")):
         parse_config(data)
 
 
-def test_unknown_method_lists_allowed_names():
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda d: d["weights"]["dmq-w4a6"].pop("a_bits"), r"weights\.dmq-w4a6: a_bits is required: dmq learns γ against the activation quantizer"),
+        (lambda d: d["weights"]["qdiff-w4"].update(a_bits=6), r"weights\.qdiff-w4: a_bits must be left out: qdiff's weights do not depend on it"),
+        (lambda d: d["rows"]["dmq-w4a6"].update(a_bits=8), r"rows\.dmq-w4a6\.a_bits: 8, but weights\.dmq-w4a6 learned γ for a_bits 6"),
+        (lambda d: d["rows"]["qdiff-w4a6"].update(weights="qdiff-w3"), r"rows\.qdiff-w4a6\.weights: no weights entry 'qdiff-w3'; defined: minmax-w8, "),
+        (lambda d: d["rows"].update({"Big Row": {"weights": "qdiff-w4", "a_bits": 8}}), r"rows\.Big Row: use lower-case letters, digits"),
+        (lambda d: d["rows"].update({"fp": {"weights": "qdiff-w4", "a_bits": 8}}), r"rows\.fp: 'fp' names the FP model's samples"),
+        (lambda d: d["report"]["table"].append("dmq-w2a2"), r"report\.table: 'dmq-w2a2' is neither a row nor a peer"),
+        (lambda d: d["peers"]["quanto-w4a8"].update(a_bits=4), r"peers\.quanto-w4a8\.a_bits: Input should be 8"),
+    ],
+    ids=["les-needs-a_bits", "no-a_bits-without-les", "row-a_bits-against-gamma", "unknown-weights", "bad-name", "fp-is-reserved", "unknown-report-row", "peer-bits"],
+)
+def test_matrix_entries_that_do_not_fit_together_are_named(change, expected):
     data = default()
-    data["quant"]["method"] = "awq"
-    with pytest.raises(ConfigError, match="allowed: minmax, qdiff, dmq"):
+    change(data)
+    with pytest.raises(ConfigError, match=expected):
         parse_config(data)
 
 
@@ -66,8 +85,7 @@ def test_local_model_needs_a_path():
 def test_model_dependent_checks_fail_at_load(tmp_path, section, values, expected):
     (tmp_path / "scheduler").mkdir()  # a folder with a scheduler but no UNet
     values = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in values.items()}
-    data = default()
-    data["quant"]["method"] = "dmq"  # a method that uses PTS, so pts.layers matters
+    data = default()  # its dmq rows use PTS, so pts.layers matters
     data[section].update(values)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     parse_config(data)  # the values on their own are fine: only the model shows the problem
@@ -77,22 +95,37 @@ def test_model_dependent_checks_fail_at_load(tmp_path, section, values, expected
 
 def test_pts_patterns_matter_only_for_methods_with_pts(tmp_path):
     data = default()
-    data["quant"]["method"] = "qdiff"
+    data["weights"] = {"qdiff-w4": {"method": "qdiff", "w_bits": 4}}
+    data["rows"] = {"qdiff-w4a8": {"weights": "qdiff-w4", "a_bits": 8}}
+    data["report"] = {"table": ["qdiff-w4a8"], "ablation": []}
     data["pts"]["layers"] = ["*shortcut_conv"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     assert load_config(tmp_path / "params.yaml").pts.layers == ["*shortcut_conv"]
 
 
-@pytest.mark.parametrize("stage", ["fp_model", "classifier", "dump", "stats", "les", "recon", "pts", "sample", "fid"])
-def test_every_stage_fails_on_bad_params_before_writing_anything(stage, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "stage, entry",
+    [
+        ("fp_model", None), ("classifier", None), ("dump", None), ("stats", None), ("les", "qdiff-w4"), ("recon", "qdiff-w4"),
+        ("pts", "qdiff-w4a6"), ("sample", "qdiff-w4a6"), ("sample", "fp"), ("fid", "qdiff-w4a6"), ("peer", "quanto-w4a8"), ("report", None),
+    ],
+)  # fmt: skip
+def test_every_stage_fails_on_bad_params_before_writing_anything(stage, entry, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = default()
-    data["quant"]["w_bits"] = 1
+    data["weights"]["qdiff-w4"]["w_bits"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     main = importlib.import_module(f"stages.{stage}").main
-    with pytest.raises(ConfigError, match=r"quant\.w_bits"):
-        main()
+    with pytest.raises(ConfigError, match=r"weights\.qdiff-w4\.w_bits"):
+        main(*([entry] if entry else []))
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+
+
+def test_a_stage_names_the_entries_when_given_an_unknown_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(default()))
+    with pytest.raises(ConfigError, match=r"rows: no entry 'dmq-w3a3'; defined: .*minmax-w4a8"):
+        importlib.import_module("stages.pts").main("dmq-w3a3")
 
 
 def test_missing_file(tmp_path):

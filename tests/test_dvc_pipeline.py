@@ -1,11 +1,18 @@
-"""``dvc repro`` of a reduced configuration in a temporary copy of the repository."""
+"""``dvc repro`` of a reduced configuration (tests/reduced.yaml: three rows, one peer) in a temporary
+copy of the repository: the matrix expands to one stage per entry, and a change to one entry reruns
+that entry's stages only."""
 
 import json
 
 import pytest
 import yaml
 
-from helpers import copy_repo, ran_stages, run, set_param, stale_stages
+from helpers import copy_repo, ran_stages, run, set_params, stale_stages
+
+SHARED = {"fp_model", "classifier", "dump", "stats", "sample_fp", "fid_fp", "report"}
+PER_WEIGHTS = {f"{stage}@{name}" for stage in ("les", "recon") for name in ("qdiff-w4", "dmq-w4a6")}
+PER_ROW = {f"{stage}@{row}" for stage in ("pts", "sample", "fid") for row in ("qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6")}
+ALL = SHARED | PER_WEIGHTS | PER_ROW | {"peer@quanto-w4a8"}
 
 
 @pytest.fixture(scope="module")
@@ -15,16 +22,27 @@ def repo(reproduced, tmp_path_factory):
     return copy_repo(source, tmp_path_factory.mktemp("repo")), output
 
 
-def test_repro_runs_every_stage_and_writes_metrics(repo):
+def test_matrix_expands_to_one_stage_per_entry(repo):
+    repo, _ = repo
+    listed = {line.split()[0] for line in run(["dvc", "stage", "list"], repo).splitlines() if line.strip()}
+    assert listed == ALL
+
+
+def test_repro_runs_every_stage_and_writes_metrics_and_report(repo):
     repo, output = repo
-    stages = set(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
-    assert ran_stages(output) == stages
-    metrics = json.loads((repo / "metrics.json").read_text())
-    assert metrics["features"] == "digit-classifier features"
-    for row in ("fp", "quant"):
-        assert set(metrics[row]) >= {"fid", "kid", "isc", "precision", "recall"}
-        assert metrics[row]["fid"] >= 0 and metrics[row]["num_samples"] == 48
-    assert (repo / "reports/samples_quant.png").stat().st_size > 0
+    assert ran_stages(output) == ALL
+    for row in ("fp", "qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6", "quanto-w4a8"):
+        metrics = json.loads((repo / f"metrics/{row}.json").read_text())
+        assert set(metrics["seeds"]) == {"1", "2"}, row
+        for found in metrics["seeds"].values():
+            assert set(found) >= {"fid", "kid", "isc", "precision", "recall"} and found["num_samples"] == 48, row
+            assert found["fid"] >= 0 and (row == "fp" or found["paired_mse"] > 0), row
+    table = (repo / "reports/paper_table.md").read_text().splitlines()
+    assert [line.split(" | ")[:2] for line in table[4:9]] == [
+        ["| FP", "32/32"], ["| qdiff", "W4A8"], ["| optimum-quanto", "W4A8"], ["| qdiff", "W4A6"], ["| dmq", "W4A6"]
+    ]  # fmt: skip
+    for name in ("fid_vs_activation_bits", "samples_by_method", "stats_outlier_heatmap"):
+        assert (repo / f"reports/figures/{name}.png").stat().st_size > 0
 
 
 def test_nothing_changed_reruns_nothing(repo):
@@ -35,16 +53,35 @@ def test_nothing_changed_reruns_nothing(repo):
 
 # `dvc status` lists the stages whose own deps changed; `dvc repro` also runs the stages downstream
 # whose inputs then change.
-def test_sample_param_reruns_only_sample_and_fid(repo):
+def test_a_rows_activation_bits_rerun_that_row_only_not_its_shared_weights(repo):
     repo, _ = repo
-    set_param(repo, "sample", "seed", 99)
-    assert stale_stages(repo) == {"sample"}
-    assert ran_stages(run(["dvc", "repro"], repo)) == {"sample", "fid"}
-    assert stale_stages(repo) == set()
+    set_params(repo, {"rows": {"qdiff-w4a6": {"a_bits": 5}}})
+    assert stale_stages(repo) == {"pts@qdiff-w4a6"}
+    assert ran_stages(run(["dvc", "repro"], repo)) == {"pts@qdiff-w4a6", "sample@qdiff-w4a6", "fid@qdiff-w4a6", "report"}
 
 
-def test_pts_threshold_reruns_pts_sample_fid_not_les_or_recon(repo):
+def test_a_weights_entry_reruns_the_rows_that_share_it(repo):
     repo, _ = repo
-    set_param(repo, "pts", "ratio_threshold", 0.5)
-    assert stale_stages(repo) == {"pts"}
-    assert ran_stages(run(["dvc", "repro"], repo)) == {"pts", "sample", "fid"}
+    set_params(repo, {"weights": {"qdiff-w4": {"w_bits": 5}}})
+    assert stale_stages(repo) == {"les@qdiff-w4", "recon@qdiff-w4", "pts@qdiff-w4a8", "pts@qdiff-w4a6"}
+    rows = {f"{stage}@{row}" for stage in ("pts", "sample", "fid") for row in ("qdiff-w4a8", "qdiff-w4a6")}
+    assert ran_stages(run(["dvc", "repro"], repo)) == {"les@qdiff-w4", "recon@qdiff-w4", *rows, "report"}
+
+
+def test_les_params_rerun_the_methods_with_les_only(repo):
+    repo, _ = repo
+    set_params(repo, {"les": {"iters": 6}})
+    # DVC reruns les for every entry (it declares the les section), but γ = 1 of qdiff comes out
+    # byte-identical, so nothing downstream of it reruns
+    assert ran_stages(run(["dvc", "repro"], repo)) == {
+        "les@qdiff-w4", "les@dmq-w4a6", "recon@dmq-w4a6", "pts@dmq-w4a6", "sample@dmq-w4a6", "fid@dmq-w4a6", "report",
+    }  # fmt: skip
+
+
+def test_sample_seeds_rerun_sampling_and_metrics_not_quantization(repo):
+    repo, _ = repo
+    set_params(repo, {"sample": {"seeds": [1, 3]}})
+    assert stale_stages(repo) == {"sample_fp", "sample@qdiff-w4a8", "sample@qdiff-w4a6", "sample@dmq-w4a6", "peer@quanto-w4a8"}
+    ran = ran_stages(run(["dvc", "repro"], repo))
+    assert ran == {"sample_fp", "fid_fp", "peer@quanto-w4a8", "report"} | {f"{s}@{r}" for s in ("sample", "fid") for r in ("qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6")}
+    assert set(json.loads((repo / "metrics/dmq-w4a6.json").read_text())["seeds"]) == {"1", "3"}

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from helpers import ROOT, set_params
 from pipeline.calib import open_calibration
-from pipeline.config import parse_config
+from pipeline.config import Variant, parse_config
 from pipeline.diffusion import save_fp_model
 from pipeline.fingerprint import check_provenance, model_hash
 from pipeline.io import ArtifactError, atomic_path, atomic_store, read_tensors, write_tensors
@@ -25,7 +25,7 @@ from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import act_tensors, load_gamma, weight_tensors
 from pipeline.quantized import load_quantized_unet
 from pipeline.recon import init_weight_quantizers
-from stages.lineage import INPUTS, PARAMS, stage_provenance
+from stages.lineage import ENTRY_PARAMS, INPUTS, PARAMS, stage_provenance
 
 
 @pytest.fixture
@@ -138,28 +138,58 @@ def test_activation_parameters_for_other_steps_than_the_sampler_are_refused(quan
         load_quantized_unet(folder / "fp_model", folder / "weights.safetensors", None, "other", steps=2, a_bits=8)
 
 
+DMQ, QDIFF = Variant("dmq", 4, 6), Variant("qdiff", 4, None)
+
+
 def test_stale_artifact_names_the_parameter_that_changed():
     cfg = parse_config({"les": {"iters": 5}})
-    made = stage_provenance(cfg, "recon", "abc")
-    check_provenance(made, stage_provenance(cfg, "recon", "abc"), "weights.safetensors")
+    made = stage_provenance(cfg, "recon", "abc", DMQ)
+    check_provenance(made, stage_provenance(cfg, "recon", "abc", DMQ), "weights.safetensors")
     now = parse_config({"les": {"iters": 5}, "recon": {"lr": 0.01}})
     with pytest.raises(ValueError, match=r"weights\.safetensors was made with other parameters than the current ones: recon\.lr = 0\.001 there, 0\.01 now"):
-        check_provenance(made, stage_provenance(now, "recon", "abc"), "weights.safetensors")
+        check_provenance(made, stage_provenance(now, "recon", "abc", DMQ), "weights.safetensors")
+    with pytest.raises(ValueError, match=r"variant\.a_bits = 6 there, 8 now"):
+        check_provenance(made, stage_provenance(cfg, "recon", "abc", DMQ._replace(a_bits=8)), "weights.safetensors")
     with pytest.raises(ValueError, match="made for model abc, but the current FP model is def"):
-        check_provenance(made, stage_provenance(cfg, "recon", "def"), "weights.safetensors")
+        check_provenance(made, stage_provenance(cfg, "recon", "def", DMQ), "weights.safetensors")
     with pytest.raises(ValueError, match="has no provenance"):
         check_provenance({"model_hash": "abc"}, made, "weights.safetensors")
 
 
+def test_weights_of_a_method_without_les_do_not_depend_on_les_params_or_activation_bits():
+    """So rows with other a_bits share them, and an les change reruns nothing downstream of them."""
+    before, after = parse_config({"les": {"iters": 5}}), parse_config({"les": {"iters": 7}})
+    assert stage_provenance(before, "recon", "abc", QDIFF) == stage_provenance(after, "recon", "abc", QDIFF)
+    assert not any(key.startswith("les.") and key not in {"les.focal_r", "les.focal_momentum"} for key in stage_provenance(before, "recon", "abc", QDIFF)["params"])
+    assert stage_provenance(before, "recon", "abc", DMQ) != stage_provenance(after, "recon", "abc", DMQ)
+
+
+def paths(entries) -> set[str]:
+    return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+
+def resolved(path: str, foreach: str | None) -> str:
+    """A path with its entry placeholder written as the params section the entry comes from: a
+    foreach stage's ${key} is an entry of its own section, ${item.weights} one of ``weights``."""
+    return path.replace("${key}", f"<{foreach}>").replace("${item.weights}", "<${weights}>")
+
+
 def test_provenance_follows_dvc_yaml():
-    """stages/lineage.py declares what dvc.yaml declares: each stage's params, and the stages whose
-    outputs it depends on."""
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    outputs = {stage: {next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])} for stage, spec in dvc.items()}
+    """stages/lineage.py declares what dvc.yaml declares: each stage's params (a foreach stage's entry
+    params apart), and the stages whose outputs it depends on (a directory dependency covers the
+    outputs inside it)."""
+    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    dvc = {stage: (spec.get("do", spec), spec.get("foreach")) for stage, spec in raw.items()}
+    outputs = {
+        stage: {resolved(o, foreach) for o in paths(spec.get("outs", [])) | paths(spec.get("metrics", []))}
+        for stage, (spec, foreach) in dvc.items()
+    }
     assert set(PARAMS) == set(INPUTS) == set(dvc)
-    for stage, spec in dvc.items():
-        assert set(PARAMS[stage]) == set(spec["params"]), stage
-        assert set(INPUTS[stage]) == {other for other, outs in outputs.items() if outs & set(spec["deps"])}, stage
+    for stage, (spec, foreach) in dvc.items():
+        assert set(PARAMS[stage]) | set(ENTRY_PARAMS.get(stage, ())) == set(spec["params"]), stage
+        deps = {resolved(d, foreach) for d in spec["deps"]}
+        found = {other for other, outs in outputs.items() if any(o in deps or any(o.startswith(d + "/") for d in deps) for o in outs)}
+        assert set(INPUTS[stage]) == found, stage
 
 
 @pytest.mark.parametrize(
@@ -168,9 +198,9 @@ def test_provenance_follows_dvc_yaml():
         (
             {"diffusion": {"steps": 5}},
             "sample",
-            r"artifacts/act_params\.safetensors holds activation parameters for 4 sampling steps, but the sampler runs 5 \(diffusion\.steps\)",
+            r"artifacts/act_params/dmq-w4a6\.safetensors holds activation parameters for 4 sampling steps, but the sampler runs 5 \(diffusion\.steps\)",
         ),
-        ({"les": {"iters": 7}}, "recon", r"artifacts/les\.safetensors was made with other parameters than the current ones: les\.iters = 5 there, 7 now"),
+        ({"les": {"iters": 7}}, "recon", r"artifacts/les/dmq-w4a6\.safetensors was made with other parameters than the current ones: les\.iters = 5 there, 7 now"),
         ("truncate", "les", r"calibration store artifacts/calib\.zarr is damaged: .* \(truncated\?\)"),
     ],
     ids=["act-params-for-other-steps", "stale-les", "truncated-calib"],
@@ -181,7 +211,7 @@ def test_stage_refuses_a_stale_or_damaged_input(pipeline_copy, change, stage, ex
         biggest.write_bytes(biggest.read_bytes()[:100])
     else:
         set_params(pipeline_copy, change)
-    done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=pipeline_copy, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", f"stages.{stage}", "dmq-w4a6"], cwd=pipeline_copy, capture_output=True, text=True)
     assert done.returncode != 0 and re.search(expected, done.stderr), done.stderr[-2000:]
 
 

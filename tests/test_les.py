@@ -142,12 +142,15 @@ def test_a_damaged_checkpoint_is_redone(three_layers, tmp_path):
 
 
 def test_checkpoint_key_ignores_the_number_of_workers_only():
-    from pipeline.config import parse_config
+    from pipeline.config import Variant, parse_config
     from stages.lineage import checkpoint_key, stage_provenance
 
+    dmq = Variant("dmq", 4, 6)
+
     def key(**les):
-        return checkpoint_key(stage_provenance(parse_config({"les": les}), "les", "model"))
+        return checkpoint_key(stage_provenance(parse_config({"les": les}), "les", "model", dmq))
 
     assert key(workers=1) == key(workers=8)
     assert key(iters=10) != key(iters=11) and key(seed=0) != key(seed=1)
-    assert key() != checkpoint_key(stage_provenance(parse_config({}), "les", "other-model"))
+    assert key() != checkpoint_key(stage_provenance(parse_config({}), "les", "other-model", dmq))
+    assert key() != checkpoint_key(stage_provenance(parse_config({}), "les", "model", dmq._replace(a_bits=8)))

@@ -1,3 +1,8 @@
+import json
+import subprocess
+import sys
+
+from helpers import run, set_params
 from pipeline.report import Row, cell, markdown_table
 
 
@@ -19,3 +24,42 @@ def test_table_rows_order_and_caption():
     assert lines[2] == "| FP | 32/32 | 10.00 | 5.0 | 8.00 | 0.500 | 0.900 | 20 | 1000 |"
     assert lines[3] == "| dmq | W4A6 | 13.00 ± 1.41 | 7.0 ± 1.4 | 7.60 ± 0.14 | 0.500 ± 0.141 | 0.800 ± 0.000 | 20 | 1000 × 2 seeds |"
     assert lines[-1] == "Metrics on digit-classifier features; DDIM with 20 steps."
+
+
+def record(method, w_bits, a_bits, fids, label=None):
+    seeds = {str(seed): {"fid": fid, "kid": 100.0, "isc": 2.0, "precision": 0.5, "recall": 0.25, "num_samples": 48} for seed, fid in zip((1, 2), fids)}
+    return {"label": label or method, "method": method, "w_bits": w_bits, "a_bits": a_bits, "steps": 4, "seeds": seeds}
+
+
+def test_report_stage_writes_the_table_from_the_metrics_in_the_configured_order(pipeline_copy):
+    """Fixture metrics (the run's provenance kept, so they count as current) in, Markdown out."""
+    repo = pipeline_copy
+    fixtures = {
+        "fp": record("FP", 32, 32, [10.0, 12.0], "FP"),
+        "qdiff-w4a8": record("qdiff", 4, 8, [11.0, 11.5]),
+        "quanto-w4a8": record("optimum-quanto", 4, 8, [30.25, 30.25]),
+        "qdiff-w4a6": record("qdiff", 4, 6, [13.0, 15.0]),
+        "dmq-w4a6": record("dmq", 4, 6, [12.0, 13.0]),
+    }
+    for name, fixture in fixtures.items():
+        path = repo / f"metrics/{name}.json"
+        path.write_text(json.dumps({**fixture, "provenance": json.loads(path.read_text())["provenance"]}))
+    run([sys.executable, "-m", "stages.report"], repo)
+    lines = (repo / "reports/paper_table.md").read_text().splitlines()
+    assert lines[0] == "# Paper table"
+    assert lines[4:9] == [
+        "| FP | 32/32 | 11.00 ± 1.41 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+        "| qdiff | W4A8 | 11.25 ± 0.35 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+        "| optimum-quanto | W4A8 | 30.25 ± 0.00 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+        "| qdiff | W4A6 | 14.00 ± 1.41 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+        "| dmq | W4A6 | 12.50 ± 0.71 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+    ]
+    assert "optimum-quanto (quanto-w4a8) is a peer row" in "\n".join(lines)
+    ablation = (repo / "reports/ablation.md").read_text().splitlines()
+    assert [line.split(" | ")[:3] for line in ablation[4:7]] == [["| FP", "32/32", "11.00 ± 1.41"], ["| dmq", "W4A6", "12.50 ± 0.71"], ["| qdiff", "W4A6", "14.00 ± 1.41"]]
+
+
+def test_report_refuses_metrics_of_other_params(pipeline_copy):
+    set_params(pipeline_copy, {"sample": {"eta": 0.5}})
+    done = subprocess.run([sys.executable, "-m", "stages.report"], cwd=pipeline_copy, capture_output=True, text=True)
+    assert done.returncode != 0 and "metrics/fp.json was made with other parameters than the current ones" in done.stderr

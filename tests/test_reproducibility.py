@@ -12,10 +12,12 @@ from pipeline.io import open_store, read_json, read_tensors
 def headers(repo):
     artifacts = repo / "artifacts"
     found = {"fp_model": read_json(artifacts / "fp_model/provenance.json")}
-    for path in artifacts.glob("*.safetensors"):
-        found[path.name] = read_tensors(path)[1]
-    for path in artifacts.glob("*.zarr"):
-        found[path.name] = dict(open_store(path).attrs)
+    for pattern in ("*.safetensors", "*/*.safetensors"):
+        for path in artifacts.glob(pattern):
+            found[path.relative_to(artifacts).as_posix()] = read_tensors(path)[1]
+    for pattern in ("*.zarr", "*/*.zarr"):
+        for path in artifacts.glob(pattern):
+            found[path.relative_to(artifacts).as_posix()] = dict(open_store(path).attrs)
     return found
 
 
@@ -29,7 +31,8 @@ def test_two_runs_with_the_same_seeds_give_bit_identical_artifacts(reproduced, p
 def test_every_artifact_records_model_params_and_seeds(reproduced):
     repo = reproduced[0]
     found = headers(repo)
-    assert set(found) == {p.name for p in (repo / "artifacts").iterdir() if not p.name.startswith(".")}
+    top = {p.name for p in (repo / "artifacts").iterdir() if not p.name.startswith(".")}
+    assert {name.split("/")[0] for name in found} == top
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for name, header in found.items():
         assert len(header["params_hash"]) == 16, name
@@ -37,8 +40,10 @@ def test_every_artifact_records_model_params_and_seeds(reproduced):
         if name not in ("fp_model", "classifier.safetensors"):
             assert header["model_hash"] == found["calib.zarr"]["model_hash"], name
     assert found["calib.zarr"]["seeds"] == {"seed": params["seed"], "calib.seed": params["calib"]["seed"]}
-    assert found["les.safetensors"]["seeds"]["les.seed"] == params["les"]["seed"]
-    assert found["samples.zarr"]["seeds"]["sample.seed"] == params["sample"]["seed"]
+    assert found["les/dmq-w4a6.safetensors"]["seeds"]["les.seed"] == params["les"]["seed"]
+    assert "les.seed" not in found["les/qdiff-w4.safetensors"]["seeds"]  # γ = 1: no LES ran
+    assert found["samples/dmq-w4a6.zarr"]["seeds"]["sample.seeds"] == params["sample"]["seeds"]
+    assert found["samples/dmq-w4a6.zarr"]["params"]["variant.a_bits"] == 6
     assert found["classifier.safetensors"]["seeds"] == {"classifier.seed": params["classifier"]["seed"]}
-    metrics = json.loads((repo / "metrics.json").read_text())["provenance"]
-    assert f"sample.seed={params['sample']['seed']}" in metrics["seeds"] and metrics["model_hash"] == found["calib.zarr"]["model_hash"]
+    metrics = json.loads((repo / "metrics/dmq-w4a6.json").read_text())["provenance"]
+    assert f"sample.seeds={params['sample']['seeds']}" in metrics["seeds"] and metrics["model_hash"] == found["calib.zarr"]["model_hash"]

@@ -1,0 +1,40 @@
+"""The commands people use around the pipeline: run (dvc repro with an account), table, compare."""
+
+import json
+import sys
+
+from helpers import ROOT, run, set_params
+
+CLI = [sys.executable, str(ROOT / "cli.py")]
+
+
+def test_table_prints_fp_first_then_the_configured_rows(pipeline_copy):
+    lines = run([*CLI, "table"], pipeline_copy).splitlines()
+    assert lines[0] == "Paper table"
+    assert [line.split(" | ")[0] for line in lines[4:9]] == ["| FP", "| qdiff", "| optimum-quanto", "| qdiff", "| dmq"]
+    ablation = run([*CLI, "table", "--ablation"], pipeline_copy)
+    assert "MSE vs FP" in ablation and "| dmq | W4A6 |" in ablation
+
+
+def test_run_with_nothing_changed_says_so_and_prints_the_table(pipeline_copy):
+    output = run([*CLI, "run"], pipeline_copy)
+    assert "everything is up to date" in output and "0 stage(s) ran" in output and "| FP | 32/32 |" in output
+
+
+def test_compare_shows_the_params_and_the_metric_that_differ(pipeline_copy):
+    repo = pipeline_copy
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "config", "core.no_scm", "false"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], repo)
+    set_params(repo, {"rows": {"qdiff-w4a6": {"a_bits": 5}}})
+    path = repo / "metrics/qdiff-w4a6.json"
+    metrics = json.loads(path.read_text())
+    old = metrics["mean"]["fid"]
+    metrics["mean"]["fid"] = old + 10  # as a rerun of the row would change it
+    path.write_text(json.dumps(metrics))
+    lines = run([*CLI, "compare", "HEAD"], repo).splitlines()
+    assert "  rows.qdiff-w4a6.a_bits: 6 → 5" in lines
+    row = next(line for line in lines if line.startswith("qdiff-w4a6 "))
+    assert row.split() == ["qdiff-w4a6", f"{old:.4g}", f"{old + 10:.4g}", "+10"]
+    assert next(line for line in lines if line.startswith("dmq-w4a6 ")).split()[-1] == "+0"
