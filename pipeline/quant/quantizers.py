@@ -47,10 +47,12 @@ def fake_quantize(
     if ste:
         zero_point = zero_point.detach()
         return ((round_ste(x / scale) + zero_point).clamp(0, levels) - zero_point) * scale
-    q = x.div_(scale) if inplace else x / scale
-    q.round_()
-    torch.maximum(q, -zero_point, out=q)
-    torch.minimum(q, levels - zero_point, out=q)
+    q = (x.div_(scale) if inplace else x / scale).round_()
+    if q.requires_grad:  # autograd cannot trace ``out=``: the same bounds, on new tensors
+        q = torch.minimum(torch.maximum(q, -zero_point), levels - zero_point)
+    else:
+        torch.maximum(q, -zero_point, out=q)
+        torch.minimum(q, levels - zero_point, out=q)
     return q.mul_(scale)
 
 
