@@ -117,18 +117,16 @@ def run_pipeline(
         if changed
         else "everything is up to date"
     )
-    started, durations, current, log = time.perf_counter(), {}, None, []
+    started, starts, log = time.perf_counter(), {}, []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         for line in process.stdout:
             log.append(line)
             for stage in _stages_in(line):
-                now = time.perf_counter()
-                if current:
-                    durations[current] = now - durations[current]
-                current, durations[stage] = stage, now
-                typer.echo(f"[{len(durations)}/≤{len(planned)}] {stage} (at {now - started:.0f} s)")
-    if current:
-        durations[current] = time.perf_counter() - durations[current]
+                starts[stage] = time.perf_counter()
+                typer.echo(f"[{len(starts)}/≤{len(planned)}] {stage} (at {starts[stage] - started:.0f} s)")
+    ends = [*list(starts.values())[1:], time.perf_counter()]
+    durations = {stage: end - start for (stage, start), end in zip(starts.items(), ends)}
+    current = next(reversed(starts), None)
     if process.returncode:
         typer.echo("".join(log[-40:]), err=True)
         typer.secho(f"dvc repro failed (exit {process.returncode}) in stage {current}", fg="red", err=True)

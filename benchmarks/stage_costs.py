@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 
 def measure(stage: str) -> dict:
@@ -37,13 +36,14 @@ def main() -> None:
     parser.add_argument("stages", nargs="*", help="stages to time (default: all, in dvc.yaml order)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    stages = args.stages or list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"])
+    listed = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True, text=True, check=True).stdout
+    stages = args.stages or listed.split()  # foreach stages expanded: les@dmq-w4a6, …
     rows = []
-    print(f"{'stage':<12} {'wall s':>8} {'peak RSS MB':>12}", flush=True)
+    print(f"{'stage':<28} {'wall s':>8} {'peak RSS MB':>12}", flush=True)
     for stage in stages:
         rows.append(measure(stage))
-        print(f"{stage:<12} {rows[-1]['wall_s']:>8} {rows[-1]['peak_rss_mb']:>12}", flush=True)
-    print(f"{'total':<12} {sum(r['wall_s'] for r in rows):>8.1f}")
+        print(f"{stage:<28} {rows[-1]['wall_s']:>8} {rows[-1]['peak_rss_mb']:>12}", flush=True)
+    print(f"{'total':<28} {sum(r['wall_s'] for r in rows):>8.1f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

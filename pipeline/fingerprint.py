@@ -48,7 +48,7 @@ def params_hash(section: dict) -> str:
 
 def config_values(config: dict, keys: Iterable[str]) -> dict[str, Any]:
     """The leaves of ``config`` (a JSON-like dict) under each dotted key, flattened to dotted keys:
-    ``les`` gives ``les.iters``, ``les.lr``, …; ``quant.method`` gives itself."""
+    ``les`` gives ``les.iters``, ``les.lr``, …; ``quant.weight_clip_p`` gives itself."""
 
     def leaves(prefix: str, value: Any):
         if isinstance(value, dict):

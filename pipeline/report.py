@@ -110,10 +110,12 @@ def plot_fid_against_activation_bits(records: list[dict], path: str | Path) -> N
     for record in records:
         if record is not fp:
             groups.setdefault((record["method"], record["w_bits"]), []).append(record)
-    for (method, w_bits), group in groups.items():
+    offsets = [0.3 * (i / max(len(groups) - 1, 1) - 0.5) for i in range(len(groups))]  # so error bars do not overlap
+    for offset, ((method, w_bits), group) in zip(offsets, groups.items()):
         group.sort(key=lambda r: r["a_bits"])
         points = [mean_std(r, "fid") for r in group]
-        ax.errorbar([r["a_bits"] for r in group], [m for m, _ in points], yerr=[s for _, s in points], marker="o", capsize=3, label=f"{method} W{w_bits}")
+        x = [r["a_bits"] + offset for r in group]
+        ax.errorbar(x, [m for m, _ in points], yerr=[s for _, s in points], marker="o", capsize=3, label=f"{method} W{w_bits}")
     ax.set_xlabel("activation bits")
     ax.set_ylabel("FID (digit-classifier features) ↓")
     ax.set_xticks(sorted({r["a_bits"] for r in records if r is not fp}))
