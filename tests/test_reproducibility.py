@@ -23,7 +23,7 @@ def headers(repo):
 
 def test_two_runs_with_the_same_seeds_give_bit_identical_artifacts(reproduced, pipeline_copy):
     first = artifact_hashes(reproduced[0])
-    stages = set(yaml.safe_load((pipeline_copy / "dvc.yaml").read_text())["stages"])
+    stages = set(run(["dvc", "stage", "list", "--name-only"], pipeline_copy).split())
     assert ran_stages(run(["dvc", "repro", "--force"], pipeline_copy)) == stages
     assert artifact_hashes(pipeline_copy) == first
 
