@@ -9,6 +9,7 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
+from pipeline.accel import to_device
 from pipeline.calib import step_records
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import set_step
@@ -35,7 +36,7 @@ def calibrate_activations(
         layer.quantize_acts = True
     for s in tqdm(range(steps), desc="calibrate activations"):
         set_step(unet, s)
-        inputs = tuple(v.to(device) for v in step_records(calib, s, records))
+        inputs = tuple(to_device(v, device) for v in step_records(calib, s, records))
         for layer in layers.values():
             layer.act_quantizer.calibrating = True
         for start in range(0, len(inputs[0]), batch_size):

@@ -4,6 +4,10 @@ Each weight rounds to ``floor(w / s) + h(V)`` with ``h`` a rectified sigmoid; a 
 annealed exponent β pushes ``h`` to 0 or 1, after which rounding is hard. Blocks (ResNet blocks,
 attention / transformer blocks) are reconstructed in execution order with inputs from the already
 quantized network and targets from the FP network; stray layers are reconstructed one by one.
+
+On CUDA the iteration loop does not wait for the GPU: batch indices are drawn up front and the loss
+is checked for NaN / Inf every ``CHECK_EVERY`` iterations (fp16 autocast is the exception: its
+gradient scaler looks at the gradients on the host every iteration).
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from pipeline.accel import autocast, to_device
 from pipeline.checkpoint import Checkpoints
 from pipeline.quant.layers import QuantLayer
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, from the AdaRound paper
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "BasicTransformerBlock", "Transformer2DModel")
+CHECK_EVERY = 100  # iterations between checks of the loss for NaN / Inf (each check waits for the device)
 
 
 class RoundingOffsets(nn.Module):
@@ -50,6 +56,7 @@ class AdaRoundSettings:
     beta_end: float
     warmup: float
     seed: int
+    precision: str = "none"  # the autocast param of the training forward passes: none | bf16 | fp16
 
 
 def beta_at(i: int, s: AdaRoundSettings) -> float | None:
@@ -153,24 +160,32 @@ def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings:
     offsets = [attach_rounding(layer) for layer in layers]
     optimizer = torch.optim.Adam([o.v for o in offsets], lr=settings.lr)
     n = sum(len(out) for out in fp_outputs)
+    device = offsets[0].v.device
     generator = torch.Generator().manual_seed(settings.seed)
+    # the same draws as one randint per iteration, copied to the device once
+    batches = to_device(torch.stack([torch.randint(0, n, (min(settings.batch_size, n),), generator=generator) for _ in range(settings.iters)]), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
 
     def per_sample_loss(index: torch.Tensor) -> torch.Tensor:
         args, kwargs = _take(q_inputs, index)
-        out, target = _main_output(unit(*args, **kwargs)), _main_output(_take(fp_outputs, index))
-        return (out - target).pow(2).sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
+        with autocast(device, settings.precision):
+            out = _main_output(unit(*args, **kwargs))
+        target = _main_output(_take(fp_outputs, index))
+        return (out.float() - target).pow(2).sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
 
     def full_loss() -> float:
         with torch.no_grad():
-            return sum(per_sample_loss(idx).sum().item() for idx in torch.arange(n).split(settings.batch_size)) / n
+            total = sum(per_sample_loss(idx).sum().double() for idx in torch.arange(n, device=device).split(settings.batch_size))
+            return total.item() / n
 
     for o in offsets:
         o.soft = False
     before = full_loss()
     for o in offsets:
         o.soft = True
+    losses = torch.empty(settings.iters, device=device)
     for i in range(settings.iters):
-        index = torch.randint(0, n, (min(settings.batch_size, n),), generator=generator)
+        index = batches[i]
         per_sample = per_sample_loss(index)
         if weighting is not None:
             weighting.update(steps[index], per_sample.detach())
@@ -179,11 +194,15 @@ def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings:
         beta = beta_at(i, settings)
         if beta is not None:
             loss = loss + settings.reg_lambda * sum(o.regularizer(beta) for o in offsets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"AdaRound loss is {loss.item()} in {name} at iteration {i}")
+        losses[i] = loss.detach()
+        if (i + 1) % CHECK_EVERY == 0 or i + 1 == settings.iters:
+            bad = (~torch.isfinite(losses[: i + 1])).nonzero()
+            if len(bad):
+                raise FloatingPointError(f"AdaRound loss is {losses[int(bad[0])].item()} in {name} at iteration {int(bad[0])}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     for o in offsets:
         o.soft = False
         o.v.requires_grad_(False)

@@ -19,6 +19,7 @@ count records, two per sample.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,8 +29,10 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
+from pipeline.accel import to_device
 from pipeline.conditioning import NULL, Denoiser, as_denoiser, load_denoiser
 from pipeline.diffusion import ddim_sample, sample_noise
+from pipeline.distributed import SINGLE, World, my_batches, plan_batches
 from pipeline.io import ArtifactError, open_store, store_name
 
 
@@ -70,42 +73,59 @@ def dump_calibration(
     attrs: dict,
     device: torch.device,
     guidance_scale: float = 1.0,
+    world: World = SINGLE,
 ) -> None:
-    """``model``: a :class:`~pipeline.conditioning.Denoiser` or a bare unconditional UNet. Sample n
-    gets the condition ``model.condition_keys(n)``; with guidance both its inputs are recorded. For a
-    text-to-image model ``attrs`` must carry the ``prompts`` (see :func:`record_denoiser`)."""
+    """Write the calibration store at ``store_path``. ``model``: a
+    :class:`~pipeline.conditioning.Denoiser` or a bare unconditional UNet. Sample n gets the condition
+    ``model.condition_keys(n)``; with guidance both its inputs are recorded. For a text-to-image model
+    ``attrs`` must carry the ``prompts`` (see :func:`record_denoiser`).
+
+    With several ranks every rank makes this call on the same temporary store
+    (:func:`pipeline.distributed.shared_store`): rank 0 creates the arrays, each rank fills whole
+    chunks of them, and the store equals a one-process one byte for byte. Trajectory records
+    ``s*N + n`` of one chunk belong to one step only when ``chunk_records`` divides N; otherwise the
+    trajectories are one unit of work (rank 0 runs them all)."""
     denoiser = as_denoiser(model)
     steps = len(scheduler.timesteps)
     shape = denoiser.sample_shape
     guided = denoiser.conditional and guidance_scale != 1
     keys = denoiser.condition_keys(torch.arange(num_samples))
-    root = zarr.open_group(str(store_path), mode="w")
     n_records = steps * num_samples
-    x_t = root.create_array("trajectory/x_t", shape=(n_records, *shape), chunks=_chunks((n_records, *shape), chunk_records), dtype="float32")
-    root.create_array("trajectory/t", data=np.repeat(scheduler.timesteps.numpy().astype(np.int64), num_samples))
-    root.create_array("trajectory/step", data=np.repeat(np.arange(steps, dtype=np.int32), num_samples))
-    root.create_array("trajectory/sample", data=np.tile(np.arange(num_samples, dtype=np.int32), steps))
-    if keys is not None:
-        root.create_array("trajectory/cond", data=keys.numpy())
-    root.attrs["guided"] = guided
-    x0 = root.create_array("trajectory/x0", shape=(num_samples, *shape), dtype="float32")
-
-    for start in tqdm(range(0, num_samples, batch_size), desc="dump trajectories"):
-        indices = torch.arange(start, min(start + batch_size, num_samples))
-        noise = sample_noise(seed, indices, steps, shape).to(device)
-        cond = None if keys is None else keys[indices].to(device)
+    sample_chunk = chunk_records if num_samples % chunk_records == 0 else num_samples
+    if world.main:
+        root = zarr.open_group(str(store_path), mode="w")
+        root.create_array("trajectory/x_t", shape=(n_records, *shape), chunks=_chunks((n_records, *shape), chunk_records), dtype="float32")
+        root.create_array("trajectory/t", data=np.repeat(scheduler.timesteps.numpy().astype(np.int64), num_samples))
+        root.create_array("trajectory/step", data=np.repeat(np.arange(steps, dtype=np.int32), num_samples))
+        root.create_array("trajectory/sample", data=np.tile(np.arange(num_samples, dtype=np.int32), steps))
+        root.create_array("trajectory/x0", shape=(num_samples, *shape), chunks=(sample_chunk, *shape), dtype="float32")
+        if keys is not None:
+            root.create_array("trajectory/cond", data=keys.numpy())
+        root.attrs["guided"] = guided
+        if world.size > 1 and sample_chunk == num_samples:
+            print(f"dump: calib.chunk_records ({chunk_records}) does not divide calib.num_samples ({num_samples}), so rank 0 runs every trajectory", file=sys.stderr)
+    world.barrier()
+    root = zarr.open_group(str(store_path), mode="r+")
+    x_t, x0 = root["trajectory/x_t"], root["trajectory/x0"]
+    batches = my_batches(plan_batches(num_samples, batch_size, sample_chunk), world)
+    for start, stop in tqdm(batches, desc="dump trajectories", disable=not world.main):
+        indices = torch.arange(start, stop)
+        noise = to_device(sample_noise(seed, indices, steps, shape), device)
+        cond = None if keys is None else to_device(keys[indices], device)
 
         def record(s, t, x):
             if not torch.isfinite(x).all():
                 raise FloatingPointError(f"dump: the FP model's trajectory is not finite (NaN or Inf) at step {s}")
-            x_t[s * num_samples + start : s * num_samples + start + len(indices)] = x.cpu().numpy()
+            x_t[s * num_samples + start : s * num_samples + stop] = x.cpu().numpy()
 
-        x0[start : start + len(indices)] = ddim_sample(denoiser, scheduler, noise, eta, record, cond, guidance_scale).cpu().numpy()
-
+        x0[start:stop] = ddim_sample(denoiser, scheduler, noise, eta, record, cond, guidance_scale).cpu().numpy()
+    world.barrier()  # layer I/O replays trajectory records that other ranks wrote
     per_step = min(layer_records_per_step, records_per_step(root, num_samples))
-    dump_layer_io(root, denoiser, layers, steps, num_samples, per_step, batch_size, chunk_records, device)
-    root.attrs.update({**attrs, "steps": steps, "num_samples": num_samples, "layer_records_per_step": per_step,
-                       "guidance_scale": guidance_scale})  # fmt: skip
+    dump_layer_io(root, denoiser, layers, steps, num_samples, per_step, batch_size, chunk_records, device, world)
+    world.barrier()
+    if world.main:
+        root.attrs.update({**attrs, "steps": steps, "num_samples": num_samples, "layer_records_per_step": per_step,
+                           "guidance_scale": guidance_scale})  # fmt: skip
 
 
 def record_denoiser(folder: str | Path, unet: nn.Module, root: zarr.Group) -> Denoiser:
@@ -119,28 +139,30 @@ def records_per_step(root: zarr.Group, num_samples: int) -> int:
 
 
 @torch.no_grad()
-def dump_layer_io(root, model, layers, steps, num_samples, per_step, batch_size, chunk_records, device) -> None:
-    """Replay the first ``per_step`` records of each step through the FP model with forward hooks."""
-    arrays = {}
-    for s in tqdm(range(steps), desc="dump layer I/O"):
-        inputs = _records(root, s * num_samples, num_samples, per_step)
-        for start in range(0, per_step, batch_size):
-            stop = min(start + batch_size, per_step)
-            with capture_io(layers) as captured:
-                model(*(v[start:stop].to(device) for v in inputs))
-            for name, (inp, out) in captured.items():
-                if name not in arrays:
-                    arrays[name] = {
-                        kind: root.create_array(
-                            f"layers/{name}/{kind}",
-                            shape=(steps * per_step, *t.shape[1:]),
-                            chunks=_chunks((steps * per_step, *t.shape[1:]), chunk_records),
-                            dtype="float16",
-                        )
-                        for kind, t in (("input", inp), ("output", out))
-                    }
-                for kind, value in (("input", inp), ("output", out)):
-                    arrays[name][kind][s * per_step + start : s * per_step + stop] = _float16(value, f"layer {name!r} {kind}", s)
+def dump_layer_io(root, model, layers, steps, num_samples, per_step, batch_size, chunk_records, device, world: World = SINGLE) -> None:
+    """Replay the first ``per_step`` records of each step through the FP model with forward hooks.
+    Layer records ``s*per_step + m`` go in batches that never straddle a step or a chunk; each rank
+    replays the batches of its chunks. Rank 0 creates the arrays from the shapes of one probe pass."""
+    n = steps * per_step
+    if world.main:
+        with capture_io(layers) as captured:
+            model(*(to_device(v, device) for v in _records(root, 0, num_samples, 1)))
+        for name, (inp, out) in captured.items():
+            for kind, value in (("input", inp), ("output", out)):
+                shape = (n, *value.shape[1:])
+                root.create_array(f"layers/{name}/{kind}", shape=shape, chunks=_chunks(shape, chunk_records), dtype="float16")
+    names = world.broadcast(list(captured) if world.main else None)
+    world.barrier()
+    arrays = {name: {kind: root[f"layers/{name}/{kind}"] for kind in ("input", "output")} for name in names}
+    batches = my_batches(plan_batches(n, batch_size, min(chunk_records, n), period=per_step), world)
+    for a, b in tqdm(batches, desc="dump layer I/O", disable=not world.main):
+        s, m = divmod(a, per_step)
+        inputs = _records(root, s * num_samples, num_samples, m + b - a)
+        with capture_io(layers) as captured:
+            model(*(to_device(v[m:], device) for v in inputs))
+        for name, (inp, out) in captured.items():
+            for kind, value in (("input", inp), ("output", out)):
+                arrays[name][kind][a:b] = _float16(value, f"layer {name!r} {kind}", s)
 
 
 def _float16(x: torch.Tensor, what: str, step: int) -> np.ndarray:

@@ -199,6 +199,7 @@ class EvalConfig(Section):
 class Config(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "cpu"
+    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision of the recon and sample forward passes")
     model: ModelConfig = ModelConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     diffusion: DiffusionConfig = DiffusionConfig()

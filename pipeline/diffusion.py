@@ -80,10 +80,11 @@ def ddim_sample(
     holds the samples' condition keys, guided with ``guidance_scale`` (classifier-free guidance)."""
     denoiser = as_denoiser(model)
     x = noise[:, 0]
+    on_device = scheduler.timesteps.to(x.device)  # one copy up front, not a host-to-device copy per step
     for s, t in enumerate(scheduler.timesteps):
         if before_step is not None:
             before_step(s, t, x)
-        eps = denoiser.guided(x, t.to(x.device), cond, guidance_scale)
+        eps = denoiser.guided(x, on_device[s], cond, guidance_scale).float()  # float32 under autocast too: the update stays exact
         variance_noise = noise[:, s + 1] if eta > 0 else None
         x = scheduler.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
     return x

@@ -5,14 +5,18 @@ output stored by the dump stage with ``Qw(W · diag(γ)) ⊛ Qa(x / γ) + b`` wh
 their range on the fly (per output channel and part for weights, per tensor and part for activations)
 and round straight-through, so the gradient reaches γ through the rounding and through the ranges.
 
-Layers are independent: :func:`learn_all` farms them out to worker processes. Each layer's batch
-order comes from a generator seeded by a stable hash of (seed, layer name), so γ does not depend on
-the number of workers or the order in which layers finish.
+Layers are independent: :func:`learn_all` spreads them over torchrun ranks and, within a rank, over
+worker processes. Each layer's batch order comes from a generator seeded by a stable hash of (seed,
+layer name), so γ does not depend on the number of ranks or workers or the order in which layers
+finish. On CUDA the iteration loop never waits for the GPU: batch indices are drawn up front, the
+timestep weighting lives on the device, and the loss is checked for NaN / Inf every
+``CHECK_EVERY`` iterations, not every one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import multiprocessing
 import os
 import threading
@@ -25,10 +29,14 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from pipeline.accel import to_device
 from pipeline.checkpoint import Checkpoints
+from pipeline.distributed import SINGLE, World
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema, weight_part_extrema
 from pipeline.weighting import TimestepWeighting, make_weighting
+
+CHECK_EVERY = 100  # iterations between checks of the loss for NaN / Inf (each check waits for the device)
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -65,13 +73,13 @@ def layer_loss(layer: QuantLayer, inputs: torch.Tensor, outputs: torch.Tensor, s
     records, as the per-step activation quantizers will be, so the number does not depend on how
     steps would be mixed in a batch."""
     per_step = len(inputs) // steps
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=inputs.device)
     for s in range(steps):
         for a in range(s * per_step, (s + 1) * per_step, batch_size):
             b = min(a + batch_size, (s + 1) * per_step)
             out = quantized_output(layer, inputs[a:b].float(), gamma)
-            total += per_sample_loss(out, outputs[a:b].float(), layer.channel_dim).double().sum().item()
-    return total / len(inputs)
+            total += per_sample_loss(out, outputs[a:b].float(), layer.channel_dim).double().sum()
+    return total.item() / len(inputs)
 
 
 def learn_gamma(
@@ -95,19 +103,24 @@ def learn_gamma(
     if n == 0 or n % steps:
         raise ValueError(f"LES on {name}: {n} records do not split into {steps} steps")
     per_step = n // steps
-    theta = torch.zeros(layer.gamma.shape, requires_grad=True)
+    device = inputs.device
+    theta = torch.zeros(layer.gamma.shape, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(layer_seed(seed, name))
+    # the same draws as one randperm per iteration, copied to the device once
+    batches = to_device(torch.stack([torch.randperm(n, generator=generator)[:batch_size] for _ in range(iters)]), device)
+    losses = torch.empty(iters, device=device)
     for i in range(iters):
-        idx = torch.randperm(n, generator=generator)[:batch_size]
+        idx = batches[i]
         step_idx = idx // per_step
         out = quantized_output(layer, inputs[idx].float(), theta.exp())
         loss = per_sample_loss(out, outputs[idx].float(), layer.channel_dim)
         weighting.update(step_idx, loss)
         total = (weighting.weights(step_idx) * loss).mean()
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"LES on {name}: loss is {total.item()} at iteration {i}")
+        losses[i] = total.detach()
+        if (i + 1) % CHECK_EVERY == 0 or i + 1 == iters:
+            _check_finite(losses[: i + 1], name)
         # autograd.grad, not backward: only θ needs a gradient; the layer's weights stay untouched
         (theta.grad,) = torch.autograd.grad(total, theta)
         optimizer.step()
@@ -118,6 +131,13 @@ def learn_gamma(
     before = layer_loss(layer, inputs, outputs, steps, torch.ones_like(gamma), batch_size)
     after = layer_loss(layer, inputs, outputs, steps, gamma, batch_size)
     return gamma, before, after
+
+
+def _check_finite(losses: torch.Tensor, name: str) -> None:
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise FloatingPointError(f"LES on {name}: loss is {losses[i].item()} at iteration {i}")
 
 
 def load_layer_io(calib_path: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -141,10 +161,31 @@ def load_layer_io(calib_path: str | Path, name: str) -> tuple[torch.Tensor, torc
     return inputs, outputs, steps
 
 
-def _learn_from_store(name, layer, calib_path, weighting, r, momentum, **kwargs):
+def _learn_from_store(name, layer, calib_path, weighting, r, momentum, device, **kwargs):
     inputs, outputs, steps = load_layer_io(calib_path, name)
     w = make_weighting(weighting, steps, r, momentum)
-    return name, *learn_gamma(layer, inputs, outputs, steps, w, name=name, **kwargs)
+    gamma, before, after = learn_gamma(layer.to(device), to_device(inputs, device), to_device(outputs, device), steps, w, name=name, **kwargs)
+    return name, gamma.cpu(), before, after
+
+
+def assign_layers(layers: dict[str, QuantLayer], calib_path: str | Path, ranks: int) -> dict[str, int]:
+    """The rank that learns each layer: costliest layer first, each to the least loaded rank. A
+    layer's cost is its multiply-adds over its stored records (a layer missing from the store costs 0;
+    learning it fails with its own message)."""
+    root = zarr.open_group(str(calib_path), mode="r")
+
+    def cost(name: str, layer: QuantLayer) -> int:
+        key = f"layers/{name}/input"
+        weight = layer.module.weight
+        return math.prod(root[key].shape) * weight.numel() // weight.shape[1] if key in root else 0
+
+    costs = {name: cost(name, layer) for name, layer in layers.items()}
+    load, owner = [0] * ranks, {}
+    for name in sorted(costs, key=costs.get, reverse=True):
+        rank = load.index(min(load))
+        owner[name] = rank
+        load[rank] += costs[name]
+    return owner
 
 
 def _start_worker(parent: int) -> None:
@@ -173,6 +214,8 @@ def learn_all(
     seed: int,
     workers: int = 1,
     checkpoints: Checkpoints | None = None,
+    device: torch.device = torch.device("cpu"),
+    world: World = SINGLE,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]]]:
     """γ for every layer: ({name: γ}, {name: (loss at γ = 1, loss at γ)}), in the order of ``layers``.
 
@@ -180,11 +223,17 @@ def learn_all(
     torch's CPU reductions split work by thread count, so a fixed count keeps γ bit-identical for any
     ``workers``. Use more workers, not more threads, to use more cores. With ``checkpoints`` each
     finished layer is saved at once and layers found there are not learned again: γ is the same
-    whether a run resumed or not, because each layer's result depends on that layer alone."""
+    whether a run resumed or not, because each layer's result depends on that layer alone.
+
+    With several torchrun ranks (``world``) each rank learns the layers :func:`assign_layers` gives
+    it and every rank returns all results. On CUDA a rank learns its layers one after another on its
+    GPU (``workers`` applies to CPU: forked workers cannot share a CUDA context)."""
     job = partial(
         _learn_from_store, calib_path=str(calib_path), weighting=weighting, r=r, momentum=momentum,
-        iters=iters, lr=lr, batch_size=batch_size, seed=seed,
+        device=device, iters=iters, lr=lr, batch_size=batch_size, seed=seed,
     )  # fmt: skip
+    if device.type == "cuda":
+        workers = 1
     results = {}
     if checkpoints:
         for name in layers:
@@ -192,7 +241,10 @@ def learn_all(
                 tensors, losses = saved
                 results[name] = (tensors["gamma"], losses["before"], losses["after"])
     todo = {name: layer for name, layer in layers.items() if name not in results}
-    with tqdm(total=len(layers), initial=len(results), desc="LES", unit="layer") as bar:
+    if world.size > 1:
+        owner = assign_layers(todo, calib_path, world.size)
+        todo = {name: layer for name, layer in todo.items() if owner[name] == world.rank}
+    with tqdm(total=len(results) + len(todo), initial=len(results), desc="LES", unit="layer", disable=not world.main) as bar:
 
         def finished(name: str, gamma: torch.Tensor, before: float, after: float) -> None:
             results[name] = (gamma, before, after)
@@ -219,4 +271,5 @@ def learn_all(
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # one failed layer fails the stage; skip the queue
                     raise
+    results = world.merge(results)
     return {n: results[n][0] for n in layers}, {n: (results[n][1], results[n][2]) for n in layers}

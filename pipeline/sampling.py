@@ -1,5 +1,5 @@
 """Batched sampling with a (possibly quantized) model, switching activation parameters per step, and the
-samples store (one array per seed)."""
+samples store (one array per seed). Under torchrun each rank makes the samples of its chunks."""
 
 from __future__ import annotations
 
@@ -9,40 +9,66 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from pipeline.accel import autocast, to_device
 from pipeline.conditioning import as_denoiser
 from pipeline.diffusion import ddim_sample, sample_noise
-from pipeline.io import atomic_store, open_store
+from pipeline.distributed import SINGLE, World, my_batches, plan_batches, shared_store
+from pipeline.io import open_store
 from pipeline.quant.model import set_step
 
 
-def generate(model, scheduler, num_samples: int, batch_size: int, eta: float, seed: int, device, desc: str,
-             guidance_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
-    """``num_samples`` images (latents for a latent model); sample i depends only on (seed, i), not on
-    the batch it lands in: its noise and its condition (class or prompt) come from its index."""
+def sample_batch(model, scheduler, indices: torch.Tensor, eta: float, seed: int, device, guidance_scale: float = 1.0, precision: str = "none") -> torch.Tensor:
+    """The samples (latents for a latent model) with these indices; sample i depends only on (seed, i),
+    not on the batch or rank that makes it: its noise and its condition (class or prompt) come from
+    its index. ``precision`` is the ``autocast`` param (none | bf16 | fp16)."""
     denoiser = as_denoiser(model)
-    shape = denoiser.sample_shape
-    steps = len(scheduler.timesteps)
-    out = []
-    for start in tqdm(range(0, num_samples, batch_size), desc=desc):
-        indices = torch.arange(start, min(start + batch_size, num_samples))
-        noise = sample_noise(seed, indices, steps, shape).to(device)
-        cond = denoiser.condition_keys(indices)
-        cond = None if cond is None else cond.to(device)
-        switch_step = lambda s, t, x: set_step(denoiser, s)  # noqa: E731  (per-step activation parameters)
-        out.append(ddim_sample(denoiser, scheduler, noise, eta, switch_step, cond, guidance_scale).cpu())
-    return torch.cat(out)
+    noise = to_device(sample_noise(seed, indices, len(scheduler.timesteps), denoiser.sample_shape), device)
+    cond = denoiser.condition_keys(indices)
+    cond = None if cond is None else to_device(cond, device)
+    with autocast(device, precision):
+        return ddim_sample(denoiser, scheduler, noise, eta, lambda s, t, x: set_step(denoiser, s), cond, guidance_scale).float()
 
 
-def write_samples(path: Path, runs: dict[int, torch.Tensor], attrs: dict) -> None:
-    """One array per seed (``seed-<seed>``) in a sealed Zarr store, written atomically."""
-    with atomic_store(path) as tmp:
-        root = zarr.open_group(str(tmp), mode="w")
-        for seed, images in runs.items():
-            root.create_array(f"seed-{seed}", data=images.numpy(), chunks=(min(256, len(images)), *images.shape[1:]))
-        root.attrs.update({**attrs, "seeds": list(runs)})
+def generate(model, scheduler, num_samples: int, batch_size: int, eta: float, seed: int, device, desc: str,
+             guidance_scale: float = 1.0, precision: str = "none") -> torch.Tensor:  # fmt: skip
+    """``num_samples`` samples in memory (see :func:`sample_batch`)."""
+    batches = [torch.arange(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+    return torch.cat([sample_batch(model, scheduler, b, eta, seed, device, guidance_scale, precision).cpu() for b in tqdm(batches, desc=desc)])
 
 
-def read_samples(path: Path) -> tuple[dict[int, torch.Tensor], dict]:
-    """The samples of each seed and the store's attributes, checked against its manifest."""
+def fill_samples(model, scheduler, out: zarr.Array, batch_size: int, eta: float, seed: int, device, desc: str, world: World = SINGLE,
+                 precision: str = "none", guidance_scale: float = 1.0, decode=None) -> None:  # fmt: skip
+    """Fill ``out`` (num_samples, C, H, W) with images, decoded to pixels by ``decode`` for a latent
+    model. Each rank makes the batches of its chunks of ``out``."""
+    batches = my_batches(plan_batches(out.shape[0], batch_size, out.chunks[0]), world)
+    for start, stop in tqdm(batches, desc=desc, disable=not world.main):
+        images = sample_batch(model, scheduler, torch.arange(start, stop), eta, seed, device, guidance_scale, precision)
+        out[start:stop] = (images if decode is None else decode(images)).cpu().numpy()
+
+
+def write_samples(
+    path: Path, model, scheduler, seeds: list[int], num_samples: int, batch_size: int, eta: float, device, attrs: dict,
+    desc: str, world: World = SINGLE, precision: str = "none", guidance_scale: float = 1.0, decode=None,
+) -> None:  # fmt: skip
+    """Sample ``num_samples`` images per seed into a sealed Zarr store, one array per seed
+    (``seed-<seed>``), written atomically. Arrays are chunked by ``batch_size`` images, the unit of
+    work of a rank; with several ranks every rank makes this call (see :func:`fill_samples`)."""
+    latent_shape = as_denoiser(model).sample_shape
+    shape = latent_shape if decode is None else tuple(decode(torch.zeros(1, *latent_shape)).shape[1:])
+    with shared_store(path, world) as tmp:
+        if world.main:
+            root = zarr.open_group(str(tmp), mode="w")
+            for seed in seeds:
+                root.create_array(f"seed-{seed}", shape=(num_samples, *shape), chunks=(min(batch_size, num_samples), *shape), dtype="float32")
+            root.attrs.update({**attrs, "seeds": list(seeds)})
+        world.barrier()
+        root = zarr.open_group(str(tmp), mode="r+")
+        for seed in seeds:
+            fill_samples(model, scheduler, root[f"seed-{seed}"], batch_size, eta, seed, device, f"{desc} seed {seed}", world, precision, guidance_scale, decode)
+
+
+def read_samples(path: Path, count: int | None = None) -> tuple[dict[int, torch.Tensor], dict]:
+    """The samples of each seed (the first ``count`` of them, or all) and the store's attributes,
+    checked against its manifest."""
     root = open_store(path, "samples store")
-    return {seed: torch.from_numpy(root[f"seed-{seed}"][:]) for seed in root.attrs["seeds"]}, dict(root.attrs)
+    return {seed: torch.from_numpy(root[f"seed-{seed}"][:count]) for seed in root.attrs["seeds"]}, dict(root.attrs)

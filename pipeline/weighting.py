@@ -16,7 +16,8 @@ Step index s = 0..S-1 counts sampling steps, 0 being the first (noisiest) one.
   so the optimiser cannot neglect the steps with small, but accumulating, error.
 
 The caller (LES) updates with the batch's detached losses *before* asking for that batch's weights,
-so the current batch already counts in its own weights (reference order).
+so the current batch already counts in its own weights (reference order). The EMA lives on the
+device of the losses and nothing here waits for that device (no host round-trip per iteration).
 """
 
 from __future__ import annotations
@@ -36,19 +37,23 @@ class TimestepWeighting:
     def update(self, step_idx: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
         if self.kind != "focal":
             return
-        added = torch.zeros_like(self.ema).scatter_add_(0, step_idx.long().cpu(), per_sample_loss.detach().double().cpu())
-        self.ema = self.momentum * self.ema + (1 - self.momentum) * added
+        ema = self.ema.to(per_sample_loss.device)
+        added = torch.zeros_like(ema).scatter_add_(0, step_idx.long(), per_sample_loss.detach().double())
+        self.ema = self.momentum * ema + (1 - self.momentum) * added
 
     def weights(self, step_idx: torch.Tensor) -> torch.Tensor:
         """Per-sample weights (float32, on ``step_idx``'s device) for samples at the given step indices."""
-        device, step_idx = step_idx.device, step_idx.long().cpu()
+        step_idx = step_idx.long()
         if self.kind == "linear":
             w = 1 + self.r * (1 - step_idx.double() / self.num_steps)
-        elif self.kind == "focal" and self.ema.sum() > 0:
-            w = (1 - self.ema[step_idx] / self.ema.sum()) ** self.r
+        elif self.kind == "focal":
+            ema = self.ema.to(step_idx.device)
+            total = ema.sum()
+            # where, not an `if`: no host round-trip; while the EMA is all 0 the weights are 1, not 0/0
+            w = torch.where(total > 0, (1 - ema[step_idx] / total) ** self.r, 1.0)
         else:
-            w = torch.ones(step_idx.shape, dtype=torch.float64)
-        return w.float().to(device)
+            w = torch.ones(step_idx.shape, dtype=torch.float64, device=step_idx.device)
+        return w.float()
 
 
 def make_weighting(kind: str, num_steps: int, r: float = 20.0, momentum: float = 0.95) -> TimestepWeighting:

@@ -3,9 +3,10 @@
 from pipeline.calib import dump_calibration
 from pipeline.conditioning import load_denoiser, read_prompts
 from pipeline.config import load_config
-from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
+from pipeline.diffusion import ddim_scheduler, load_fp_model
+from pipeline.distributed import init, shared_store
 from pipeline.fingerprint import model_hash
-from pipeline.io import atomic_store, read_json
+from pipeline.io import read_json
 from pipeline.quant import quantizable_layers
 from stages.layout import CALIB, FP_MODEL, FP_PROVENANCE
 from stages.lineage import check_input, stage_provenance
@@ -14,18 +15,18 @@ from stages.lineage import check_input, stage_provenance
 def main() -> None:
     cfg = load_config()
     check_input(read_json(FP_PROVENANCE), cfg, "fp_model", None, FP_MODEL)
-    device = resolve_device(cfg.device)
+    world, device = init(cfg.device)  # under torchrun, each rank dumps its share of the records
     unet, train_scheduler = load_fp_model(FP_MODEL)
     c = cfg.calib
     prompts = read_prompts(c.prompts, c.num_samples) if c.prompts else None
     denoiser = load_denoiser(FP_MODEL, unet, prompts).to(device)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    with atomic_store(CALIB) as tmp:
+    with shared_store(CALIB, world) as tmp:
         dump_calibration(
             tmp, denoiser, scheduler, quantizable_layers(unet), guidance_scale=c.guidance_scale,
             num_samples=c.num_samples, layer_records_per_step=c.layer_records_per_step, batch_size=c.batch_size,
             eta=c.eta, seed=c.seed, chunk_records=c.chunk_records, device=device,
-            attrs={**stage_provenance(cfg, "dump", model_hash(FP_MODEL)), "prompts": prompts},
+            attrs={**stage_provenance(cfg, "dump", model_hash(FP_MODEL)), "prompts": prompts}, world=world,
         )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from pipeline.calib import open_calibration
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import load_config
 from pipeline.diffusion import load_fp_model
+from pipeline.distributed import init
 from pipeline.fingerprint import model_hash
 from pipeline.io import write_json, write_tensors
 from pipeline.les import learn_all
@@ -21,6 +22,7 @@ from stages.lineage import check_input, checkpoint_key, stage_provenance
 
 def main(name: str) -> None:
     cfg = load_config()
+    world, device = init(cfg.device)  # under torchrun, the layers are spread over the ranks
     c = cfg.les
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
@@ -32,13 +34,17 @@ def main(name: str) -> None:
     checkpoints = None
     if method.les:
         check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
-        checkpoints = Checkpoints(checkpoints_path("les", name), checkpoint_key(provenance))
+        with world.main_first():  # rank 0 removes stale checkpoints before any rank saves new ones
+            checkpoints = Checkpoints(checkpoints_path("les", name), checkpoint_key(provenance))
         gammas, losses = learn_all(
             layers, CALIB, weighting=method.weighting, iters=c.iters, lr=c.lr, batch_size=c.batch_size,
             r=c.focal_r, momentum=c.focal_momentum, seed=c.seed, workers=c.workers, checkpoints=checkpoints,
+            device=device, world=world,
         )  # fmt: skip
     else:
         gammas, losses = {name: torch.ones_like(layer.gamma) for name, layer in layers.items()}, {}
+    if not world.main:
+        return
     header = {**provenance, **variant._asdict(), "weighting": method.weighting, "iters": c.iters if method.les else 0}
     write_tensors(les_path(name), {f"{layer}.gamma": gamma for layer, gamma in gammas.items()}, header)
     if checkpoints:

@@ -13,7 +13,7 @@ from pipeline.io import read_tensors, write_json
 from pipeline.metrics import evaluate_runs, feature_space, reference_set
 from pipeline.peers import quanto_quantize
 from pipeline.report import metrics_record
-from pipeline.sampling import generate, read_samples, write_samples
+from pipeline.sampling import read_samples, write_samples
 from stages.layout import CALIB, CLASSIFIER, FP, FP_MODEL, entry_argument, grid_path, metrics_path, samples_path
 from stages.lineage import check_input, stage_provenance
 
@@ -38,12 +38,13 @@ def main(name: str) -> None:
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(device)  # the rows' sampling prompts
     decode = Decoder(find_layout(FP_MODEL), device)
-    runs = {
-        seed: decode(generate(model, scheduler, s.num_samples, s.batch_size, s.eta, seed, device, f"sample {name} seed {seed}", s.guidance_scale))
-        for seed in s.seeds
-    }
     provenance = stage_provenance(cfg, "peer", fp_hash, variant)
-    write_samples(samples_path(name), runs, {**provenance, "steps": cfg.diffusion.steps, "label": label})
+    attrs = {**provenance, "steps": cfg.diffusion.steps, "label": label}
+    write_samples(
+        samples_path(name), model, scheduler, s.seeds, s.num_samples, s.batch_size, s.eta, device, attrs, f"sample {name}",
+        guidance_scale=s.guidance_scale, decode=decode,
+    )  # fmt: skip
+    runs, _ = read_samples(samples_path(name))
     save_grid(runs[s.seeds[0]], grid_path(name), s.grid_size, label)
     reference = reference_set(cfg.model.source, cfg.model.image_size, cfg.eval.reference_images, next(iter(runs.values())))
     found = evaluate_runs(runs, reference, feature_space(str(CLASSIFIER), cfg.eval.inception_weights), e.kid_subset_size, e.isc_splits, e.prc_neighborhood, fp_runs)

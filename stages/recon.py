@@ -6,6 +6,7 @@ import copy
 import time
 from functools import partial
 
+from pipeline.accel import to_device
 from pipeline.adaround import AdaRoundSettings, adaround
 from pipeline.calib import open_calibration, random_records, record_denoiser
 from pipeline.checkpoint import Checkpoints
@@ -47,12 +48,12 @@ def main(name: str) -> None:
         if r.weighting == "method":
             steps = calib.attrs["steps"]
             weighting = partial(make_weighting, method.weighting, steps, cfg.les.focal_r, cfg.les.focal_momentum)
-        settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed)
+        settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed, cfg.autocast)
         checkpoints = Checkpoints(checkpoints_path("recon", name), checkpoint_key(provenance))
         start = time.perf_counter()
-        inputs = tuple(v.to(device) for v in records)
+        inputs = tuple(to_device(v, device) for v in records)
         fp = record_denoiser(FP_MODEL, fp_unet, calib)
-        units = adaround(fp.with_unet(q_unet).to(device), fp.to(device), inputs, settings, weighting, step.to(device), checkpoints)
+        units = adaround(fp.with_unet(q_unet).to(device), fp.to(device), inputs, settings, weighting, to_device(step, device), checkpoints)
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)
         report["mean_loss_after"] = sum(u["after"] for u in units.values()) / len(units)

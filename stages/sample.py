@@ -5,11 +5,12 @@ latent models' samples decoded), reports/samples/<row>.png."""
 from pipeline.components import find_layout
 from pipeline.conditioning import Decoder, load_denoiser, read_prompts
 from pipeline.config import load_config
-from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
+from pipeline.diffusion import ddim_scheduler, load_fp_model
+from pipeline.distributed import init
 from pipeline.figures import save_grid
 from pipeline.fingerprint import model_hash
 from pipeline.quantized import load_quantized_unet
-from pipeline.sampling import generate, write_samples
+from pipeline.sampling import read_samples, write_samples
 from stages.layout import FP, FP_MODEL, act_params_path, entry_argument, grid_path, samples_path, weights_path
 from stages.lineage import check_input, stage_provenance
 
@@ -17,7 +18,7 @@ from stages.lineage import check_input, stage_provenance
 def main(row: str) -> None:
     cfg = load_config()
     s = cfg.sample
-    device = resolve_device(cfg.device)
+    world, device = init(cfg.device)  # under torchrun, each rank makes its share of the samples
     fp_hash = model_hash(FP_MODEL)
     if row == FP:
         variant, stage, label = None, "sample_fp", "FP"
@@ -32,13 +33,13 @@ def main(row: str) -> None:
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(device)
     decode = Decoder(find_layout(FP_MODEL), device)
-    runs = {
-        seed: decode(generate(model, scheduler, s.num_samples, s.batch_size, s.eta, seed, device, f"sample {row} seed {seed}", s.guidance_scale))
-        for seed in s.seeds
-    }
     attrs = {**stage_provenance(cfg, stage, fp_hash, variant), "steps": cfg.diffusion.steps, "label": label}
-    write_samples(samples_path(row), runs, attrs)
-    save_grid(runs[s.seeds[0]], grid_path(row), s.grid_size, label)
+    write_samples(
+        samples_path(row), model, scheduler, s.seeds, s.num_samples, s.batch_size, s.eta, device, attrs, f"sample {row}", world, cfg.autocast,
+        s.guidance_scale, decode,
+    )  # fmt: skip
+    if world.main:
+        save_grid(read_samples(samples_path(row), s.grid_size**2)[0][s.seeds[0]], grid_path(row), s.grid_size, label)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.scale_input(x)
         if self.quantize_acts:
-            x = self.act_quantizer(x, self.channel_dim)
+            # x / γ above is this layer's own tensor: quantize it in place unless autograd needs it
+            x = self.act_quantizer(x, self.channel_dim, inplace=not x.requires_grad)
         if self.quantize_weights and self.frozen_weight is not None:
             weight = self.frozen_weight
         else:

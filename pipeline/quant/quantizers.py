@@ -12,15 +12,48 @@ import torch
 import torch.nn as nn
 
 
+class _RoundSTE(torch.autograd.Function):
+    """One rounding kernel forward and the gradient passed through backward; the textbook
+    ``(x.round() - x).detach() + x`` costs two more passes over ``x`` each way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round in the forward pass, identity gradient in the backward pass."""
-    return (x.round() - x).detach() + x
+    return _RoundSTE.apply(x)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ste: bool = False):
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ste: bool = False, inplace: bool = False
+) -> torch.Tensor:
+    """``(clamp(round(x / scale) + zp, 0, L) - zp) * scale`` with L = 2^bits - 1.
+
+    With ``ste`` the rounding passes the gradient straight through, and the zero point is left out of
+    the graph: it is a rounded value, so its gradient is 0 anyway. The clamp stays a clamp to the
+    numbers 0 and L: at the bounds it gives no gradient, where a clamp to tensor bounds would split it.
+
+    Without ``ste`` the same numbers come from ``min(max(r, -zp), L - zp) * scale`` (r = round(x / scale)
+    and zp are integers far inside float32's exact range), every step in place on one buffer: on CPU
+    a fresh output costs more than the arithmetic, and maximum/minimum with ``out=`` are several times
+    faster than ``clamp`` to tensor bounds. ``inplace`` lets it overwrite ``x`` (a caller's temporary)."""
     levels = 2**bits - 1
-    q = (round_ste(x / scale) if ste else torch.round(x / scale)) + zero_point
-    return (q.clamp(0, levels) - zero_point) * scale
+    if ste:
+        zero_point = zero_point.detach()
+        return ((round_ste(x / scale) + zero_point).clamp(0, levels) - zero_point) * scale
+    q = (x.div_(scale) if inplace else x / scale).round_()
+    if q.requires_grad:  # autograd cannot trace ``out=``: the same bounds, on new tensors
+        q = torch.minimum(torch.maximum(q, -zero_point), levels - zero_point)
+    else:
+        torch.maximum(q, -zero_point, out=q)
+        torch.minimum(q, levels - zero_point, out=q)
+    return q.mul_(scale)
 
 
 def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +68,8 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
 
 def part_extrema(x: torch.Tensor, parts: torch.Tensor, num_parts: int, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x`` over everything but ``channel_dim``, then reduced per part of channels."""
-    per_channel = x.transpose(0, channel_dim).reshape(x.shape[channel_dim], -1)
-    lo_c, hi_c = per_channel.amin(1), per_channel.amax(1)
+    others = tuple(d for d in range(x.ndim) if d != channel_dim % x.ndim)  # reduce in place: no transposed copy of x
+    lo_c, hi_c = x.amin(others), x.amax(others)
     inf = torch.full((num_parts,), float("inf"), dtype=x.dtype, device=x.device)
     lo = inf.scatter_reduce(0, parts, lo_c, "amin")
     hi = (-inf).scatter_reduce(0, parts, hi_c, "amax")
@@ -160,10 +193,11 @@ class ActQuantizer(nn.Module):
         scale = self.scale[step, self.parts] * torch.exp2(-self.exponent[step].float())
         return scale, self.zero_point[step, self.parts]
 
-    def forward(self, x: torch.Tensor, channel_dim: int, ste: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, channel_dim: int, ste: bool = False, inplace: bool = False) -> torch.Tensor:
+        """Fake-quantize ``x``; ``inplace`` lets it overwrite ``x`` (see :func:`fake_quantize`)."""
         if self.calibrating:
             self.observe(x, channel_dim)
         scale, zp = self.channel_params(self.step)
         shape = [1] * x.ndim
         shape[channel_dim] = -1
-        return fake_quantize(x, scale.view(shape), zp.view(shape), self.bits, ste=ste)
+        return fake_quantize(x, scale.view(shape), zp.view(shape), self.bits, ste=ste, inplace=inplace)
