@@ -87,7 +87,7 @@ def table(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     """Print the current table (FP first, then report.table) from the metrics in metrics/."""
-    from pipeline.report import ABLATION_COLUMNS, COLUMNS, Row, markdown_table
+    from pipeline.report import ABLATION_COLUMNS, COLUMNS, markdown_table, rows_against_fp
 
     try:
         records, title = _records(params, ablation)
@@ -95,7 +95,7 @@ def table(
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{title}\n")
-    typer.echo(markdown_table([Row.from_record(r) for r in records], records[0]["steps"], records[0]["features"], ABLATION_COLUMNS if ablation else COLUMNS))
+    typer.echo(markdown_table(rows_against_fp(records), records[0]["steps"], records[0]["features"], ABLATION_COLUMNS if ablation else COLUMNS))
 
 
 @app.command("run")

@@ -40,7 +40,11 @@ def main() -> None:
     records = {name: current_record(cfg, name) for name in [FP, *dict.fromkeys(r.table + r.ablation)]}
     fp = records[FP]
     setup = configuration(cfg, fp)
-    spread = "± is the standard deviation over the sampling seeds (the same quantized model, other noise): a difference between rows smaller than it is noise."
+    spread = (
+        "± is the standard deviation over the sampling seeds (the same quantized model, other noise). Every row is sampled from the"
+        " same seeds as FP, so that noise is shared: read ΔFID (the row's FID minus FP's on the same seed), whose ± is the run-to-run"
+        " spread a difference between rows has to beat."
+    )
     peers = [f"{records[name]['label']} ({name}) is a peer row: another library on the same model, calibration data, seeds and metric." for name in r.table if name in cfg.peers]
     table = [fp, *(records[name] for name in r.table)]
     write_text(PAPER_TABLE, report_document("Paper table", table, fp["features"], [spread, *peers, f"Outlier statistics: `{STATS_HEATMAP_FIG}`."], setup, COLUMNS))

@@ -20,9 +20,9 @@ def test_table_rows_order_and_caption():
     ])  # fmt: skip
     text = markdown_table([fp, dmq], steps=20, feature_note="digit-classifier features")
     lines = text.splitlines()
-    assert lines[0] == "| Method | Bits | FID ↓ | KID ↓ | ISC ↑ | Precision ↑ | Recall ↑ | Steps | Samples |"
-    assert lines[2] == "| FP | 32/32 | 10.00 | 5.0 | 8.00 | 0.500 | 0.900 | 20 | 1000 |"
-    assert lines[3] == "| dmq | W4A6 | 13.00 ± 1.41 | 7.0 ± 1.4 | 7.60 ± 0.14 | 0.500 ± 0.141 | 0.800 ± 0.000 | 20 | 1000 × 2 seeds |"
+    assert lines[0] == "| Method | Bits | FID ↓ | ΔFID vs FP ↓ | KID ↓ | ISC ↑ | Precision ↑ | Recall ↑ | Steps | Samples |"
+    assert lines[2] == "| FP | 32/32 | 10.00 | – | 5.0 | 8.00 | 0.500 | 0.900 | 20 | 1000 |"
+    assert lines[3] == "| dmq | W4A6 | 13.00 ± 1.41 | – | 7.0 ± 1.4 | 7.60 ± 0.14 | 0.500 ± 0.141 | 0.800 ± 0.000 | 20 | 1000 × 2 seeds |"
     assert lines[-1] == "Metrics on digit-classifier features; DDIM with 20 steps."
 
 
@@ -48,11 +48,11 @@ def test_report_stage_writes_the_table_from_the_metrics_in_the_configured_order(
     lines = (repo / "reports/paper_table.md").read_text().splitlines()
     assert lines[0] == "# Paper table"
     assert lines[4:9] == [
-        "| FP | 32/32 | 11.00 ± 1.41 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
-        "| qdiff | W4A8 | 11.25 ± 0.35 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
-        "| optimum-quanto | W4A8 | 30.25 ± 0.00 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
-        "| qdiff | W4A6 | 14.00 ± 1.41 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
-        "| dmq | W4A6 | 12.50 ± 0.71 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+        "| FP | 32/32 | 11.00 ± 1.41 | – | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+        "| qdiff | W4A8 | 11.25 ± 0.35 | 0.25 ± 1.06 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+        "| optimum-quanto | W4A8 | 30.25 ± 0.00 | 19.25 ± 1.41 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+        "| qdiff | W4A6 | 14.00 ± 1.41 | 3.00 ± 0.00 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
+        "| dmq | W4A6 | 12.50 ± 0.71 | 1.50 ± 0.71 | 100.0 ± 0.0 | 2.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 4 | 48 × 2 seeds |",
     ]
     assert "optimum-quanto (quanto-w4a8) is a peer row" in "\n".join(lines)
     ablation = (repo / "reports/ablation.md").read_text().splitlines()
