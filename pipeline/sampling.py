@@ -60,7 +60,7 @@ def write_samples(
             root = zarr.open_group(str(tmp), mode="w")
             for seed in seeds:
                 root.create_array(f"seed-{seed}", shape=(num_samples, *shape), chunks=(min(batch_size, num_samples), *shape), dtype="float32")
-            root.attrs.update({**attrs, "seeds": list(seeds)})
+            root.attrs.update({**attrs, "sample_seeds": list(seeds)})
         world.barrier()
         root = zarr.open_group(str(tmp), mode="r+")
         for seed in seeds:
@@ -71,4 +71,4 @@ def read_samples(path: Path, count: int | None = None) -> tuple[dict[int, torch.
     """The samples of each seed (the first ``count`` of them, or all) and the store's attributes,
     checked against its manifest."""
     root = open_store(path, "samples store")
-    return {seed: torch.from_numpy(root[f"seed-{seed}"][:count]) for seed in root.attrs["seeds"]}, dict(root.attrs)
+    return {seed: torch.from_numpy(root[f"seed-{seed}"][:count]) for seed in root.attrs["sample_seeds"]}, dict(root.attrs)

@@ -36,7 +36,9 @@ def test_every_artifact_records_model_params_and_seeds(reproduced):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for name, header in found.items():
         assert len(header["params_hash"]) == 16, name
-        assert header["seeds"] and all(header["params"][key] == value for key, value in header["seeds"].items()), name
+        # the γ = 1 file of a method without LES depends on no params, so it has no seeds
+        assert header["seeds"] or name == "les/qdiff-w4.safetensors", name
+        assert all(header["params"][key] == value for key, value in header["seeds"].items()), name
         if name not in ("fp_model", "classifier.safetensors"):
             assert header["model_hash"] == found["calib.zarr"]["model_hash"], name
     assert found["calib.zarr"]["seeds"] == {"seed": params["seed"], "calib.seed": params["calib"]["seed"]}
