@@ -87,6 +87,7 @@ def table(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     """Print the current table (FP first, then report.table) from the metrics in metrics/."""
+    from pipeline.metrics import FEATURE_NOTE
     from pipeline.report import ABLATION_COLUMNS, COLUMNS, markdown_table, rows_against_fp
 
     try:
@@ -95,7 +96,8 @@ def table(
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{title}\n")
-    typer.echo(markdown_table(rows_against_fp(records), records[0]["steps"], records[0]["features"], ABLATION_COLUMNS if ablation else COLUMNS))
+    features = records[0].get("features", FEATURE_NOTE)  # records written before the Inception option name no features
+    typer.echo(markdown_table(rows_against_fp(records), records[0]["steps"], features, ABLATION_COLUMNS if ablation else COLUMNS))
 
 
 @app.command("run")
