@@ -76,13 +76,18 @@ def rows_against_fp(records: list[dict]) -> list[Row]:
     return rows
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def cell(values: list[float], digits: int) -> str:
     if not values:
         return "–"
-    mean = statistics.fmean(values)
+    mean, std = mean_std(values)
     if len(values) == 1:
         return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown_table(rows: list[Row], steps: int, feature_note: str, columns=COLUMNS) -> str:
@@ -108,29 +113,23 @@ def report_document(title: str, records: list[dict], feature_note: str, notes: l
     return "\n".join(lines)
 
 
-def mean_std(record: dict, key: str) -> tuple[float, float]:
-    values = [run[key] for run in record["seeds"].values()]
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def plot_fid_against_activation_bits(records: list[dict], path: str | Path) -> None:
     """ΔFID against FP on the same seeds (mean ± std over seeds) against activation bits, one line per
     method and weight bits; FP (the first record) is the zero line. The y axis is linear within ±10
     and logarithmic beyond, so a row far off does not flatten the others."""
     fp, *others = records
+    fp_row, *rows = rows_against_fp(records)
     fig, ax = plt.subplots(figsize=(7.5, 4), dpi=100)
-    mean, std = mean_std(fp, "fid")
+    mean, std = mean_std([run["fid"] for run in fp_row.runs])
     ax.axhline(0, color="grey", linewidth=1, label=f"FP (FID {mean:.1f} ± {std:.1f})")
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for record in others:
-        groups.setdefault((record["method"], record["w_bits"]), []).append(record)
+    groups: dict[tuple[str, int], list[tuple[int, Row]]] = {}
+    for record, row in zip(others, rows):
+        groups.setdefault((record["method"], record["w_bits"]), []).append((record["a_bits"], row))
     offsets = [0.3 * (i / max(len(groups) - 1, 1) - 0.5) for i in range(len(groups))]  # so error bars do not overlap
     for offset, ((method, w_bits), group) in zip(offsets, groups.items()):
-        group.sort(key=lambda r: r["a_bits"])
-        deltas = [[run["fid"] - fp["seeds"][seed]["fid"] for seed, run in r["seeds"].items()] for r in group]
-        means = [statistics.fmean(d) for d in deltas]
-        stds = [statistics.stdev(d) if len(d) > 1 else 0.0 for d in deltas]
-        ax.errorbar([r["a_bits"] + offset for r in group], means, yerr=stds, marker="o", capsize=3, label=f"{method} W{w_bits}")
+        group.sort(key=lambda item: item[0])
+        points = [mean_std([run["fid_vs_fp"] for run in row.runs]) for _, row in group]
+        ax.errorbar([a_bits + offset for a_bits, _ in group], [m for m, _ in points], yerr=[s for _, s in points], marker="o", capsize=3, label=f"{method} W{w_bits}")
     ax.set_yscale("symlog", linthresh=10)
     ax.set_xlabel("activation bits")
     ax.set_ylabel(f"ΔFID vs FP, same seeds ({fp['features']}) ↓")

@@ -11,6 +11,8 @@ from pipeline.sampling import read_samples
 from stages.layout import ABLATION, FID_FIG, FP, GRIDS_FIG, PAPER_TABLE, STATS_HEATMAP_FIG, metrics_path, samples_path
 from stages.lineage import stage_provenance
 
+GRID_SIDE = 6  # samples per side of each method's grid: only these are read from the stores
+
 
 def current_record(cfg: Config, name: str) -> dict:
     record = read_json(metrics_path(name))
@@ -53,8 +55,8 @@ def main() -> None:
     plot_fid_against_activation_bits(table, FID_FIG)
     seed = cfg.sample.seeds[0]
     at_grid_bits = [name for name in r.table if cfg.row_variant(name).label == r.grid_bits]
-    panels = [(records[name]["label"], read_samples(samples_path(name))[0][seed]) for name in [FP, *at_grid_bits]]
-    plot_sample_grids(panels, GRIDS_FIG)
+    panels = [(records[name]["label"], read_samples(samples_path(name), GRID_SIDE**2)[0][seed]) for name in [FP, *at_grid_bits]]
+    plot_sample_grids(panels, GRIDS_FIG, GRID_SIDE)
 
 
 if __name__ == "__main__":
