@@ -42,7 +42,8 @@ def gone(process: psutil.Process) -> bool:
 
 def test_dump_killed_mid_write_leaves_no_output_and_repro_redoes_it(pipeline_copy):
     repo, artifacts = pipeline_copy, pipeline_copy / "artifacts"
-    set_params(repo, {"calib": {"seed": 99}})  # a new dump: DVC has no cached result to restore
+    # a new dump (DVC has no cached result to restore), long enough that the kill lands mid-write
+    set_params(repo, {"calib": {"seed": 99, "num_samples": 32}})
     process = start(["dvc", "repro", "--single-item", "dump"], repo)
     wait_until(process, lambda: any(artifacts.glob(".calib.zarr.tmp-*/trajectory")))
     os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage under it
