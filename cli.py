@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
 app = typer.Typer(help="DMQ post-training quantization of diffusion models, as a DVC pipeline.", no_args_is_help=True)
+
+
+def _fail(error: Exception | str) -> NoReturn:
+    typer.secho(f"error: {error}", fg="red", err=True)
+    raise typer.Exit(1) from None
 
 
 @app.command()
@@ -27,8 +33,7 @@ def inspect(
             return
         ranges = layer_channel_ranges(path, layer, step, kind)
     except (FileNotFoundError, KeyError, ValueError) as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
-        raise typer.Exit(1) from None
+        _fail(error)
     typer.echo(f"{layer} {kind} at step {step}: {len(ranges)} channels")
     typer.echo(f"{'channel':>7} {'min':>10} {'max':>10} {'range':>10}")
     for c, (lo, hi) in enumerate(ranges):
@@ -93,8 +98,7 @@ def table(
     try:
         records, title = _records(params, ablation)
     except FileNotFoundError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
-        raise typer.Exit(1) from None
+        _fail(error)
     typer.echo(f"{title}\n")
     features = records[0].get("features", FEATURE_NOTE)  # records written before the Inception option name no features
     typer.echo(markdown_table(rows_against_fp(records), records[0]["steps"], features, ABLATION_COLUMNS if ablation else COLUMNS))
@@ -152,8 +156,7 @@ def compare(
 
     done = subprocess.run(["dvc", "exp", "diff", "--json", "--all", a, *([b] if b else [])], capture_output=True, text=True)
     if done.returncode:
-        typer.secho(f"error: {done.stderr.strip()}", fg="red", err=True)
-        raise typer.Exit(1)
+        _fail(done.stderr.strip())
     diff = json.loads(done.stdout or "{}")
     changed = [(key, change) for path in diff.get("params", {}).values() for key, change in path.items() if change.get("old") != change.get("new")]
     typer.echo(f"{a} → {b or 'workspace'}")
@@ -196,11 +199,6 @@ def _metric_by_row(metrics_diff: dict, metric: str) -> list[tuple[str, float | N
 
 def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.4g}"
-
-
-def _fail(error: Exception) -> None:
-    typer.secho(f"error: {error}", fg="red", err=True)
-    raise typer.Exit(1) from None
 
 
 @app.command()
