@@ -25,7 +25,7 @@ def inspect(
     stats: bool = typer.Option(True, help="compute min/max/mean of every array"),
 ) -> None:
     """Print a Zarr store's tree (shapes, dtypes, chunks, min/max/mean), or one layer's channel ranges."""
-    from pipeline.inspect import layer_channel_ranges, store_tree
+    from pipeline.eval.inspection import layer_channel_ranges, store_tree
 
     try:
         if layer is None:
@@ -43,7 +43,8 @@ def inspect(
 @app.command("check-params")
 def check_params(path: Path = typer.Argument(Path("params.yaml"))) -> None:
     """Validate a params file against the config model; print the first problem with its key."""
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import ConfigError
+    from pipeline.preflight import load_config
 
     try:
         load_config(path)
@@ -60,7 +61,7 @@ def doctor(
 ) -> None:
     """Check the environment before a long run: package versions, torch threads, the device, the
     model, and disk space for the Zarr stores that the params imply."""
-    from pipeline.doctor import diagnose
+    from pipeline.preflight import diagnose
 
     findings = diagnose(params, artifacts, copies=2)  # each store lives in the workspace and in the DVC cache
     for finding in findings:
@@ -74,8 +75,8 @@ def doctor(
 
 def _records(params: Path, ablation: bool) -> tuple[list[dict], str]:
     """FP's and the configured rows' metrics records from metrics/, in the report's order."""
-    from pipeline.config import load_config
-    from pipeline.io import read_json
+    from pipeline.infra.storage import read_json
+    from pipeline.preflight import load_config
     from stages.layout import FP, metrics_path
 
     cfg = load_config(params)
@@ -92,8 +93,8 @@ def table(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     """Print the current table (FP first, then report.table) from the metrics in metrics/."""
-    from pipeline.metrics import FEATURE_NOTE
-    from pipeline.report import ABLATION_COLUMNS, COLUMNS, markdown_table, rows_against_fp
+    from pipeline.eval.metrics import FEATURE_NOTE
+    from pipeline.eval.report import ABLATION_COLUMNS, COLUMNS, markdown_table, rows_against_fp
 
     try:
         records, title = _records(params, ablation)
@@ -101,7 +102,11 @@ def table(
         _fail(error)
     typer.echo(f"{title}\n")
     features = records[0].get("features", FEATURE_NOTE)  # records written before the Inception option name no features
-    typer.echo(markdown_table(rows_against_fp(records), records[0]["steps"], features, ABLATION_COLUMNS if ablation else COLUMNS))
+    typer.echo(
+        markdown_table(
+            rows_against_fp(records), records[0]["steps"], features, ABLATION_COLUMNS if ablation else COLUMNS
+        )
+    )
 
 
 @app.command("run")
@@ -118,7 +123,8 @@ def run_pipeline(
     changed = _stages_in(subprocess.run([*command, "--dry"], capture_output=True, text=True).stdout)
     planned = _downstream(changed, subprocess.run(["dvc", "dag", "--dot"], capture_output=True, text=True).stdout)
     typer.echo(
-        f"{len(changed)} stage(s) changed: {', '.join(changed)}; up to {len(planned)} run, those downstream only if their inputs change"
+        f"{len(changed)} stage(s) changed: {', '.join(changed)}; up to {len(planned)} run, those downstream only "
+        "if their inputs change"
         if changed
         else "everything is up to date"
     )
@@ -147,18 +153,27 @@ def run_pipeline(
 def compare(
     a: str = typer.Argument("HEAD", help="an experiment name or git revision"),
     b: str = typer.Argument(None, help="another one (default: the workspace)"),
-    metric: str = typer.Option("fid", help="the metric to compare (mean over seeds): fid, kid, isc, precision, recall, paired_mse"),
+    metric: str = typer.Option(
+        "fid", help="the metric to compare (mean over seeds): fid, kid, isc, precision, recall, paired_mse"
+    ),
 ) -> None:
     """Two experiments side by side: the params that differ, and each row's metric in both (via
     ``dvc exp diff``)."""
     import json
     import subprocess
 
-    done = subprocess.run(["dvc", "exp", "diff", "--json", "--all", a, *([b] if b else [])], capture_output=True, text=True)
+    done = subprocess.run(
+        ["dvc", "exp", "diff", "--json", "--all", a, *([b] if b else [])], capture_output=True, text=True
+    )
     if done.returncode:
         _fail(done.stderr.strip())
     diff = json.loads(done.stdout or "{}")
-    changed = [(key, change) for path in diff.get("params", {}).values() for key, change in path.items() if change.get("old") != change.get("new")]
+    changed = [
+        (key, change)
+        for path in diff.get("params", {}).values()
+        for key, change in path.items()
+        if change.get("old") != change.get("new")
+    ]
     typer.echo(f"{a} → {b or 'workspace'}")
     typer.echo("params that differ:" if changed else "no params differ")
     for key, change in sorted(changed):
@@ -205,13 +220,16 @@ def _number(value: float | None) -> str:
 def export(
     out: Path = typer.Argument(..., help="the checkpoint to write (.safetensors)"),
     row: str = typer.Option(..., help="a row of params.yaml, e.g. dmq-w4a8: its weights and activation parameters"),
-    params: Path = typer.Option(Path("params.yaml"), help="the params the artifacts were made with (stored in the header)"),
+    params: Path = typer.Option(
+        Path("params.yaml"), help="the params the artifacts were made with (stored in the header)"
+    ),
 ) -> None:
     """Write one portable safetensors checkpoint of a row: packed 4-bit weights, scales, zero points, γ,
     per-step activation parameters and PTS exponents, with the params and the FP model's hash."""
-    from pipeline.config import ConfigError, load_config
-    from pipeline.export import export_checkpoint
-    from pipeline.fingerprint import model_hash
+    from pipeline.config import ConfigError
+    from pipeline.deploy.export import export_checkpoint
+    from pipeline.infra.fingerprint import model_hash
+    from pipeline.preflight import load_config
     from stages.layout import FP_MODEL, act_params_path, weights_path
 
     try:
@@ -219,7 +237,9 @@ def export(
         if row not in cfg.rows:
             raise ValueError(f"no row {row!r} in {params}; rows: {', '.join(cfg.rows)}")
         weights = weights_path(cfg.rows[row].weights)
-        header = export_checkpoint(out, weights, act_params_path(row), FP_MODEL, model_hash(FP_MODEL), cfg.model_dump(mode="json"))
+        header = export_checkpoint(
+            out, weights, act_params_path(row), FP_MODEL, model_hash(FP_MODEL), cfg.model_dump(mode="json")
+        )
     except (ConfigError, FileNotFoundError, ValueError) as error:
         _fail(error)
     typer.echo(f"{out}: W{header['w_bits']}A{header['a_bits']}, {header['steps']} steps, {out.stat().st_size} bytes")
@@ -229,23 +249,28 @@ def export(
 def sample(
     quantized: Path = typer.Option(..., help="a checkpoint written by `export`"),
     model: Path = typer.Option(..., help="the FP model folder it was exported from (pipeline layout or bare UNet)"),
-    out: Path = typer.Option(Path("samples.safetensors"), help="samples in [-1, 1] (pixels); a PNG grid is written next to it"),
+    out: Path = typer.Option(
+        Path("samples.safetensors"), help="samples in [-1, 1] (pixels); a PNG grid is written next to it"
+    ),
     num_samples: int = typer.Option(16, min=1),
     batch_size: int = typer.Option(16, min=1),
     seed: int | None = typer.Option(None, help="default: the first of sample.seeds of the checkpoint's params"),
-    prompts: Path | None = typer.Option(None, help="text-to-image models: prompts file (default: sample.prompts of the params)"),
+    prompts: Path | None = typer.Option(
+        None, help="text-to-image models: prompts file (default: sample.prompts of the params)"
+    ),
     guidance_scale: float | None = typer.Option(None, help="default: sample.guidance_scale of the params"),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
 ) -> None:
     """Sample from a portable checkpoint, without the DVC repository: DDIM with the steps and η the
     checkpoint was calibrated for."""
-    from pipeline.components import find_layout
-    from pipeline.conditioning import Decoder, load_denoiser, read_prompts
-    from pipeline.diffusion import ddim_scheduler, resolve_device
-    from pipeline.export import load_checkpoint
-    from pipeline.figures import save_grid
-    from pipeline.io import write_tensors
-    from pipeline.sampling import generate
+    from pipeline.deploy.export import load_checkpoint
+    from pipeline.eval.sampling import generate
+    from pipeline.infra.device import resolve_device
+    from pipeline.infra.figures import save_grid
+    from pipeline.infra.storage import write_tensors
+    from pipeline.models.denoiser import Decoder, load_denoiser, read_prompts
+    from pipeline.models.diffusion import ddim_scheduler
+    from pipeline.models.local import find_layout
 
     try:
         unet, train_scheduler, _, header = load_checkpoint(quantized, model)
@@ -262,8 +287,12 @@ def sample(
     images = Decoder(find_layout(model), run_on)(latents)
     write_tensors(out, {"images": images}, {"checkpoint": str(quantized), "seed": seed, "guidance_scale": scale})
     grid = out.with_suffix(".png")
-    save_grid(images, grid, max(1, int(len(images) ** 0.5)), f"{header['method']} W{header['w_bits']}A{header['a_bits']}")
-    typer.echo(f"{out}: {tuple(images.shape)}, grid {grid}; range [{float(images.min()):.3g}, {float(images.max()):.3g}]")
+    save_grid(
+        images, grid, max(1, int(len(images) ** 0.5)), f"{header['method']} W{header['w_bits']}A{header['a_bits']}"
+    )
+    typer.echo(
+        f"{out}: {tuple(images.shape)}, grid {grid}; range [{float(images.min()):.3g}, {float(images.max()):.3g}]"
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ reports the ratio, which travels between machines better than a time:
 
 * ``les``: one LES iteration of a layer / one plain forward+backward of that layer (γ-scaled, no
   quantizers) on the same batch. Per-iteration time is the difference of two runs of
-  :func:`pipeline.les.learn_gamma` with different iteration counts, so its fixed costs drop out.
+  :func:`pipeline.method.les.learn_gamma` with different iteration counts, so its fixed costs drop out.
 * ``adaround``: one AdaRound iteration of a block / one forward+backward of the FP block.
 * ``sample``: fake-quantized DDIM sampling time / FP sampling time (goal: at most 1.5).
 * ``dump``: calibration dump throughput (logical MB of arrays per second), store size on disk.
@@ -39,13 +39,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # multipliers 1-2-3-4, 2 ResNet blocks per level, attention at the three lower resolutions, 64x64x3
 # latent) at half width and half resolution, which keeps a run within minutes on 2 CPU cores.
 MODELS = {
-    "default": None,  # pipeline.models.build_unet with params.yaml's model.* (randomly initialised)
+    "default": None,  # pipeline.models.embedded.build_unet with params.yaml's model.* (randomly initialised)
     "ldm4-half": dict(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(112, 224, 336, 448), layers_per_block=2, norm_num_groups=8,
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(112, 224, 336, 448),
+        layers_per_block=2,
+        norm_num_groups=8,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32,
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,
     ),
-}  # fmt: skip
+}
 CASES = ("les", "adaround", "sample", "dump")
 STEPS = 10  # DDIM steps of the sampling and dump cases
 RECORDS = 32  # LES / AdaRound batch (the paper's and the reference's)
@@ -86,7 +92,7 @@ def _model(name: str, device):
     import torch
     from diffusers import UNet2DModel
 
-    from pipeline.models import build_unet
+    from pipeline.models.embedded import build_unet
 
     torch.manual_seed(0)
     unet = build_unet(16, (32, 64, 64), 1, 8) if MODELS[name] is None else UNet2DModel(**MODELS[name])
@@ -96,7 +102,7 @@ def _model(name: str, device):
 def _scheduler(steps: int):
     from diffusers import DDPMScheduler
 
-    from pipeline.diffusion import ddim_scheduler
+    from pipeline.models.diffusion import ddim_scheduler
 
     return ddim_scheduler(DDPMScheduler(num_train_timesteps=1000), steps)
 
@@ -116,7 +122,7 @@ def _records(unet, device, count: int):
 def _layer_io(unet, layers, x, t):
     import torch
 
-    from pipeline.calib import capture_io
+    from pipeline.calibration.dump import capture_io
 
     with capture_io(layers) as captured, torch.no_grad():
         unet(x, t)
@@ -144,10 +150,10 @@ def _pick_layers(layers, unet, x, t) -> dict[str, str]:
 def case_les(model: str, device) -> dict:
     import torch
 
-    from pipeline.les import learn_gamma
+    from pipeline.method.les import learn_gamma
+    from pipeline.method.weighting import make_weighting
     from pipeline.quant import quantizable_layers
     from pipeline.quant.layers import QuantLayer
-    from pipeline.weighting import make_weighting
 
     unet = _model(model, device)
     layers = quantizable_layers(unet)
@@ -159,7 +165,18 @@ def case_les(model: str, device) -> dict:
         inputs, outputs = inputs.half(), outputs.half()
 
         def learn(iters):
-            learn_gamma(layer, inputs, outputs, 4, make_weighting("focal", 4), iters=iters, lr=1e-3, batch_size=RECORDS, seed=0, name=name)
+            learn_gamma(
+                layer,
+                inputs,
+                outputs,
+                4,
+                make_weighting("focal", 4),
+                iters=iters,
+                lr=1e-3,
+                batch_size=RECORDS,
+                seed=0,
+                name=name,
+            )
 
         base, more, rounds = ITERS[model]
         theta = torch.zeros(layer.gamma.shape, device=device, requires_grad=True)
@@ -173,16 +190,22 @@ def case_les(model: str, device) -> dict:
         best = _interleaved({"base": lambda: learn(base), "more": lambda: learn(more), "ref": plain}, rounds)
         per_iter = max(best["more"] - best["base"], 1e-9) / (more - base)
         ref = best["ref"] / (more - base)
-        rows[role] = {"layer": name, "iter_ms": per_iter * 1e3, "iters_per_s": 1 / per_iter, "ref_fwd_bwd_ms": ref * 1e3, "ratio": per_iter / ref}
+        rows[role] = {
+            "layer": name,
+            "iter_ms": per_iter * 1e3,
+            "iters_per_s": 1 / per_iter,
+            "ref_fwd_bwd_ms": ref * 1e3,
+            "ratio": per_iter / ref,
+        }
     return rows
 
 
 def case_adaround(model: str, device) -> dict:
     import torch
 
-    from pipeline.adaround import AdaRoundSettings, capture_unit_io, reconstruct_unit, reconstruction_units
+    from pipeline.method.adaround import AdaRoundSettings, capture_unit_io, reconstruct_unit, reconstruction_units
+    from pipeline.method.weight_init import init_weight_quantizers
     from pipeline.quant import QuantSpec, quantize
-    from pipeline.recon import init_weight_quantizers
 
     fp = _model(model, device)
     q = copy.deepcopy(fp)
@@ -206,7 +229,9 @@ def case_adaround(model: str, device) -> dict:
         fp_outputs = capture_unit_io(fp, fp_modules[name], (x, t), RECORDS, "output")
 
         def run(iters):
-            settings = AdaRoundSettings(iters=iters, lr=1e-3, batch_size=RECORDS, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0)
+            settings = AdaRoundSettings(
+                iters=iters, lr=1e-3, batch_size=RECORDS, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
+            )
             reconstruct_unit(name, unit, q_inputs, fp_outputs, settings)
 
         base, more, rounds = ITERS[model]
@@ -223,7 +248,13 @@ def case_adaround(model: str, device) -> dict:
         best = _interleaved({"base": lambda: run(base), "more": lambda: run(more), "ref": plain}, rounds)
         per_iter = max(best["more"] - best["base"], 1e-9) / (more - base)
         ref = best["ref"] / (more - base)
-        rows[role] = {"block": name, "iter_ms": per_iter * 1e3, "iters_per_s": 1 / per_iter, "ref_fwd_bwd_ms": ref * 1e3, "ratio": per_iter / ref}
+        rows[role] = {
+            "block": name,
+            "iter_ms": per_iter * 1e3,
+            "iters_per_s": 1 / per_iter,
+            "ref_fwd_bwd_ms": ref * 1e3,
+            "ratio": per_iter / ref,
+        }
     return rows
 
 
@@ -232,9 +263,9 @@ def _fake_quantized(fp, device, x, steps: int):
     parameters (min-max of one batch per step), PTS exponents on the shortcut convs."""
     import torch
 
-    from pipeline.diffusion import ddim_sample, sample_noise
+    from pipeline.method.weight_init import init_weight_quantizers
+    from pipeline.models.diffusion import ddim_sample, sample_noise
     from pipeline.quant import QuantSpec, quantize, set_step
-    from pipeline.recon import init_weight_quantizers
 
     q = copy.deepcopy(fp)
     layers = quantize(q, QuantSpec(w_bits=4, a_bits=8, num_steps=steps))
@@ -256,7 +287,7 @@ def _fake_quantized(fp, device, x, steps: int):
 def case_sample(model: str, device) -> dict:
     import torch
 
-    from pipeline.diffusion import ddim_sample, sample_noise
+    from pipeline.models.diffusion import ddim_sample, sample_noise
     from pipeline.quant import set_step
 
     fp = _model(model, device)
@@ -266,20 +297,26 @@ def case_sample(model: str, device) -> dict:
     noise = sample_noise(0, torch.arange(batch), STEPS, shape).to(device)
     q = _fake_quantized(fp, device, noise[:, 0], STEPS)
     scheduler = _scheduler(STEPS)
-    times = _interleaved({
-        "fp": lambda: ddim_sample(fp, scheduler, noise, 0.0),
-        "quant": lambda: ddim_sample(q, scheduler, noise, 0.0, lambda s, t, x: set_step(q, s)),
-    }, 3)  # fmt: skip
+    times = _interleaved(
+        {
+            "fp": lambda: ddim_sample(fp, scheduler, noise, 0.0),
+            "quant": lambda: ddim_sample(q, scheduler, noise, 0.0, lambda s, t, x: set_step(q, s)),
+        },
+        3,
+    )
     return {
-        "batch": batch, "steps": STEPS,
-        "fp_images_per_s": batch / times["fp"], "quant_images_per_s": batch / times["quant"], "ratio": times["quant"] / times["fp"],
-    }  # fmt: skip
+        "batch": batch,
+        "steps": STEPS,
+        "fp_images_per_s": batch / times["fp"],
+        "quant_images_per_s": batch / times["quant"],
+        "ratio": times["quant"] / times["fp"],
+    }
 
 
 def case_dump(model: str, device) -> dict:
     import zarr
 
-    from pipeline.calib import dump_calibration
+    from pipeline.calibration.dump import dump_calibration
     from pipeline.quant import quantizable_layers
 
     unet = _model(model, device)
@@ -287,14 +324,33 @@ def case_dump(model: str, device) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "calib.zarr"
         start = time.perf_counter()
-        dump_calibration(store, unet, _scheduler(STEPS), quantizable_layers(unet), num_samples=num_samples, layer_records_per_step=per_step,
-                         batch_size=num_samples, eta=0.0, seed=0, chunk_records=64, attrs={}, device=device)  # fmt: skip
+        dump_calibration(
+            store,
+            unet,
+            _scheduler(STEPS),
+            quantizable_layers(unet),
+            num_samples=num_samples,
+            layer_records_per_step=per_step,
+            batch_size=num_samples,
+            eta=0.0,
+            seed=0,
+            chunk_records=64,
+            attrs={},
+            device=device,
+        )
         seconds = time.perf_counter() - start
         root = zarr.open_group(str(store), mode="r")
         logical = sum(array.nbytes for array in _all_arrays(root))
         on_disk = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
-    return {"samples": num_samples, "layer_records_per_step": per_step, "steps": STEPS, "seconds": seconds,
-            "logical_mb": logical / 2**20, "store_mb": on_disk / 2**20, "mb_per_s": logical / 2**20 / seconds}  # fmt: skip
+    return {
+        "samples": num_samples,
+        "layer_records_per_step": per_step,
+        "steps": STEPS,
+        "seconds": seconds,
+        "logical_mb": logical / 2**20,
+        "store_mb": on_disk / 2**20,
+        "mb_per_s": logical / 2**20 / seconds,
+    }
 
 
 def _all_arrays(group):
@@ -307,7 +363,7 @@ def _all_arrays(group):
 def child(case: str, model: str, device_name: str) -> dict:
     import torch
 
-    from pipeline.diffusion import resolve_device
+    from pipeline.infra.device import resolve_device
 
     device = resolve_device(device_name)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -329,7 +385,7 @@ def run_case(case: str, model: str, code: Path, device: str, threads: int) -> di
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, __file__, "--child", case, model, device], cwd=code, env=env, capture_output=True, text=True
-    )  # fmt: skip
+    )
     if done.returncode != 0:
         sys.exit(f"case {case} on {model} ({code}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -340,12 +396,28 @@ def rows_of(result: dict) -> list[tuple[str, str, str]]:
     r, case = result["result"], result["case"]
     if case in ("les", "adaround"):
         return [
-            (f"{case} {role} ({v.get('layer') or v.get('block')})", f"{v['iters_per_s']:.1f} it/s", f"{v['ratio']:.2f}x fwd+bwd")
+            (
+                f"{case} {role} ({v.get('layer') or v.get('block')})",
+                f"{v['iters_per_s']:.1f} it/s",
+                f"{v['ratio']:.2f}x fwd+bwd",
+            )
             for role, v in r.items()
-        ]  # fmt: skip
+        ]
     if case == "sample":
-        return [(f"sample b={r['batch']} S={r['steps']}", f"fp {r['fp_images_per_s']:.2f} / quant {r['quant_images_per_s']:.2f} img/s", f"{r['ratio']:.2f}x fp")]
-    return [(f"dump N={r['samples']} M={r['layer_records_per_step']}", f"{r['mb_per_s']:.1f} MB/s, {r['logical_mb']:.1f} MB", f"store {r['store_mb']:.1f} MB")]
+        return [
+            (
+                f"sample b={r['batch']} S={r['steps']}",
+                f"fp {r['fp_images_per_s']:.2f} / quant {r['quant_images_per_s']:.2f} img/s",
+                f"{r['ratio']:.2f}x fp",
+            )
+        ]
+    return [
+        (
+            f"dump N={r['samples']} M={r['layer_records_per_step']}",
+            f"{r['mb_per_s']:.1f} MB/s, {r['logical_mb']:.1f} MB",
+            f"store {r['store_mb']:.1f} MB",
+        )
+    ]
 
 
 def main() -> None:
@@ -371,7 +443,9 @@ def main() -> None:
                 result = {**run_case(case, model, code, args.device, args.threads), "code": label}
                 results.append(result)
                 for what, figure, ratio in rows_of(result):
-                    memory = f"{result['peak_rss_mb']:.0f} (+{result['peak_rss_mb'] - result['rss_after_imports_mb']:.0f})"
+                    memory = (
+                        f"{result['peak_rss_mb']:.0f} (+{result['peak_rss_mb'] - result['rss_after_imports_mb']:.0f})"
+                    )
                     print(f"{model:<10} {label:<7} {what:<58} {figure:<34} {ratio:<18} {memory:>26}", flush=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def job(out: Path, fp_model: Path, samples: int, batch: int, steps: int) -> None:
     import torch
 
-    from pipeline.diffusion import ddim_scheduler, load_fp_model
-    from pipeline.distributed import init
-    from pipeline.sampling import write_samples
+    from pipeline.eval.sampling import write_samples
+    from pipeline.infra.distributed import init
+    from pipeline.models.diffusion import ddim_scheduler, load_fp_model
 
     world, device = init("cpu")
     unet, train_scheduler = load_fp_model(fp_model)
@@ -37,7 +37,11 @@ def job(out: Path, fp_model: Path, samples: int, batch: int, steps: int) -> None
     start = time.perf_counter()
     write_samples(out / "samples.zarr", unet, scheduler, [0], samples, batch, 0.0, device, {}, "sample", world)
     if world.main:
-        print(json.dumps({"sampling_s": time.perf_counter() - start, "threads": torch.get_num_threads(), "ranks": world.size}))
+        print(
+            json.dumps(
+                {"sampling_s": time.perf_counter() - start, "threads": torch.get_num_threads(), "ranks": world.size}
+            )
+        )
 
 
 def tree_hash(path: Path) -> str:
@@ -60,11 +64,24 @@ def main() -> None:
     if args.job:
         job(args.job, args.fp_model, args.samples, args.batch, args.steps)
         return
-    script = [str(Path(__file__).resolve()), "--fp-model", str(args.fp_model.resolve()), "--samples", str(args.samples), "--batch", str(args.batch), "--steps", str(args.steps)]
+    script = [
+        str(Path(__file__).resolve()),
+        "--fp-model",
+        str(args.fp_model.resolve()),
+        "--samples",
+        str(args.samples),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+    ]
     runs = {
         "1 process x 1 thread": ([sys.executable], 1),
         f"1 process x {args.ranks} threads": ([sys.executable], args.ranks),
-        f"{args.ranks} ranks x 1 thread": ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}"], 1),
+        f"{args.ranks} ranks x 1 thread": (
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}"],
+            1,
+        ),
     }
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +90,9 @@ def main() -> None:
             out.mkdir()
             env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
             start = time.perf_counter()
-            done = subprocess.run([*launcher, *script, "--job", str(out)], env=env, capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(
+                [*launcher, *script, "--job", str(out)], env=env, capture_output=True, text=True, cwd=ROOT
+            )
             wall = time.perf_counter() - start
             if done.returncode != 0:
                 sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -85,9 +104,15 @@ def main() -> None:
         row["speedup_wall"] = base["wall_s"] / row["wall_s"]
         row["speedup_sampling"] = base["sampling_s"] / row["sampling_s"]
         row["same_store_as_1x1"] = row["store"] == base["store"]
-        print(f"{name:<24} speed-up {row['speedup_sampling']:.2f}x sampling, {row['speedup_wall']:.2f}x wall; store identical to 1x1: {row['same_store_as_1x1']}")
+        print(
+            f"{name:<24} speed-up {row['speedup_sampling']:.2f}x sampling, {row['speedup_wall']:.2f}x wall; store "
+            f"identical to 1x1: {row['same_store_as_1x1']}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"samples": args.samples, "batch": args.batch, "steps": args.steps, "runs": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"samples": args.samples, "batch": args.batch, "steps": args.steps, "runs": rows}, indent=2)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

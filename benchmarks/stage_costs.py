@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 
-
 def measure(stage: str) -> dict:
     done = subprocess.run(
         ["/usr/bin/time", "-v", "dvc", "repro", "--force", "--single-item", stage], capture_output=True, text=True

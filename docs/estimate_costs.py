@@ -23,30 +23,42 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
-from pipeline.adaround import AdaRoundSettings, adaround  # noqa: E402
-from pipeline.calib import dump_calibration, open_calibration, random_records  # noqa: E402
-from pipeline.conditioning import Denoiser, probe_kwargs  # noqa: E402
-from pipeline.diffusion import ddim_scheduler  # noqa: E402
-from pipeline.io import atomic_store  # noqa: E402
-from pipeline.les import learn_all  # noqa: E402
+from pipeline.calibration.dump import dump_calibration, open_calibration, random_records  # noqa: E402
+from pipeline.infra.storage import atomic_store  # noqa: E402
+from pipeline.method.adaround import AdaRoundSettings, adaround  # noqa: E402
+from pipeline.method.les import learn_all  # noqa: E402
+from pipeline.method.weight_init import init_weight_quantizers  # noqa: E402
+from pipeline.models.denoiser import Denoiser, probe_kwargs  # noqa: E402
+from pipeline.models.diffusion import ddim_scheduler  # noqa: E402
 from pipeline.quant import QuantSpec, quantizable_layers, quantize  # noqa: E402
-from pipeline.recon import init_weight_quantizers  # noqa: E402
 
 TEXT_LENGTH = 16  # tokens of the small models' prompts
 SD = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # Stable Diffusion v1.x UNet
 LDM4_BEDROOM = dict(  # LDM-4 LSUN bedrooms (VQ-f4 latents 64x64x3), from its published config
-    sample_size=64, in_channels=3, out_channels=3, block_out_channels=(224, 448, 672, 896), layers_per_block=2,
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(224, 448, 672, 896),
+    layers_per_block=2,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32,
-)  # fmt: skip
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=32,
+)
 
 
 def sd_like(width: int, size: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=size, in_channels=4, out_channels=4, block_out_channels=(width, 2 * width), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=4 * width // 2, attention_head_dim=8, norm_num_groups=4,
-    )  # fmt: skip
+        sample_size=size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(width, 2 * width),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=4 * width // 2,
+        attention_head_dim=8,
+        norm_num_groups=4,
+    )
 
 
 def forward(unet, batch: int, device: str, text_length: int) -> None:
@@ -69,16 +81,24 @@ def shape_facts(unet, text_length: int = 77) -> dict:
         blocks["max"] = max(blocks["max"], 4 * args[0][0].numel())
 
     handles = [m.register_forward_hook(layer_hook) for m in layers.values()]
-    handles += [m.register_forward_pre_hook(block_hook, with_kwargs=True) for m in unet.modules()
-                if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel", "Attention") and len(list(m.children()))]  # fmt: skip
+    handles += [
+        m.register_forward_pre_hook(block_hook, with_kwargs=True)
+        for m in unet.modules()
+        if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel", "Attention") and len(list(m.children()))
+    ]
     with FlopCounterMode(display=False) as counter:
         forward(unet, 1, "meta", text_length)
     for h in handles:
         h.remove()
     params = sum(p.numel() for p in unet.parameters())
     quantized = sum(m.weight.numel() for m in layers.values())
-    return {"params": params, "quantized_params": quantized, "gflops_per_forward": counter.get_total_flops() / 1e9,
-            "layer_io_bytes_per_record": io["bytes"], "max_block_input_bytes_per_record": blocks["max"]}  # fmt: skip
+    return {
+        "params": params,
+        "quantized_params": quantized,
+        "gflops_per_forward": counter.get_total_flops() / 1e9,
+        "layer_io_bytes_per_record": io["bytes"],
+        "max_block_input_bytes_per_record": blocks["max"],
+    }
 
 
 def per_record_forward_seconds(unet, batch: int = 8, repeats: int = 3) -> float:
@@ -94,40 +114,75 @@ def measured_multiples(unet, folder: Path, iters: int = 10, batch: int = 8) -> d
     """Seconds per iteration of LES (all layers) and AdaRound (all blocks), and per record of the
     dump, each divided by the seconds of one forward of one record."""
     width = unet.config.cross_attention_dim
-    den = Denoiser(unet, prompt_embeddings=torch.randn(2, TEXT_LENGTH, width), null_embedding=torch.zeros(TEXT_LENGTH, width))
+    den = Denoiser(
+        unet, prompt_embeddings=torch.randn(2, TEXT_LENGTH, width), null_embedding=torch.zeros(TEXT_LENGTH, width)
+    )
     from diffusers import DDPMScheduler
 
     scheduler = ddim_scheduler(DDPMScheduler(), 2)
     forward = per_record_forward_seconds(den.unet)
     start = time.perf_counter()
     with atomic_store(folder / "calib.zarr") as tmp:
-        dump_calibration(tmp, den, scheduler, quantizable_layers(unet), num_samples=batch, layer_records_per_step=batch, batch_size=batch,
-                         eta=0.0, seed=0, chunk_records=64, attrs={"prompts": None}, device=torch.device("cpu"), guidance_scale=7.5)  # fmt: skip
+        dump_calibration(
+            tmp,
+            den,
+            scheduler,
+            quantizable_layers(unet),
+            num_samples=batch,
+            layer_records_per_step=batch,
+            batch_size=batch,
+            eta=0.0,
+            seed=0,
+            chunk_records=64,
+            attrs={"prompts": None},
+            device=torch.device("cpu"),
+            guidance_scale=7.5,
+        )
     records = 2 * (2 * batch) + 2 * batch  # trajectories (CFG: 2 forwards per step) + layer I/O replay
     dump = (time.perf_counter() - start) / records
     les_unet = type(unet).from_config(unet.config)
     layers = quantize(les_unet, QuantSpec(w_bits=4, a_bits=8))
     start = time.perf_counter()
-    learn_all(layers, folder / "calib.zarr", weighting="focal", iters=iters, lr=1e-3, batch_size=batch, r=20, momentum=0.95, seed=0)
+    learn_all(
+        layers,
+        folder / "calib.zarr",
+        weighting="focal",
+        iters=iters,
+        lr=1e-3,
+        batch_size=batch,
+        r=20,
+        momentum=0.95,
+        seed=0,
+    )
     les = (time.perf_counter() - start) / iters
     q = type(unet).from_config(unet.config)
     q.load_state_dict(unet.state_dict())
     q_layers = quantize(q, QuantSpec(w_bits=4))
     init_weight_quantizers(q_layers, 80, 2.4)
     inputs, _ = random_records(open_calibration(folder / "calib.zarr"), batch, seed=0)
-    settings = AdaRoundSettings(iters=iters, lr=1e-3, batch_size=batch, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0)
+    settings = AdaRoundSettings(
+        iters=iters, lr=1e-3, batch_size=batch, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
+    )
     start = time.perf_counter()
     adaround(den.with_unet(q), den, inputs, settings)
     ada = (time.perf_counter() - start) / iters
     unit = forward * batch  # one forward of a batch
-    return {"forward_seconds_per_record": forward, "dump_per_record": dump / forward, "les_per_iteration": les / unit,
-            "adaround_per_iteration": ada / unit, "batch": batch}  # fmt: skip
+    return {
+        "forward_seconds_per_record": forward,
+        "dump_per_record": dump / forward,
+        "les_per_iteration": les / unit,
+        "adaround_per_iteration": ada / unit,
+        "batch": batch,
+    }
 
 
 def main() -> None:
     torch.set_num_threads(1)
     with torch.device("meta"):
-        real = {"sd-v1.4": shape_facts(UNet2DConditionModel(**SD)), "ldm4-bedroom": shape_facts(UNet2DModel(**LDM4_BEDROOM))}
+        real = {
+            "sd-v1.4": shape_facts(UNet2DConditionModel(**SD)),
+            "ldm4-bedroom": shape_facts(UNet2DModel(**LDM4_BEDROOM)),
+        }
     small = {}
     for name, (width, size) in {"tiny (8 ch, 8x8)": (8, 8), "small (32 ch, 16x16)": (32, 16)}.items():
         torch.manual_seed(0)

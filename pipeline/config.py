@@ -1,14 +1,14 @@
 """The one config model that mirrors ``params.yaml``.
 
-Every stage loads the whole file through :func:`load_config`, so a typo'd key or an invalid value
+Every stage loads the whole file through :func:`pipeline.preflight.load_config`, so a typo'd key or an invalid value
 anywhere fails before any work starts, with pydantic's message naming the dotted key.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 import re
 import typing
+from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
 import annotated_types
@@ -25,7 +25,9 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     source: Literal["embedded", "local"] = "embedded"
-    path: str | None = Field(None, validate_default=True, description="local diffusers folder (see docs/real-models.md)")
+    path: str | None = Field(
+        None, validate_default=True, description="local diffusers folder (see docs/real-models.md)"
+    )
     image_size: int = Field(16, ge=8, le=64)
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
@@ -40,7 +42,10 @@ class ModelConfig(Section):
     @classmethod
     def _local_needs_path(cls, path: str | None, info: ValidationInfo) -> str | None:
         if info.data.get("source") == "local" and not path:
-            raise ValueError("required when model.source is 'local': a diffusers pipeline folder (unet/, scheduler/) or a bare UNet folder")
+            raise ValueError(
+                "required when model.source is 'local': a diffusers pipeline folder (unet/, scheduler/) or a bare "
+                "UNet folder"
+            )
         return path
 
     @model_validator(mode="after")
@@ -68,8 +73,12 @@ class CalibConfig(Section):
     eta: float = Field(0.0, ge=0, le=1)
     seed: int = 1234
     chunk_records: int = Field(64, ge=1)
-    guidance_scale: float = Field(7.5, ge=1, description="classifier-free guidance of the calibration trajectories (conditional models)")
-    prompts: str | None = Field(None, description="text-to-image models: calibration prompts file (.txt, .csv or .json)")
+    guidance_scale: float = Field(
+        7.5, ge=1, description="classifier-free guidance of the calibration trajectories (conditional models)"
+    )
+    prompts: str | None = Field(
+        None, description="text-to-image models: calibration prompts file (.txt, .csv or .json)"
+    )
 
 
 class QuantConfig(Section):
@@ -88,7 +97,9 @@ class WeightsEntry(Section):
 
     method: str
     w_bits: Bits
-    a_bits: Bits | None = Field(None, description="only for methods with LES: γ is learned against this activation quantizer")
+    a_bits: Bits | None = Field(
+        None, description="only for methods with LES: γ is learned against this activation quantizer"
+    )
 
     @field_validator("method")
     @classmethod
@@ -102,7 +113,10 @@ class WeightsEntry(Section):
         if METHODS[self.method].les and self.a_bits is None:
             raise ValueError(f"a_bits is required: {self.method} learns γ against the activation quantizer")
         if not METHODS[self.method].les and self.a_bits is not None:
-            raise ValueError(f"a_bits must be left out: {self.method}'s weights do not depend on it, so rows with any a_bits share them")
+            raise ValueError(
+                f"a_bits must be left out: {self.method}'s weights do not depend on it, so rows with any a_bits "
+                "share them"
+            )
         return self
 
 
@@ -119,7 +133,9 @@ class PeerEntry(Section):
     library: Literal["optimum-quanto"]
     w_bits: Literal[4, 8]
     a_bits: Literal[8]
-    calib_records: int = Field(256, ge=1, description="calibration trajectory records (all steps) for its activation ranges")
+    calib_records: int = Field(
+        256, ge=1, description="calibration trajectory records (all steps) for its activation ranges"
+    )
 
 
 class Variant(NamedTuple):
@@ -164,7 +180,9 @@ class ReconConfig(Section):
     beta_start: float = Field(20.0, gt=0)
     beta_end: float = Field(2.0, gt=0)
     warmup: float = Field(0.2, ge=0, lt=1, description="share of iterations without the regulariser")
-    weighting: Literal["none", "method"] = Field("none", description="timestep-weight the loss as LES does (reference: none)")
+    weighting: Literal["none", "method"] = Field(
+        "none", description="timestep-weight the loss as LES does (reference: none)"
+    )
     seed: int = 0
 
 
@@ -181,7 +199,9 @@ class PTSConfig(Section):
 class SampleConfig(Section):
     num_samples: int = Field(1000, ge=1, description="per seed")
     batch_size: int = Field(250, ge=1)
-    seeds: list[int] = Field([2024, 2025, 2026], min_length=1, description="one set of samples per seed: the ± of the table")
+    seeds: list[int] = Field(
+        [2024, 2025, 2026], min_length=1, description="one set of samples per seed: the ± of the table"
+    )
     eta: float = Field(0.0, ge=0, le=1)
     grid_size: int = Field(8, ge=1)
     guidance_scale: float = Field(7.5, ge=1, description="classifier-free guidance scale (conditional models)")
@@ -192,14 +212,20 @@ class EvalConfig(Section):
     kid_subset_size: int = Field(500, ge=2)
     isc_splits: int = Field(5, ge=1)
     prc_neighborhood: int = Field(3, ge=1)
-    inception_weights: str | None = Field(None, description="local InceptionV3 weights for torch-fidelity's inception-v3-compat")
-    reference_images: str | None = Field(None, description="folder of reference images (required for FID of a local model)")
+    inception_weights: str | None = Field(
+        None, description="local InceptionV3 weights for torch-fidelity's inception-v3-compat"
+    )
+    reference_images: str | None = Field(
+        None, description="folder of reference images (required for FID of a local model)"
+    )
 
 
 class Config(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "cpu"
-    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision of the recon and sample forward passes")
+    autocast: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="mixed precision of the recon and sample forward passes"
+    )
     model: ModelConfig = ModelConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -220,18 +246,32 @@ class Config(Section):
     def _entries_fit_together(self) -> "Config":
         problems = []
         for section in ("weights", "rows", "peers"):
-            problems += [f"{section}.{name}: use lower-case letters, digits, '.' and '-'" for name in getattr(self, section) if not ENTRY_NAME.match(name)]
+            problems += [
+                f"{section}.{name}: use lower-case letters, digits, '.' and '-'"
+                for name in getattr(self, section)
+                if not ENTRY_NAME.match(name)
+            ]
         problems += [f"rows.{name} and peers.{name}: a name names one row" for name in set(self.rows) & set(self.peers)]
-        problems += [f"rows.{name}: 'fp' names the FP model's samples" for name in ("fp",) if name in self.rows or name in self.peers]
+        problems += [
+            f"rows.{name}: 'fp' names the FP model's samples"
+            for name in ("fp",)
+            if name in self.rows or name in self.peers
+        ]
         for name, row in self.rows.items():
             weights = self.weights.get(row.weights)
             if weights is None:
-                problems.append(f"rows.{name}.weights: no weights entry {row.weights!r}; defined: {', '.join(self.weights)}")
+                problems.append(
+                    f"rows.{name}.weights: no weights entry {row.weights!r}; defined: {', '.join(self.weights)}"
+                )
             elif weights.a_bits not in (None, row.a_bits):
-                problems.append(f"rows.{name}.a_bits: {row.a_bits}, but weights.{row.weights} learned γ for a_bits {weights.a_bits}")
+                problems.append(
+                    f"rows.{name}.a_bits: {row.a_bits}, but weights.{row.weights} learned γ for a_bits {weights.a_bits}"
+                )
         for key in ("table", "ablation"):
             problems += [
-                f"report.{key}: {name!r} is neither a row nor a peer" for name in getattr(self.report, key) if name not in self.rows and name not in self.peers
+                f"report.{key}: {name!r} is neither a row nor a peer"
+                for name in getattr(self.report, key)
+                if name not in self.rows and name not in self.peers
             ]
         if problems:
             raise ValueError("\n  ".join(problems))
@@ -316,66 +356,19 @@ def _describe(error: ValidationError, source: str) -> str:
 
 
 def parse_config(data: dict, source: str = "params") -> Config:
-    """Validate parameters on their own (no model needed); :func:`load_config` adds the model checks."""
+    """Validate parameters on their own (no model needed); :func:`pipeline.preflight.load_config` adds
+    the model checks."""
     try:
         return Config.model_validate(data or {})
     except ValidationError as error:
         raise ConfigError(_describe(error, source)) from None
 
 
-def check_against_model(cfg: Config, source: str = "params") -> None:
-    """The checks that need the model's layer names, made on a weightless skeleton of the UNet (built
-    in milliseconds): a local folder without a UNet, or a PTS layer pattern that matches no quantized
-    layer, fails before the first stage instead of in the stage that first uses it."""
-    from pipeline.diffusion import unet_skeleton  # diffusers: imported only when a model is needed
-    from pipeline.pts import select_pts_layers
-    from pipeline.quant import quantizable_layers
-
-    try:
-        unet = unet_skeleton(cfg.model)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"invalid parameters in {source}:\n  model.path: {error}") from None
-    problems = _file_problems(cfg)
-    if problems:
-        raise ConfigError("\n  ".join([f"invalid parameters in {source}:", *problems]))
-    if any(METHODS[w.method].pts for w in cfg.weights.values()) and cfg.pts.layers != "auto":
-        try:
-            select_pts_layers(list(quantizable_layers(unet)), cfg.pts.layers)
-        except ValueError as error:
-            raise ConfigError(f"invalid parameters in {source}:\n  {error}") from None
-
-
-def _file_problems(cfg: Config) -> list[str]:
-    """Files the params name that are missing or unreadable, and the prompts a text-to-image model needs."""
-    from pipeline.components import find_layout
-    from pipeline.conditioning import read_prompts
-
-    problems = []
-    text = cfg.model.source == "local" and find_layout(cfg.model.path).text_encoder is not None
-    for key, value in (("calib.prompts", cfg.calib.prompts), ("sample.prompts", cfg.sample.prompts)):
-        if value is not None:
-            try:
-                read_prompts(value)
-            except (FileNotFoundError, ValueError) as error:
-                problems.append(f"{key}: {error}")
-        elif text:
-            problems.append(f"{key}: required for the text-to-image model in {cfg.model.path} (a .txt, .csv or .json file of prompts)")
-    for key, value, what in (
-        ("eval.inception_weights", cfg.eval.inception_weights, "local InceptionV3 weights: FID of real images needs Inception features"),
-        ("eval.reference_images", cfg.eval.reference_images, "a folder of real images to measure the samples against"),
-    ):  # fmt: skip
-        if value is not None and not Path(value).exists():
-            problems.append(f"{key}: {value} not found")
-        elif value is None and cfg.model.source == "local":
-            problems.append(f"{key}: required for a local model ({what})")
-    return problems
-
-
-def load_config(path: str | Path = "params.yaml") -> Config:
+def read_params(path: str | Path = "params.yaml") -> Config:
+    """``params.yaml`` validated against the schema alone; :func:`pipeline.preflight.load_config` adds
+    the checks that need the model."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"parameter file {path} not found")
     with path.open() as f:
-        cfg = parse_config(yaml.safe_load(f), str(path))
-    check_against_model(cfg, str(path))
-    return cfg
+        return parse_config(yaml.safe_load(f), str(path))

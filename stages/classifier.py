@@ -1,9 +1,9 @@
 """Stage classifier: train the digit classifier whose features FID uses (digit-classifier features)."""
 
-from pipeline.config import load_config
-from pipeline.data import load_digits_images
-from pipeline.io import write_json, write_tensors
-from pipeline.models import seed_everything, train_classifier
+from pipeline.infra.storage import write_json, write_tensors
+from pipeline.models.digits import load_digits_images
+from pipeline.models.embedded import seed_everything, train_classifier
+from pipeline.preflight import load_config
 from stages.layout import CLASSIFIER, REPORTS
 from stages.lineage import stage_provenance
 
@@ -12,8 +12,14 @@ def main() -> None:
     cfg = load_config()
     generator = seed_everything(cfg.classifier.seed)
     images, labels = load_digits_images(cfg.model.image_size)
-    model, accuracy = train_classifier(images, labels, cfg.classifier.steps, cfg.classifier.batch_size, cfg.classifier.lr, generator)
-    header = {**stage_provenance(cfg, "classifier", None), "image_size": cfg.model.image_size, "held_out_accuracy": accuracy}
+    model, accuracy = train_classifier(
+        images, labels, cfg.classifier.steps, cfg.classifier.batch_size, cfg.classifier.lr, generator
+    )
+    header = {
+        **stage_provenance(cfg, "classifier", None),
+        "image_size": cfg.model.image_size,
+        "held_out_accuracy": accuracy,
+    }
     write_tensors(CLASSIFIER, model.state_dict(), header)
     write_json(REPORTS / "classifier.json", {"held_out_accuracy": round(accuracy, 4)})
 

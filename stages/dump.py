@@ -1,12 +1,12 @@
 """Stage dump: FP DDIM trajectories and per-layer FP inputs/outputs -> artifacts/calib.zarr."""
 
-from pipeline.calib import dump_calibration
-from pipeline.conditioning import load_denoiser, read_prompts
-from pipeline.config import load_config
-from pipeline.diffusion import ddim_scheduler, load_fp_model
-from pipeline.distributed import init, shared_store
-from pipeline.fingerprint import model_hash
-from pipeline.io import read_json
+from pipeline.calibration.dump import dump_calibration
+from pipeline.infra.distributed import init, shared_store
+from pipeline.infra.fingerprint import model_hash
+from pipeline.infra.storage import read_json
+from pipeline.models.denoiser import load_denoiser, read_prompts
+from pipeline.models.diffusion import ddim_scheduler, load_fp_model
+from pipeline.preflight import load_config
 from pipeline.quant import quantizable_layers
 from stages.layout import CALIB, FP_MODEL, FP_PROVENANCE
 from stages.lineage import check_input, stage_provenance
@@ -23,11 +23,21 @@ def main() -> None:
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     with shared_store(CALIB, world) as tmp:
         dump_calibration(
-            tmp, denoiser, scheduler, quantizable_layers(unet), guidance_scale=c.guidance_scale,
-            num_samples=c.num_samples, layer_records_per_step=c.layer_records_per_step, batch_size=c.batch_size,
-            eta=c.eta, seed=c.seed, chunk_records=c.chunk_records, device=device,
-            attrs={**stage_provenance(cfg, "dump", model_hash(FP_MODEL)), "prompts": prompts}, world=world,
-        )  # fmt: skip
+            tmp,
+            denoiser,
+            scheduler,
+            quantizable_layers(unet),
+            guidance_scale=c.guidance_scale,
+            num_samples=c.num_samples,
+            layer_records_per_step=c.layer_records_per_step,
+            batch_size=c.batch_size,
+            eta=c.eta,
+            seed=c.seed,
+            chunk_records=c.chunk_records,
+            device=device,
+            attrs={**stage_provenance(cfg, "dump", model_hash(FP_MODEL)), "prompts": prompts},
+            world=world,
+        )
 
 
 if __name__ == "__main__":

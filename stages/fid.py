@@ -2,11 +2,11 @@
 each seed's samples against the real digits, and the paired error against the FP samples of the same
 seed -> metrics/<row>.json."""
 
-from pipeline.config import load_config
-from pipeline.io import read_tensors, write_json
-from pipeline.metrics import evaluate_runs, feature_space, reference_set
-from pipeline.report import metrics_record
-from pipeline.sampling import read_samples
+from pipeline.eval.metrics import evaluate_runs, feature_space, reference_set
+from pipeline.eval.report import metrics_record
+from pipeline.eval.sampling import read_samples
+from pipeline.infra.storage import read_tensors, write_json
+from pipeline.preflight import load_config
 from stages.layout import CLASSIFIER, FP, entry_argument, metrics_path, samples_path
 from stages.lineage import check_input, stage_provenance
 
@@ -23,8 +23,18 @@ def main(row: str) -> None:
     if row != FP:
         fp_runs, fp_attrs = read_samples(samples_path(FP))
         check_input(fp_attrs, cfg, "sample_fp", attrs["model_hash"], samples_path(FP))
-    reference = reference_set(cfg.model.source, cfg.model.image_size, cfg.eval.reference_images, next(iter(runs.values())))
-    found = evaluate_runs(runs, reference, feature_space(str(CLASSIFIER), cfg.eval.inception_weights), e.kid_subset_size, e.isc_splits, e.prc_neighborhood, fp_runs)
+    reference = reference_set(
+        cfg.model.source, cfg.model.image_size, cfg.eval.reference_images, next(iter(runs.values()))
+    )
+    found = evaluate_runs(
+        runs,
+        reference,
+        feature_space(str(CLASSIFIER), cfg.eval.inception_weights),
+        e.kid_subset_size,
+        e.isc_splits,
+        e.prc_neighborhood,
+        fp_runs,
+    )
     provenance = stage_provenance(cfg, "fid_fp" if row == FP else "fid", attrs["model_hash"], variant)
     write_json(metrics_path(row), metrics_record(attrs["label"], variant, attrs["steps"], found, provenance))
 

@@ -5,12 +5,12 @@ import time
 
 from diffusers import DDPMScheduler
 
-from pipeline.components import import_model
-from pipeline.config import load_config
-from pipeline.data import load_digits_images
-from pipeline.diffusion import save_fp_model
-from pipeline.io import atomic_path, write_json
-from pipeline.models import build_unet, seed_everything, train_unet
+from pipeline.infra.storage import atomic_path, write_json
+from pipeline.models.diffusion import save_fp_model
+from pipeline.models.digits import load_digits_images
+from pipeline.models.embedded import build_unet, seed_everything, train_unet
+from pipeline.models.local import import_model
+from pipeline.preflight import load_config
 from stages.layout import FP_MODEL, FP_PROVENANCE, REPORTS
 from stages.lineage import stage_provenance
 
@@ -22,8 +22,15 @@ def main() -> None:
         with atomic_path(FP_MODEL) as tmp:
             layout = import_model(m.path, tmp)
             write_json(tmp / FP_PROVENANCE.name, stage_provenance(cfg, "fp_model", None))
-        write_json(REPORTS / "fp_model.json", {"source": m.path, "unet": str(layout.unet.name), "autoencoder": layout.autoencoder is not None,
-                                               "text_encoder": layout.text_encoder is not None})  # fmt: skip
+        write_json(
+            REPORTS / "fp_model.json",
+            {
+                "source": m.path,
+                "unet": str(layout.unet.name),
+                "autoencoder": layout.autoencoder is not None,
+                "text_encoder": layout.text_encoder is not None,
+            },
+        )
         return
     generator = seed_everything(cfg.seed)
     images, _ = load_digits_images(m.image_size)
@@ -35,11 +42,14 @@ def main() -> None:
         save_fp_model(ema, scheduler, tmp)
         write_json(tmp / FP_PROVENANCE.name, stage_provenance(cfg, "fp_model", None))
     tail = losses[-100:]
-    write_json(REPORTS / "fp_model.json", {
-        "train_loss_last100": sum(tail) / len(tail),
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "parameters": sum(p.numel() for p in ema.parameters()),
-    })  # fmt: skip
+    write_json(
+        REPORTS / "fp_model.json",
+        {
+            "train_loss_last100": sum(tail) / len(tail),
+            "train_seconds": round(time.perf_counter() - start, 1),
+            "parameters": sum(p.numel() for p in ema.parameters()),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -6,15 +6,15 @@ import time
 
 import torch
 
-from pipeline.calib import open_calibration
-from pipeline.checkpoint import Checkpoints
-from pipeline.config import load_config
-from pipeline.diffusion import load_fp_model
-from pipeline.distributed import init
-from pipeline.fingerprint import model_hash
-from pipeline.io import write_json, write_tensors
-from pipeline.les import learn_all
+from pipeline.calibration.dump import open_calibration
+from pipeline.infra.checkpoint import Checkpoints
+from pipeline.infra.distributed import init
+from pipeline.infra.fingerprint import model_hash
+from pipeline.infra.storage import write_json, write_tensors
+from pipeline.method.les import learn_all
 from pipeline.methods import METHODS
+from pipeline.models.diffusion import load_fp_model
+from pipeline.preflight import load_config
 from pipeline.quant import QuantSpec, quantize
 from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path
 from stages.lineage import check_input, checkpoint_key, stage_provenance
@@ -37,10 +37,20 @@ def main(name: str) -> None:
         with world.main_first():  # rank 0 removes stale checkpoints before any rank saves new ones
             checkpoints = Checkpoints(checkpoints_path("les", name), checkpoint_key(provenance))
         gammas, losses = learn_all(
-            layers, CALIB, weighting=method.weighting, iters=c.iters, lr=c.lr, batch_size=c.batch_size,
-            r=c.focal_r, momentum=c.focal_momentum, seed=c.seed, workers=c.workers, checkpoints=checkpoints,
-            device=device, world=world,
-        )  # fmt: skip
+            layers,
+            CALIB,
+            weighting=method.weighting,
+            iters=c.iters,
+            lr=c.lr,
+            batch_size=c.batch_size,
+            r=c.focal_r,
+            momentum=c.focal_momentum,
+            seed=c.seed,
+            workers=c.workers,
+            checkpoints=checkpoints,
+            device=device,
+            world=world,
+        )
     else:
         gammas, losses = {name: torch.ones_like(layer.gamma) for name, layer in layers.items()}, {}
     if not world.main:

@@ -7,7 +7,7 @@ stale artifact from the current params."""
 from __future__ import annotations
 
 from pipeline.config import Config, Variant
-from pipeline.fingerprint import check_provenance, config_values, provenance
+from pipeline.infra.fingerprint import check_provenance, config_values, provenance
 from pipeline.methods import METHODS
 
 PARAMS = {

@@ -2,18 +2,19 @@
 dumped trajectories, sampled from the same seeds and measured like every row ->
 artifacts/samples/<name>.zarr, reports/samples/<name>.png, metrics/<name>.json."""
 
-from pipeline.calib import open_calibration, random_records, record_denoiser
-from pipeline.components import find_layout
-from pipeline.conditioning import Decoder, load_denoiser, read_prompts
-from pipeline.config import load_config
-from pipeline.diffusion import ddim_scheduler, load_fp_model, resolve_device
-from pipeline.figures import save_grid
-from pipeline.fingerprint import model_hash
-from pipeline.io import read_tensors, write_json
-from pipeline.metrics import evaluate_runs, feature_space, reference_set
-from pipeline.peers import quanto_quantize
-from pipeline.report import metrics_record
-from pipeline.sampling import read_samples, write_samples
+from pipeline.calibration.dump import open_calibration, random_records, record_denoiser
+from pipeline.eval.metrics import evaluate_runs, feature_space, reference_set
+from pipeline.eval.peers import quanto_quantize
+from pipeline.eval.report import metrics_record
+from pipeline.eval.sampling import read_samples, write_samples
+from pipeline.infra.device import resolve_device
+from pipeline.infra.figures import save_grid
+from pipeline.infra.fingerprint import model_hash
+from pipeline.infra.storage import read_tensors, write_json
+from pipeline.models.denoiser import Decoder, load_denoiser, read_prompts
+from pipeline.models.diffusion import ddim_scheduler, load_fp_model
+from pipeline.models.local import find_layout
+from pipeline.preflight import load_config
 from stages.layout import CALIB, CLASSIFIER, FP, FP_MODEL, entry_argument, grid_path, metrics_path, samples_path
 from stages.lineage import check_input, stage_provenance
 
@@ -36,18 +37,40 @@ def main(name: str) -> None:
     calibration = record_denoiser(FP_MODEL, unet, calib).to(device)
     quanto_quantize(calibration, variant.w_bits, variant.a_bits, tuple(v.to(device) for v in records), s.batch_size)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(device)  # the rows' sampling prompts
+    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(
+        device
+    )  # the rows' sampling prompts
     decode = Decoder(find_layout(FP_MODEL), device)
     provenance = stage_provenance(cfg, "peer", fp_hash, variant)
     attrs = {**provenance, "steps": cfg.diffusion.steps, "label": label}
     write_samples(
-        samples_path(name), model, scheduler, s.seeds, s.num_samples, s.batch_size, s.eta, device, attrs, f"sample {name}",
-        guidance_scale=s.guidance_scale, decode=decode,
-    )  # fmt: skip
+        samples_path(name),
+        model,
+        scheduler,
+        s.seeds,
+        s.num_samples,
+        s.batch_size,
+        s.eta,
+        device,
+        attrs,
+        f"sample {name}",
+        guidance_scale=s.guidance_scale,
+        decode=decode,
+    )
     runs, _ = read_samples(samples_path(name))
     save_grid(runs[s.seeds[0]], grid_path(name), s.grid_size, label)
-    reference = reference_set(cfg.model.source, cfg.model.image_size, cfg.eval.reference_images, next(iter(runs.values())))
-    found = evaluate_runs(runs, reference, feature_space(str(CLASSIFIER), cfg.eval.inception_weights), e.kid_subset_size, e.isc_splits, e.prc_neighborhood, fp_runs)
+    reference = reference_set(
+        cfg.model.source, cfg.model.image_size, cfg.eval.reference_images, next(iter(runs.values()))
+    )
+    found = evaluate_runs(
+        runs,
+        reference,
+        feature_space(str(CLASSIFIER), cfg.eval.inception_weights),
+        e.kid_subset_size,
+        e.isc_splits,
+        e.prc_neighborhood,
+        fp_runs,
+    )
     write_json(metrics_path(name), metrics_record(label, variant, cfg.diffusion.steps, found, provenance))
 
 

@@ -3,17 +3,17 @@ for the methods that use it -> artifacts/act_params/<row>.safetensors, artifacts
 
 import zarr
 
-from pipeline.actcalib import calibrate_activations
-from pipeline.calib import open_calibration, record_denoiser
-from pipeline.config import load_config
-from pipeline.diffusion import resolve_device
-from pipeline.fingerprint import model_hash
-from pipeline.io import atomic_store, write_json, write_tensors
+from pipeline.calibration.dump import open_calibration, record_denoiser
+from pipeline.calibration.stats import auto_pts_layers, open_stats
+from pipeline.infra.device import resolve_device
+from pipeline.infra.fingerprint import model_hash
+from pipeline.infra.storage import atomic_store, write_json, write_tensors
+from pipeline.method.activation_ranges import calibrate_activations
+from pipeline.method.pts import PTSVoter, select_pts_layers, vote_summary
 from pipeline.methods import METHODS
-from pipeline.pts import PTSVoter, select_pts_layers, vote_summary
+from pipeline.models.quantized import load_quantized_unet
+from pipeline.preflight import load_config
 from pipeline.quant.artifacts import act_tensors
-from pipeline.quantized import load_quantized_unet
-from pipeline.stats import auto_pts_layers, open_stats
 from stages.layout import CALIB, FP_MODEL, STATS, act_params_path, entry_argument, report_path, votes_path, weights_path
 from stages.lineage import check_input, stage_provenance
 
@@ -29,7 +29,9 @@ def main(row: str) -> None:
     calib = open_calibration(CALIB)
     check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
     steps = calib.attrs["steps"]
-    unet, _, layers, headers = load_quantized_unet(FP_MODEL, weights_path(weights), None, fp_hash, steps, a_bits=variant.a_bits)
+    unet, _, layers, headers = load_quantized_unet(
+        FP_MODEL, weights_path(weights), None, fp_hash, steps, a_bits=variant.a_bits
+    )
     check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
     model = record_denoiser(FP_MODEL, unet, calib).to(device)
     voter = None

@@ -6,19 +6,19 @@ import copy
 import time
 from functools import partial
 
-from pipeline.accel import to_device
-from pipeline.adaround import AdaRoundSettings, adaround
-from pipeline.calib import open_calibration, random_records, record_denoiser
-from pipeline.checkpoint import Checkpoints
-from pipeline.config import load_config
-from pipeline.diffusion import load_fp_model, resolve_device
-from pipeline.fingerprint import model_hash
-from pipeline.io import read_tensors, write_json, write_tensors
+from pipeline.calibration.dump import open_calibration, random_records, record_denoiser
+from pipeline.infra.checkpoint import Checkpoints
+from pipeline.infra.device import resolve_device, to_device
+from pipeline.infra.fingerprint import model_hash
+from pipeline.infra.storage import read_tensors, write_json, write_tensors
+from pipeline.method.adaround import AdaRoundSettings, adaround
+from pipeline.method.weight_init import init_weight_quantizers
+from pipeline.method.weighting import make_weighting
 from pipeline.methods import METHODS
+from pipeline.models.diffusion import load_fp_model
+from pipeline.preflight import load_config
 from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import load_gamma, weight_tensors
-from pipeline.recon import init_weight_quantizers
-from pipeline.weighting import make_weighting
 from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path, weights_path
 from stages.lineage import check_input, checkpoint_key, stage_provenance
 
@@ -48,12 +48,22 @@ def main(name: str) -> None:
         if r.weighting == "method":
             steps = calib.attrs["steps"]
             weighting = partial(make_weighting, method.weighting, steps, cfg.les.focal_r, cfg.les.focal_momentum)
-        settings = AdaRoundSettings(r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed, cfg.autocast)
+        settings = AdaRoundSettings(
+            r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed, cfg.autocast
+        )
         checkpoints = Checkpoints(checkpoints_path("recon", name), checkpoint_key(provenance))
         start = time.perf_counter()
         inputs = tuple(to_device(v, device) for v in records)
         fp = record_denoiser(FP_MODEL, fp_unet, calib)
-        units = adaround(fp.with_unet(q_unet).to(device), fp.to(device), inputs, settings, weighting, to_device(step, device), checkpoints)
+        units = adaround(
+            fp.with_unet(q_unet).to(device),
+            fp.to(device),
+            inputs,
+            settings,
+            weighting,
+            to_device(step, device),
+            checkpoints,
+        )
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)
         report["mean_loss_after"] = sum(u["after"] for u in units.values()) / len(units)

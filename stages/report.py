@@ -4,10 +4,17 @@ next to FP's. Refuses metrics that the current params did not produce."""
 
 import datetime
 
-from pipeline.config import Config, load_config
-from pipeline.io import ArtifactError, read_json, write_text
-from pipeline.report import ABLATION_COLUMNS, COLUMNS, plot_fid_against_activation_bits, plot_sample_grids, report_document
-from pipeline.sampling import read_samples
+from pipeline.config import Config
+from pipeline.eval.report import (
+    ABLATION_COLUMNS,
+    COLUMNS,
+    plot_fid_against_activation_bits,
+    plot_sample_grids,
+    report_document,
+)
+from pipeline.eval.sampling import read_samples
+from pipeline.infra.storage import ArtifactError, read_json, write_text
+from pipeline.preflight import load_config
 from stages.layout import ABLATION, FID_FIG, FP, GRIDS_FIG, PAPER_TABLE, STATS_HEATMAP_FIG, metrics_path, samples_path
 from stages.lineage import stage_provenance
 
@@ -19,20 +26,32 @@ def current_record(cfg: Config, name: str) -> dict:
     stage, variant = ("fid_fp", None) if name == FP else ("peer" if name in cfg.peers else "fid", cfg.row_variant(name))
     expected = stage_provenance(cfg, stage, record["provenance"]["model_hash"], variant)["params_hash"]
     if record["provenance"]["params_hash"] != expected:
-        raise ArtifactError(f"{metrics_path(name)} was made with other parameters than the current ones; run `dvc repro` first")
+        raise ArtifactError(
+            f"{metrics_path(name)} was made with other parameters than the current ones; run `dvc repro` first"
+        )
     return record
 
 
 def configuration(cfg: Config, fp: dict) -> list[str]:
     s, c, w = cfg.sample, cfg.calib, cfg.weights
     return [
-        f"generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC by `dvc repro` (stage report); FP model {fp['provenance']['model_hash']}",
-        f"sampling: DDIM {cfg.diffusion.steps} steps, eta {s.eta}, {s.num_samples} samples per seed, seeds {', '.join(map(str, s.seeds))}",
+        f"generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC by `dvc repro` (stage report); FP "
+        f"model {fp['provenance']['model_hash']}",
+        f"sampling: DDIM {cfg.diffusion.steps} steps, eta {s.eta}, {s.num_samples} samples per seed, seeds "
+        f"{', '.join(map(str, s.seeds))}",
         f"calibration: {c.num_samples} trajectories, {c.layer_records_per_step} layer records per step",
-        f"LES: {cfg.les.iters} iterations per layer, lr {cfg.les.lr}, r = {cfg.les.focal_r}; AdaRound: {cfg.recon.iters} iterations per block, {cfg.recon.records} records",
+        f"LES: {cfg.les.iters} iterations per layer, lr {cfg.les.lr}, r = {cfg.les.focal_r}; AdaRound: "
+        f"{cfg.recon.iters} iterations per block, {cfg.recon.records} records",
         f"PTS: τ = {cfg.pts.ratio_threshold}, {cfg.pts.num_candidates} candidates, layers {cfg.pts.layers}",
-        "rows: " + "; ".join(f"{name} = weights {row.weights} ({w[row.weights].method}) + A{row.a_bits}" for name, row in cfg.rows.items()),
-        *(f"peer {name}: {p.library} W{p.w_bits}A{p.a_bits}, {p.calib_records} calibration records" for name, p in cfg.peers.items()),
+        "rows: "
+        + "; ".join(
+            f"{name} = weights {row.weights} ({w[row.weights].method}) + A{row.a_bits}"
+            for name, row in cfg.rows.items()
+        ),
+        *(
+            f"peer {name}: {p.library} W{p.w_bits}A{p.a_bits}, {p.calib_records} calibration records"
+            for name, p in cfg.peers.items()
+        ),
     ]
 
 
@@ -43,19 +62,49 @@ def main() -> None:
     fp = records[FP]
     setup = configuration(cfg, fp)
     spread = (
-        "± is the standard deviation over the sampling seeds (the same quantized model, other noise). Every row is sampled from the"
-        " same seeds as FP, so that noise is shared: read ΔFID (the row's FID minus FP's on the same seed), whose ± is the run-to-run"
+        "± is the standard deviation over the sampling seeds (the same quantized model, other noise). Every row is "
+        "sampled from the"
+        " same seeds as FP, so that noise is shared: read ΔFID (the row's FID minus FP's on the same seed), whose "
+        "± is the run-to-run"
         " spread a difference between rows has to beat."
     )
-    peers = [f"{records[name]['label']} ({name}) is a peer row: another library on the same model, calibration data, seeds and metric." for name in r.table if name in cfg.peers]
+    peers = [
+        f"{records[name]['label']} ({name}) is a peer row: another library on the same model, calibration data, "
+        "seeds and metric."
+        for name in r.table
+        if name in cfg.peers
+    ]
     table = [fp, *(records[name] for name in r.table)]
-    write_text(PAPER_TABLE, report_document("Paper table", table, fp["features"], [spread, *peers, f"Outlier statistics: `{STATS_HEATMAP_FIG}`."], setup, COLUMNS))
+    write_text(
+        PAPER_TABLE,
+        report_document(
+            "Paper table",
+            table,
+            fp["features"],
+            [spread, *peers, f"Outlier statistics: `{STATS_HEATMAP_FIG}`."],
+            setup,
+            COLUMNS,
+        ),
+    )
     ablation = [fp, *(records[name] for name in r.ablation)]
-    write_text(ABLATION, report_document("Ablation", ablation, fp["features"], [spread, "MSE / PSNR vs FP: per-sample pixel error against the FP sample from the same noise."], setup, ABLATION_COLUMNS))
+    write_text(
+        ABLATION,
+        report_document(
+            "Ablation",
+            ablation,
+            fp["features"],
+            [spread, "MSE / PSNR vs FP: per-sample pixel error against the FP sample from the same noise."],
+            setup,
+            ABLATION_COLUMNS,
+        ),
+    )
     plot_fid_against_activation_bits(table, FID_FIG)
     seed = cfg.sample.seeds[0]
     at_grid_bits = [name for name in r.table if cfg.row_variant(name).label == r.grid_bits]
-    panels = [(records[name]["label"], read_samples(samples_path(name), GRID_SIDE**2)[0][seed]) for name in [FP, *at_grid_bits]]
+    panels = [
+        (records[name]["label"], read_samples(samples_path(name), GRID_SIDE**2)[0][seed])
+        for name in [FP, *at_grid_bits]
+    ]
     plot_sample_grids(panels, GRIDS_FIG, GRID_SIDE)
 
 

@@ -2,15 +2,15 @@
 quantized UNet, or the FP UNet for "fp" -> artifacts/samples/<row>.zarr (one array per seed; pixels,
 latent models' samples decoded), reports/samples/<row>.png."""
 
-from pipeline.components import find_layout
-from pipeline.conditioning import Decoder, load_denoiser, read_prompts
-from pipeline.config import load_config
-from pipeline.diffusion import ddim_scheduler, load_fp_model
-from pipeline.distributed import init
-from pipeline.figures import save_grid
-from pipeline.fingerprint import model_hash
-from pipeline.quantized import load_quantized_unet
-from pipeline.sampling import read_samples, write_samples
+from pipeline.eval.sampling import read_samples, write_samples
+from pipeline.infra.distributed import init
+from pipeline.infra.figures import save_grid
+from pipeline.infra.fingerprint import model_hash
+from pipeline.models.denoiser import Decoder, load_denoiser, read_prompts
+from pipeline.models.diffusion import ddim_scheduler, load_fp_model
+from pipeline.models.local import find_layout
+from pipeline.models.quantized import load_quantized_unet
+from pipeline.preflight import load_config
 from stages.layout import FP, FP_MODEL, act_params_path, entry_argument, grid_path, samples_path, weights_path
 from stages.lineage import check_input, stage_provenance
 
@@ -27,7 +27,9 @@ def main(row: str) -> None:
         variant, stage = cfg.row_variant(row), "sample"
         label = f"{variant.method} {variant.label}"
         weights = cfg.rows[row].weights
-        unet, train_scheduler, _, headers = load_quantized_unet(FP_MODEL, weights_path(weights), act_params_path(row), fp_hash, cfg.diffusion.steps)
+        unet, train_scheduler, _, headers = load_quantized_unet(
+            FP_MODEL, weights_path(weights), act_params_path(row), fp_hash, cfg.diffusion.steps
+        )
         check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
         check_input(headers["act"], cfg, "pts", fp_hash, act_params_path(row), variant)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
@@ -35,9 +37,21 @@ def main(row: str) -> None:
     decode = Decoder(find_layout(FP_MODEL), device)
     attrs = {**stage_provenance(cfg, stage, fp_hash, variant), "steps": cfg.diffusion.steps, "label": label}
     write_samples(
-        samples_path(row), model, scheduler, s.seeds, s.num_samples, s.batch_size, s.eta, device, attrs, f"sample {row}", world, cfg.autocast,
-        s.guidance_scale, decode,
-    )  # fmt: skip
+        samples_path(row),
+        model,
+        scheduler,
+        s.seeds,
+        s.num_samples,
+        s.batch_size,
+        s.eta,
+        device,
+        attrs,
+        f"sample {row}",
+        world,
+        cfg.autocast,
+        s.guidance_scale,
+        decode,
+    )
     if world.main:
         save_grid(read_samples(samples_path(row), s.grid_size**2)[0][s.seeds[0]], grid_path(row), s.grid_size, label)
 

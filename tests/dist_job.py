@@ -7,20 +7,25 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from pipeline.calib import dump_calibration
-from pipeline.checkpoint import Checkpoints
-from pipeline.diffusion import ddim_scheduler
-from pipeline.distributed import init, shared_store
-from pipeline.io import write_tensors
-from pipeline.les import learn_all
-from pipeline.models import build_unet
+from pipeline.calibration.dump import dump_calibration
+from pipeline.eval.sampling import write_samples
+from pipeline.infra.checkpoint import Checkpoints
+from pipeline.infra.distributed import init, shared_store
+from pipeline.infra.storage import write_tensors
+from pipeline.method.les import learn_all
+from pipeline.models.diffusion import ddim_scheduler
+from pipeline.models.embedded import build_unet
 from pipeline.quant import QuantSpec, quantizable_layers, quantize
-from pipeline.sampling import write_samples
 
 # chunks of 2 records and batches of 3 cut each other, so ranks get uneven, step-straddling shares
 DUMP = dict(num_samples=8, layer_records_per_step=4, batch_size=3, eta=0.5, seed=11, chunk_records=2)
 SAMPLE = dict(num_samples=10, batch_size=4)
-LES_LAYERS = ("down_blocks.0.resnets.0.conv1", "down_blocks.1.resnets.0.conv_shortcut", "mid_block.attentions.0.to_q", "up_blocks.0.resnets.0.conv1")
+LES_LAYERS = (
+    "down_blocks.0.resnets.0.conv1",
+    "down_blocks.1.resnets.0.conv_shortcut",
+    "mid_block.attentions.0.to_q",
+    "up_blocks.0.resnets.0.conv1",
+)
 
 
 def main(out: Path) -> None:
@@ -30,15 +35,37 @@ def main(out: Path) -> None:
     unet = build_unet(16, (16, 32, 32), layers_per_block=1, norm_num_groups=8).eval()
     scheduler = ddim_scheduler(DDPMScheduler(num_train_timesteps=1000), steps=3)
     with shared_store(out / "calib.zarr", world) as tmp:
-        dump_calibration(tmp, unet, scheduler, quantizable_layers(unet), attrs={"job": "test"}, device=device, world=world, **DUMP)
-    write_samples(out / "samples.zarr", unet, scheduler, [7, 8], eta=0.5, device=device, attrs={}, desc="sample", world=world, **SAMPLE)
+        dump_calibration(
+            tmp, unet, scheduler, quantizable_layers(unet), attrs={"job": "test"}, device=device, world=world, **DUMP
+        )
+    write_samples(
+        out / "samples.zarr",
+        unet,
+        scheduler,
+        [7, 8],
+        eta=0.5,
+        device=device,
+        attrs={},
+        desc="sample",
+        world=world,
+        **SAMPLE,
+    )
     layers = quantize(unet, QuantSpec(w_bits=4, a_bits=6))
     with world.main_first():
         checkpoints = Checkpoints(out / "les.ckpt", "key")
     gammas, losses = learn_all(
-        {name: layers[name] for name in LES_LAYERS}, out / "calib.zarr", weighting="focal", iters=4, lr=1e-2,
-        batch_size=4, r=20.0, momentum=0.95, seed=0, checkpoints=checkpoints, world=world,
-    )  # fmt: skip
+        {name: layers[name] for name in LES_LAYERS},
+        out / "calib.zarr",
+        weighting="focal",
+        iters=4,
+        lr=1e-2,
+        batch_size=4,
+        r=20.0,
+        momentum=0.95,
+        seed=0,
+        checkpoints=checkpoints,
+        world=world,
+    )
     if world.main:
         write_tensors(out / "les.safetensors", gammas, {name: list(pair) for name, pair in losses.items()})
 

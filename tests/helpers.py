@@ -83,8 +83,18 @@ def tree_hash(path: Path) -> str:
 
 def artifact_hashes(repo: Path) -> dict[str, str]:
     """Every artifact of a finished run (and the metrics), by path."""
-    found = [p for folder in ("artifacts", "metrics") for p in (repo / folder).rglob("*") if p.is_file() or p.suffix == ".zarr"]
-    found = [p for p in found if not any(part.startswith(".") for part in p.relative_to(repo).parts) and ".zarr/" not in p.relative_to(repo).as_posix()]
+    found = [
+        p
+        for folder in ("artifacts", "metrics")
+        for p in (repo / folder).rglob("*")
+        if p.is_file() or p.suffix == ".zarr"
+    ]
+    found = [
+        p
+        for p in found
+        if not any(part.startswith(".") for part in p.relative_to(repo).parts)
+        and ".zarr/" not in p.relative_to(repo).as_posix()
+    ]
     return {p.relative_to(repo).as_posix(): tree_hash(p) for p in sorted(found)}
 
 

@@ -9,12 +9,12 @@ import zarr
 from diffusers import DDPMScheduler
 
 from helpers import TwoConvs
-from pipeline.accel import autocast, to_device
-from pipeline.adaround import AdaRoundSettings, adaround
-from pipeline.diffusion import ddim_scheduler
+from pipeline.eval.sampling import fill_samples
+from pipeline.infra.device import autocast, to_device
+from pipeline.method.adaround import AdaRoundSettings, adaround
+from pipeline.method.weight_init import init_weight_quantizers
+from pipeline.models.diffusion import ddim_scheduler
 from pipeline.quant import QuantSpec, quantize
-from pipeline.recon import init_weight_quantizers
-from pipeline.sampling import fill_samples
 
 
 def test_unknown_autocast_mode_is_refused():
@@ -44,6 +44,16 @@ def test_bf16_reconstruction_learns_a_rounding():
     q = copy.deepcopy(fp)
     layers = quantize(q, QuantSpec(w_bits=4))
     init_weight_quantizers(layers, 10, 2.4)
-    settings = AdaRoundSettings(iters=30, lr=1e-2, batch_size=8, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0, precision="bf16")
+    settings = AdaRoundSettings(
+        iters=30,
+        lr=1e-2,
+        batch_size=8,
+        reg_lambda=0.01,
+        beta_start=20,
+        beta_end=2,
+        warmup=0.2,
+        seed=0,
+        precision="bf16",
+    )
     report = adaround(q, fp, (torch.randn(16, 4, 8, 8), torch.zeros(16)), settings)
     assert set(report) == {"a", "b"} and all(np.isfinite(r["after"]) for r in report.values())

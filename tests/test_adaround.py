@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import pipeline.adaround
-from pipeline.adaround import AdaRoundSettings, adaround
-from pipeline.checkpoint import Checkpoints
-from pipeline.quant import QuantSpec, quantize
-from pipeline.recon import init_weight_quantizers
+import pipeline.method.adaround
 from helpers import Killed, TwoConvs, dies_on_the_second_call
+from pipeline.infra.checkpoint import Checkpoints
+from pipeline.method.adaround import AdaRoundSettings, adaround
+from pipeline.method.weight_init import init_weight_quantizers
+from pipeline.quant import QuantSpec, quantize
 
 
 def test_learned_rounding_beats_nearest_and_ends_on_the_grid():
@@ -22,7 +22,9 @@ def test_learned_rounding_beats_nearest_and_ends_on_the_grid():
     t = torch.zeros(96, dtype=torch.long)
     with torch.no_grad():
         nearest_error = (q(x, t) - fp(x, t)).pow(2).mean().item()
-    settings = AdaRoundSettings(iters=400, lr=1e-2, batch_size=32, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0)
+    settings = AdaRoundSettings(
+        iters=400, lr=1e-2, batch_size=32, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
+    )
     report = adaround(q, fp, (x, t), settings)
     assert set(report) == {"a", "b"}
     assert all(r["after"] < r["before"] for r in report.values())
@@ -57,7 +59,9 @@ def test_resumed_reconstruction_equals_an_uninterrupted_one(tmp_path, monkeypatc
     torch.manual_seed(0)
     fp = ThreeConvs().eval()
     x, t = torch.randn(48, 4, 8, 8), torch.zeros(48, dtype=torch.long)
-    settings = AdaRoundSettings(iters=60, lr=1e-2, batch_size=16, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0)
+    settings = AdaRoundSettings(
+        iters=60, lr=1e-2, batch_size=16, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
+    )
 
     def fresh():
         q = copy.deepcopy(fp)
@@ -72,10 +76,10 @@ def test_resumed_reconstruction_equals_an_uninterrupted_one(tmp_path, monkeypatc
     uninterrupted = adaround(q, fp, (x, t), settings)
     expected = integers(layers)
 
-    real_unit, reconstructed = pipeline.adaround.reconstruct_unit, []
+    real_unit, reconstructed = pipeline.method.adaround.reconstruct_unit, []
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.adaround, "reconstruct_unit", dies_on_the_second_call(real_unit, reconstructed))
+        patch.setattr(pipeline.method.adaround, "reconstruct_unit", dies_on_the_second_call(real_unit, reconstructed))
         with pytest.raises(Killed):
             adaround(*fresh()[:1], fp, (x, t), settings, checkpoints=Checkpoints(tmp_path, "key"))
     assert Checkpoints(tmp_path, "key").done() == ["a"]
@@ -84,7 +88,7 @@ def test_resumed_reconstruction_equals_an_uninterrupted_one(tmp_path, monkeypatc
         reconstructed.append(name)
         return real_unit(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.adaround, "reconstruct_unit", counted)
+    monkeypatch.setattr(pipeline.method.adaround, "reconstruct_unit", counted)
     q, layers = fresh()
     resumed = adaround(q, fp, (x, t), settings, checkpoints=Checkpoints(tmp_path, "key"))
     assert reconstructed == ["a", "b", "c"]  # a once, before the kill; b and c after it

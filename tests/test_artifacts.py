@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
-from pipeline.io import read_tensors, write_tensors
+from pipeline.infra.storage import read_tensors, write_tensors
+from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import act_tensors, load_act_tensors, load_weight_tensors, weight_tensors
 from pipeline.quant.model import set_step
-from pipeline.recon import init_weight_quantizers
 
 
 def calibrated(unet, steps=2):
@@ -48,7 +48,7 @@ def test_saved_quantized_state_reproduces_the_model(tiny_unet, tmp_path):
 
 
 def test_artifact_for_another_model_is_refused(tiny_unet):
-    from pipeline.models import build_unet
+    from pipeline.models.embedded import build_unet
 
     layers = calibrated(tiny_unet)
     other = quantize(build_unet(16, (16, 32, 48), 1, 8), QuantSpec(w_bits=4, a_bits=6, num_steps=2))

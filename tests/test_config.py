@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from helpers import ROOT
-from pipeline.config import ConfigError, load_config, parse_config
+from pipeline.config import ConfigError, parse_config
+from pipeline.preflight import load_config
 
 
 def default():
@@ -24,7 +25,12 @@ def test_default_params_load():
         ("weights.qdiff-w4", "w_bits", 0, "weights.qdiff-w4.w_bits: .* (got 0); allowed: [2, 16]"),
         ("weights.qdiff-w4", "w_bits", 1, "weights.qdiff-w4.w_bits: .* (got 1); allowed: [2, 16]"),
         ("rows.dmq-w4a8", "a_bits", 17, "rows.dmq-w4a8.a_bits: .* (got 17); allowed: [2, 16]"),
-        ("weights.qdiff-w4", "method", "awq", "weights.qdiff-w4.method: unknown method 'awq'; allowed: minmax, qdiff, dmq"),
+        (
+            "weights.qdiff-w4",
+            "method",
+            "awq",
+            "weights.qdiff-w4.method: unknown method 'awq'; allowed: minmax, qdiff, dmq",
+        ),
         ("quant", "weight_clip_grid", 0, "quant.weight_clip_grid: .* (got 0); allowed: [1, inf)"),
         ("pts", "ratio_threshold", 0.0, "pts.ratio_threshold: .* (got 0.0); allowed: (0, 1]"),
         ("pts", "ratio_threshold", 1.5, "pts.ratio_threshold: .* (got 1.5); allowed: (0, 1]"),
@@ -49,16 +55,43 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (lambda d: d["weights"]["dmq-w4a6"].pop("a_bits"), r"weights\.dmq-w4a6: a_bits is required: dmq learns γ against the activation quantizer"),
-        (lambda d: d["weights"]["qdiff-w4"].update(a_bits=6), r"weights\.qdiff-w4: a_bits must be left out: qdiff's weights do not depend on it"),
-        (lambda d: d["rows"]["dmq-w4a6"].update(a_bits=8), r"rows\.dmq-w4a6\.a_bits: 8, but weights\.dmq-w4a6 learned γ for a_bits 6"),
-        (lambda d: d["rows"]["qdiff-w4a6"].update(weights="qdiff-w3"), r"rows\.qdiff-w4a6\.weights: no weights entry 'qdiff-w3'; defined: minmax-w8, "),
-        (lambda d: d["rows"].update({"Big Row": {"weights": "qdiff-w4", "a_bits": 8}}), r"rows\.Big Row: use lower-case letters, digits"),
-        (lambda d: d["rows"].update({"fp": {"weights": "qdiff-w4", "a_bits": 8}}), r"rows\.fp: 'fp' names the FP model's samples"),
+        (
+            lambda d: d["weights"]["dmq-w4a6"].pop("a_bits"),
+            r"weights\.dmq-w4a6: a_bits is required: dmq learns γ against the activation quantizer",
+        ),
+        (
+            lambda d: d["weights"]["qdiff-w4"].update(a_bits=6),
+            r"weights\.qdiff-w4: a_bits must be left out: qdiff's weights do not depend on it",
+        ),
+        (
+            lambda d: d["rows"]["dmq-w4a6"].update(a_bits=8),
+            r"rows\.dmq-w4a6\.a_bits: 8, but weights\.dmq-w4a6 learned γ for a_bits 6",
+        ),
+        (
+            lambda d: d["rows"]["qdiff-w4a6"].update(weights="qdiff-w3"),
+            r"rows\.qdiff-w4a6\.weights: no weights entry 'qdiff-w3'; defined: minmax-w8, ",
+        ),
+        (
+            lambda d: d["rows"].update({"Big Row": {"weights": "qdiff-w4", "a_bits": 8}}),
+            r"rows\.Big Row: use lower-case letters, digits",
+        ),
+        (
+            lambda d: d["rows"].update({"fp": {"weights": "qdiff-w4", "a_bits": 8}}),
+            r"rows\.fp: 'fp' names the FP model's samples",
+        ),
         (lambda d: d["report"]["table"].append("dmq-w2a2"), r"report\.table: 'dmq-w2a2' is neither a row nor a peer"),
         (lambda d: d["peers"]["quanto-w4a8"].update(a_bits=4), r"peers\.quanto-w4a8\.a_bits: Input should be 8"),
     ],
-    ids=["les-needs-a_bits", "no-a_bits-without-les", "row-a_bits-against-gamma", "unknown-weights", "bad-name", "fp-is-reserved", "unknown-report-row", "peer-bits"],
+    ids=[
+        "les-needs-a_bits",
+        "no-a_bits-without-les",
+        "row-a_bits-against-gamma",
+        "unknown-weights",
+        "bad-name",
+        "fp-is-reserved",
+        "unknown-report-row",
+        "peer-bits",
+    ],
 )
 def test_matrix_entries_that_do_not_fit_together_are_named(change, expected):
     data = default()
@@ -78,8 +111,16 @@ def test_local_model_needs_a_path():
     "section, values, expected",
     [
         ("model", {"source": "local", "path": "no/such/folder"}, r"model\.path: no/such/folder does not exist"),
-        ("model", {"source": "local", "path": "{tmp}"}, r"model\.path: .* has neither unet/ \(pipeline layout\) nor config\.json \(bare UNet\)"),
-        ("pts", {"layers": ["*shortcut_conv"]}, r"pts\.layers: pattern '\*shortcut_conv' matches no quantized layer; .* end in .*conv_shortcut"),
+        (
+            "model",
+            {"source": "local", "path": "{tmp}"},
+            r"model\.path: .* has neither unet/ \(pipeline layout\) nor config\.json \(bare UNet\)",
+        ),
+        (
+            "pts",
+            {"layers": ["*shortcut_conv"]},
+            r"pts\.layers: pattern '\*shortcut_conv' matches no quantized layer; .* end in .*conv_shortcut",
+        ),
     ],
 )
 def test_model_dependent_checks_fail_at_load(tmp_path, section, values, expected):
@@ -106,10 +147,20 @@ def test_pts_patterns_matter_only_for_methods_with_pts(tmp_path):
 @pytest.mark.parametrize(
     "stage, entry",
     [
-        ("fp_model", None), ("classifier", None), ("dump", None), ("stats", None), ("les", "qdiff-w4"), ("recon", "qdiff-w4"),
-        ("pts", "qdiff-w4a6"), ("sample", "qdiff-w4a6"), ("sample", "fp"), ("fid", "qdiff-w4a6"), ("peer", "quanto-w4a8"), ("report", None),
+        ("fp_model", None),
+        ("classifier", None),
+        ("dump", None),
+        ("stats", None),
+        ("les", "qdiff-w4"),
+        ("recon", "qdiff-w4"),
+        ("pts", "qdiff-w4a6"),
+        ("sample", "qdiff-w4a6"),
+        ("sample", "fp"),
+        ("fid", "qdiff-w4a6"),
+        ("peer", "quanto-w4a8"),
+        ("report", None),
     ],
-)  # fmt: skip
+)
 def test_every_stage_fails_on_bad_params_before_writing_anything(stage, entry, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = default()

@@ -1,4 +1,5 @@
-"""The embedded default end to end, with the shipped params.yaml (about an hour on 2 cores: the whole paper-table matrix).
+"""The embedded default end to end, with the shipped params.yaml (about an hour on 2 cores: the whole
+paper-table matrix).
 
 Slow: CI runs the reduced configuration in test_dvc_pipeline.py instead; run this one with
 ``python -m pytest -m slow``."""

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from helpers import ROOT, tree_hash
-from pipeline.distributed import World, my_batches, plan_batches
-from pipeline.io import read_tensors
-from pipeline.les import assign_layers
+from pipeline.infra.distributed import World, my_batches, plan_batches
+from pipeline.infra.storage import read_tensors
+from pipeline.method.les import assign_layers
 
 
 def test_batches_never_straddle_a_chunk_or_a_period_and_ranks_cover_them_once():
@@ -46,9 +46,20 @@ def test_layers_go_costliest_first_to_the_least_loaded_rank(tmp_path):
 
 
 def run_job(out, ranks: int) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        if ranks > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, str(ROOT / "tests/dist_job.py"), str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*launcher, str(ROOT / "tests/dist_job.py"), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -80,8 +91,8 @@ def test_a_rank_fills_only_the_whole_chunks_of_its_share(tiny_unet, tmp_path):
     import zarr
     from diffusers import DDPMScheduler
 
-    from pipeline.diffusion import ddim_scheduler
-    from pipeline.sampling import fill_samples
+    from pipeline.eval.sampling import fill_samples
+    from pipeline.models.diffusion import ddim_scheduler
 
     scheduler = ddim_scheduler(DDPMScheduler(num_train_timesteps=1000), steps=2)
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
@@ -95,13 +106,29 @@ def test_a_rank_fills_only_the_whole_chunks_of_its_share(tiny_unet, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, entry, output", [("les", "dmq-w4a6", "artifacts/les/dmq-w4a6.safetensors"), ("sample", "dmq-w4a6", "artifacts/samples/dmq-w4a6.zarr"), ("dump", None, "artifacts/calib.zarr")])
+@pytest.mark.parametrize(
+    "stage, entry, output",
+    [
+        ("les", "dmq-w4a6", "artifacts/les/dmq-w4a6.safetensors"),
+        ("sample", "dmq-w4a6", "artifacts/samples/dmq-w4a6.zarr"),
+        ("dump", None, "artifacts/calib.zarr"),
+    ],
+)
 def test_a_stage_under_torchrun_writes_what_dvc_repro_wrote(pipeline_copy, stage, entry, output):
     """The stage scripts themselves, launched by torchrun with 2 gloo ranks in a reproduced repository:
     the output equals the one-process output byte for byte, so DVC sees nothing changed."""
     before = tree_hash(pipeline_copy / output)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", f"stages.{stage}", *([entry] if entry else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        f"stages.{stage}",
+        *([entry] if entry else []),
+    ]
     done = subprocess.run(cmd, cwd=pipeline_copy, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert tree_hash(pipeline_copy / output) == before

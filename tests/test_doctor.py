@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from helpers import ROOT
-from pipeline.config import load_config
-from pipeline.doctor import store_sizes
+from pipeline.preflight import load_config, store_sizes
 
 
 def doctor(params, artifacts):
@@ -19,7 +18,14 @@ def doctor(params, artifacts):
 
 def test_reports_versions_threads_model_and_disk(tmp_path):
     result = doctor(ROOT / "params.yaml", tmp_path / "artifacts")
-    for line in ("torch: 2.", "zarr: 3.", "dvc: 3.", "torch threads: ", "model: embedded default", "disk space: stores up to calib.zarr"):
+    for line in (
+        "torch: 2.",
+        "zarr: 3.",
+        "dvc: 3.",
+        "torch threads: ",
+        "model: embedded default",
+        "disk space: stores up to calib.zarr",
+    ):
         assert line in result.output
     assert "params: " in result.output and "is valid" in result.output
 
@@ -30,7 +36,10 @@ def test_problems_are_listed_and_fail(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = doctor(tmp_path / "params.yaml", tmp_path)
     assert result.exit_code == 1
-    assert f"PROBLEM  params: invalid parameters in {tmp_path / 'params.yaml'}:   model.path: {tmp_path / 'missing'} does not exist" in result.output
+    assert (
+        f"PROBLEM  params: invalid parameters in {tmp_path / 'params.yaml'}:   model.path: {tmp_path / 'missing'} "
+        "does not exist" in result.output
+    )
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4096)
@@ -47,7 +56,9 @@ def test_store_sizes_are_the_uncompressed_sizes_of_the_real_stores(reproduced):
     def nbytes(group):
         return sum(node.nbytes for _, node in group.members(max_depth=None) if isinstance(node, zarr.Array))
 
-    assert {"calib.zarr", "stats.zarr", "votes/dmq-w4a6.zarr", "samples/fp.zarr", "samples/quanto-w4a8.zarr"} <= set(expected)
+    assert {"calib.zarr", "stats.zarr", "votes/dmq-w4a6.zarr", "samples/fp.zarr", "samples/quanto-w4a8.zarr"} <= set(
+        expected
+    )
     for name, size in expected.items():
         store = zarr.open_group(str(repo / "artifacts" / name), mode="r")
         assert size == nbytes(store), name

@@ -2,9 +2,9 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from pipeline.calib import capture_io, dump_calibration, open_calibration, step_records
-from pipeline.diffusion import ddim_sample, ddim_scheduler, sample_noise
-from pipeline.io import atomic_store
+from pipeline.calibration.dump import capture_io, dump_calibration, open_calibration, step_records
+from pipeline.infra.storage import atomic_store
+from pipeline.models.diffusion import ddim_sample, ddim_scheduler, sample_noise
 from pipeline.quant import quantizable_layers
 
 
@@ -13,8 +13,20 @@ def test_dump_round_trip_matches_direct_forward_hooks(tiny_unet, tmp_path):
     layers = quantizable_layers(tiny_unet)
     store = tmp_path / "calib.zarr"
     with atomic_store(store) as tmp:
-        dump_calibration(tmp, tiny_unet, scheduler, layers, num_samples=6, layer_records_per_step=3, batch_size=4,
-                         eta=0.0, seed=11, chunk_records=5, attrs={"model_hash": "abc"}, device=torch.device("cpu"))  # fmt: skip
+        dump_calibration(
+            tmp,
+            tiny_unet,
+            scheduler,
+            layers,
+            num_samples=6,
+            layer_records_per_step=3,
+            batch_size=4,
+            eta=0.0,
+            seed=11,
+            chunk_records=5,
+            attrs={"model_hash": "abc"},
+            device=torch.device("cpu"),
+        )
     root = open_calibration(store)
     assert root.attrs["steps"] == 4 and root.attrs["model_hash"] == "abc"
     assert root["trajectory/x_t"].shape == (24, 1, 16, 16) and root["trajectory/x_t"].chunks[0] == 5

@@ -5,7 +5,6 @@ that entry's stages only."""
 import json
 
 import pytest
-import yaml
 
 from helpers import copy_repo, ran_stages, run, set_params, stale_stages
 
@@ -39,8 +38,12 @@ def test_repro_runs_every_stage_and_writes_metrics_and_report(repo):
             assert found["fid"] >= 0 and (row == "fp" or found["paired_mse"] > 0), row
     table = (repo / "reports/paper_table.md").read_text().splitlines()
     assert [line.split(" | ")[:2] for line in table[4:9]] == [
-        ["| FP", "32/32"], ["| qdiff", "W4A8"], ["| optimum-quanto", "W4A8"], ["| qdiff", "W4A6"], ["| dmq", "W4A6"]
-    ]  # fmt: skip
+        ["| FP", "32/32"],
+        ["| qdiff", "W4A8"],
+        ["| optimum-quanto", "W4A8"],
+        ["| qdiff", "W4A6"],
+        ["| dmq", "W4A6"],
+    ]
     for name in ("fid_vs_activation_bits", "samples_by_method", "stats_outlier_heatmap"):
         assert (repo / f"reports/figures/{name}.png").stat().st_size > 0
 
@@ -71,7 +74,12 @@ def test_a_rows_activation_bits_rerun_that_row_only_not_its_shared_weights(repo)
     repo, _ = repo
     set_params(repo, {"rows": {"qdiff-w4a6": {"a_bits": 5}}})
     assert stale_stages(repo) == {"pts@qdiff-w4a6"}
-    assert ran_stages(run(["dvc", "repro"], repo)) == {"pts@qdiff-w4a6", "sample@qdiff-w4a6", "fid@qdiff-w4a6", "report"}
+    assert ran_stages(run(["dvc", "repro"], repo)) == {
+        "pts@qdiff-w4a6",
+        "sample@qdiff-w4a6",
+        "fid@qdiff-w4a6",
+        "report",
+    }
 
 
 def test_a_weights_entry_reruns_the_rows_that_share_it(repo):
@@ -88,14 +96,28 @@ def test_les_params_rerun_the_methods_with_les_only(repo):
     # DVC reruns les for every entry (it declares the les section), but γ = 1 of qdiff comes out
     # byte-identical, so nothing downstream of it reruns
     assert ran_stages(run(["dvc", "repro"], repo)) == {
-        "les@qdiff-w4", "les@dmq-w4a6", "recon@dmq-w4a6", "pts@dmq-w4a6", "sample@dmq-w4a6", "fid@dmq-w4a6", "report",
-    }  # fmt: skip
+        "les@qdiff-w4",
+        "les@dmq-w4a6",
+        "recon@dmq-w4a6",
+        "pts@dmq-w4a6",
+        "sample@dmq-w4a6",
+        "fid@dmq-w4a6",
+        "report",
+    }
 
 
 def test_sample_seeds_rerun_sampling_and_metrics_not_quantization(repo):
     repo, _ = repo
     set_params(repo, {"sample": {"seeds": [1, 3]}})
-    assert stale_stages(repo) == {"sample_fp", "sample@qdiff-w4a8", "sample@qdiff-w4a6", "sample@dmq-w4a6", "peer@quanto-w4a8"}
+    assert stale_stages(repo) == {
+        "sample_fp",
+        "sample@qdiff-w4a8",
+        "sample@qdiff-w4a6",
+        "sample@dmq-w4a6",
+        "peer@quanto-w4a8",
+    }
     ran = ran_stages(run(["dvc", "repro"], repo))
-    assert ran == {"sample_fp", "fid_fp", "peer@quanto-w4a8", "report"} | {f"{s}@{r}" for s in ("sample", "fid") for r in ("qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6")}
+    assert ran == {"sample_fp", "fid_fp", "peer@quanto-w4a8", "report"} | {
+        f"{s}@{r}" for s in ("sample", "fid") for r in ("qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6")
+    }
     assert set(json.loads((repo / "metrics/dmq-w4a6.json").read_text())["seeds"]) == {"1", "3"}

@@ -16,15 +16,15 @@ from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
 from helpers import ROOT, set_params
-from pipeline.calib import open_calibration
+from pipeline.calibration.dump import open_calibration
 from pipeline.config import Variant, parse_config
-from pipeline.diffusion import save_fp_model
-from pipeline.fingerprint import check_provenance, model_hash
-from pipeline.io import ArtifactError, atomic_path, atomic_store, read_tensors, write_tensors
+from pipeline.infra.fingerprint import check_provenance, model_hash
+from pipeline.infra.storage import ArtifactError, atomic_path, atomic_store, read_tensors, write_tensors
+from pipeline.method.weight_init import init_weight_quantizers
+from pipeline.models.diffusion import save_fp_model
+from pipeline.models.quantized import load_quantized_unet
 from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import act_tensors, load_gamma, weight_tensors
-from pipeline.quantized import load_quantized_unet
-from pipeline.recon import init_weight_quantizers
 from stages.lineage import ENTRY_PARAMS, INPUTS, PARAMS, stage_provenance
 
 
@@ -97,7 +97,9 @@ def test_damaged_or_foreign_safetensors_are_refused(tensors_file, tmp_path):
     assert read_tensors(tensors_file)[1] == {"w_bits": 4}
     data = tensors_file.read_bytes()
     tensors_file.write_bytes(data[:-100])
-    with pytest.raises(ArtifactError, match=r"weights\.safetensors is unreadable \(truncated, or not a safetensors file\)"):
+    with pytest.raises(
+        ArtifactError, match=r"weights\.safetensors is unreadable \(truncated, or not a safetensors file\)"
+    ):
         read_tensors(tensors_file)
     tensors_file.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     with pytest.raises(ArtifactError, match=r"weights\.safetensors is corrupt: its tensors do not match the checksum"):
@@ -111,7 +113,9 @@ def test_tensors_for_layers_the_model_lacks_are_refused(tiny_unet):
     layers = quantize(tiny_unet, QuantSpec(w_bits=4))
     gammas = {f"{name}.gamma": torch.ones_like(layer.gamma) for name, layer in layers.items()}
     gammas["down_blocks.3.resnets.0.conv1.gamma"] = torch.ones(8)
-    with pytest.raises(ValueError, match=r"les\.safetensors: tensor 'down_blocks\.3\.resnets\.0\.conv1\.gamma' matches no layer"):
+    with pytest.raises(
+        ValueError, match=r"les\.safetensors: tensor 'down_blocks\.3\.resnets\.0\.conv1\.gamma' matches no layer"
+    ):
         load_gamma(layers, gammas, "les.safetensors")
 
 
@@ -123,7 +127,9 @@ def quantized_artifacts(tiny_unet, tmp_path):
     q = copy.deepcopy(tiny_unet)
     layers = quantize(q, QuantSpec(w_bits=4, a_bits=8, num_steps=2))
     init_weight_quantizers(layers, grid=2, p=2.4)
-    write_tensors(tmp_path / "weights.safetensors", weight_tensors(layers), {"model_hash": fp_hash, "w_bits": 4, "split": True})
+    write_tensors(
+        tmp_path / "weights.safetensors", weight_tensors(layers), {"model_hash": fp_hash, "w_bits": 4, "split": True}
+    )
     header = {"model_hash": fp_hash, "a_bits": 8, "steps": 2}
     write_tensors(tmp_path / "act_params.safetensors", act_tensors(layers), header)
     return tmp_path, fp_hash
@@ -131,10 +137,20 @@ def quantized_artifacts(tiny_unet, tmp_path):
 
 def test_activation_parameters_for_other_steps_than_the_sampler_are_refused(quantized_artifacts):
     folder, fp_hash = quantized_artifacts
-    load_quantized_unet(folder / "fp_model", folder / "weights.safetensors", folder / "act_params.safetensors", fp_hash, steps=2)
-    with pytest.raises(ArtifactError, match=r"act_params\.safetensors holds activation parameters for 2 sampling steps, but the sampler runs 20 \(diffusion\.steps\)"):
-        load_quantized_unet(folder / "fp_model", folder / "weights.safetensors", folder / "act_params.safetensors", fp_hash, steps=20)
-    with pytest.raises(ValueError, match=r"weights\.safetensors was made for model \w+, but the current FP model is other"):
+    load_quantized_unet(
+        folder / "fp_model", folder / "weights.safetensors", folder / "act_params.safetensors", fp_hash, steps=2
+    )
+    with pytest.raises(
+        ArtifactError,
+        match=r"act_params\.safetensors holds activation parameters for 2 sampling steps, "
+        r"but the sampler runs 20 \(diffusion\.steps\)",
+    ):
+        load_quantized_unet(
+            folder / "fp_model", folder / "weights.safetensors", folder / "act_params.safetensors", fp_hash, steps=20
+        )
+    with pytest.raises(
+        ValueError, match=r"weights\.safetensors was made for model \w+, but the current FP model is other"
+    ):
         load_quantized_unet(folder / "fp_model", folder / "weights.safetensors", None, "other", steps=2, a_bits=8)
 
 
@@ -146,7 +162,11 @@ def test_stale_artifact_names_the_parameter_that_changed():
     made = stage_provenance(cfg, "recon", "abc", DMQ)
     check_provenance(made, stage_provenance(cfg, "recon", "abc", DMQ), "weights.safetensors")
     now = parse_config({"les": {"iters": 5}, "recon": {"lr": 0.01}})
-    with pytest.raises(ValueError, match=r"weights\.safetensors was made with other parameters than the current ones: recon\.lr = 0\.001 there, 0\.01 now"):
+    with pytest.raises(
+        ValueError,
+        match=r"weights\.safetensors was made with other parameters than the current ones: "
+        r"recon\.lr = 0\.001 there, 0\.01 now",
+    ):
         check_provenance(made, stage_provenance(now, "recon", "abc", DMQ), "weights.safetensors")
     with pytest.raises(ValueError, match=r"variant\.a_bits = 6 there, 8 now"):
         check_provenance(made, stage_provenance(cfg, "recon", "abc", DMQ._replace(a_bits=8)), "weights.safetensors")
@@ -160,7 +180,10 @@ def test_weights_of_a_method_without_les_do_not_depend_on_les_params_or_activati
     """So rows with other a_bits share them, and an les change reruns nothing downstream of them."""
     before, after = parse_config({"les": {"iters": 5}}), parse_config({"les": {"iters": 7}})
     assert stage_provenance(before, "recon", "abc", QDIFF) == stage_provenance(after, "recon", "abc", QDIFF)
-    assert not any(key.startswith("les.") and key not in {"les.focal_r", "les.focal_momentum"} for key in stage_provenance(before, "recon", "abc", QDIFF)["params"])
+    assert not any(
+        key.startswith("les.") and key not in {"les.focal_r", "les.focal_momentum"}
+        for key in stage_provenance(before, "recon", "abc", QDIFF)["params"]
+    )
     assert stage_provenance(before, "recon", "abc", DMQ) != stage_provenance(after, "recon", "abc", DMQ)
 
 
@@ -193,7 +216,11 @@ def test_provenance_follows_dvc_yaml():
     for stage, (spec, foreach) in dvc.items():
         assert set(PARAMS[stage]) | set(ENTRY_PARAMS.get(stage, ())) == set(spec["params"]), stage
         deps = {resolved(d, foreach) for d in spec["deps"]}
-        found = {other for other, outs in outputs.items() if any(o in deps or any(within(o, d) or within(d, o) for d in deps) for o in outs)}
+        found = {
+            other
+            for other, outs in outputs.items()
+            if any(o in deps or any(within(o, d) or within(d, o) for d in deps) for o in outs)
+        }
         assert set(INPUTS[stage]) == found, stage
 
 
@@ -203,9 +230,15 @@ def test_provenance_follows_dvc_yaml():
         (
             {"diffusion": {"steps": 5}},
             "sample",
-            r"artifacts/act_params/dmq-w4a6\.safetensors holds activation parameters for 4 sampling steps, but the sampler runs 5 \(diffusion\.steps\)",
+            r"artifacts/act_params/dmq-w4a6\.safetensors holds activation parameters for 4 sampling steps, but the "
+            r"sampler runs 5 \(diffusion\.steps\)",
         ),
-        ({"les": {"iters": 7}}, "recon", r"artifacts/les/dmq-w4a6\.safetensors was made with other parameters than the current ones: les\.iters = 5 there, 7 now"),
+        (
+            {"les": {"iters": 7}},
+            "recon",
+            r"artifacts/les/dmq-w4a6\.safetensors was made with other parameters than the current ones: les\.iters "
+            r"= 5 there, 7 now",
+        ),
         ("truncate", "les", r"calibration store artifacts/calib\.zarr is damaged: .* \(truncated\?\)"),
     ],
     ids=["act-params-for-other-steps", "stale-les", "truncated-calib"],
@@ -216,7 +249,9 @@ def test_stage_refuses_a_stale_or_damaged_input(pipeline_copy, change, stage, ex
         biggest.write_bytes(biggest.read_bytes()[:100])
     else:
         set_params(pipeline_copy, change)
-    done = subprocess.run([sys.executable, "-m", f"stages.{stage}", "dmq-w4a6"], cwd=pipeline_copy, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", "dmq-w4a6"], cwd=pipeline_copy, capture_output=True, text=True
+    )
     assert done.returncode != 0 and re.search(expected, done.stderr), done.stderr[-2000:]
 
 

@@ -12,11 +12,13 @@ import psutil
 import pytest
 
 from helpers import ran_stages, run, set_params
-from pipeline.calib import open_calibration
+from pipeline.calibration.dump import open_calibration
 
 
 def start(cmd, cwd) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def wait_until(process: subprocess.Popen, reached, timeout: float = 120.0) -> None:
@@ -52,7 +54,9 @@ def test_dump_killed_mid_write_leaves_no_output_and_repro_redoes_it(pipeline_cop
     assert list(artifacts.glob(".calib.zarr.tmp-*"))  # what the killed writer left, beside the output path
 
     assert ran_stages(run(["dvc", "repro", "--single-item", "dump"], repo)) == {"dump"}
-    assert open_calibration(artifacts / "calib.zarr").attrs["params"]["calib.seed"] == 99  # complete: matches its manifest
+    assert (
+        open_calibration(artifacts / "calib.zarr").attrs["params"]["calib.seed"] == 99
+    )  # complete: matches its manifest
     assert not list(artifacts.glob(".calib.zarr.tmp-*"))  # the next writer removed the dead one's temporary
 
 
@@ -66,7 +70,9 @@ def test_dump_killed_mid_write_leaves_no_output_and_repro_redoes_it(pipeline_cop
 def test_killed_stage_resumes_to_the_same_bytes(pipeline_copy, stage, params, units, kill_after, record_property):
     repo = pipeline_copy
     set_params(repo, params)
-    output = repo / {"les": "artifacts/les/dmq-w4a6.safetensors", "recon": "artifacts/weights/dmq-w4a6.safetensors"}[stage]
+    output = (
+        repo / {"les": "artifacts/les/dmq-w4a6.safetensors", "recon": "artifacts/weights/dmq-w4a6.safetensors"}[stage]
+    )
     checkpoints = repo / f"artifacts/.{stage}.ckpt/dmq-w4a6"
     command = [sys.executable, "-m", f"stages.{stage}", "dmq-w4a6"]
 
@@ -96,7 +102,9 @@ def test_killed_stage_resumes_to_the_same_bytes(pipeline_copy, stage, params, un
     assert not checkpoints.exists()
 
     lost = killed + resumed - uninterrupted
-    record_property(f"{stage}_seconds", {"uninterrupted": uninterrupted, "killed": killed, "resumed": resumed, "lost": lost})
+    record_property(
+        f"{stage}_seconds", {"uninterrupted": uninterrupted, "killed": killed, "resumed": resumed, "lost": lost}
+    )
     print(
         f"\n{stage}: uninterrupted {uninterrupted:.1f} s; killed after {saved}/{units} units at {killed:.1f} s, "
         f"resumed in {resumed:.1f} s: {lost:.1f} s lost ({100 * lost / uninterrupted:.0f} %)"

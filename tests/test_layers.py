@@ -3,14 +3,17 @@ import copy
 import torch
 import torch.nn as nn
 
-from pipeline.quant import QuantSpec, quant_layers, quantizable_layers, quantize, set_quant_state
+from pipeline.quant import QuantSpec, quant_layers, quantize, set_quant_state
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import concat_splits
 
 
 def test_gamma_leaves_the_fp_result_unchanged():
     torch.manual_seed(0)
-    for module, x in ((nn.Conv2d(8, 5, 3, padding=1), torch.randn(2, 8, 6, 6)), (nn.Linear(8, 5), torch.randn(2, 7, 8))):
+    for module, x in (
+        (nn.Conv2d(8, 5, 3, padding=1), torch.randn(2, 8, 6, 6)),
+        (nn.Linear(8, 5), torch.randn(2, 7, 8)),
+    ):
         expected = module(x)
         layer = QuantLayer(module, w_bits=4, a_bits=8, num_steps=2, split=None)
         layer.gamma.copy_(torch.rand(8) * 10 + 0.05)
@@ -27,7 +30,9 @@ def test_placement_keeps_embeddings_and_outer_convs_in_full_precision(tiny_unet)
     assert all(isinstance(m, nn.Linear) for n, m in tiny_unet.named_modules() if n.endswith("time_emb_proj"))
     assert "down_blocks.1.resnets.0.conv_shortcut" in names
     assert "mid_block.attentions.0.to_q" in names and "up_blocks.2.resnets.1.conv2" in names
-    left_fp = {n for n, m in tiny_unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not n.endswith(".module")}
+    left_fp = {
+        n for n, m in tiny_unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not n.endswith(".module")
+    }
     time_proj = {n for n in left_fp if n.endswith("time_emb_proj")}
     assert left_fp == {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"} | time_proj
 

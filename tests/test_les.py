@@ -3,13 +3,12 @@ import torch
 import torch.nn as nn
 import zarr
 
-import pipeline.les
-from pipeline.checkpoint import Checkpoints
-
-from pipeline.les import learn_all, learn_gamma
-from pipeline.quant.layers import QuantLayer
-from pipeline.weighting import make_weighting
+import pipeline.method.les
 from helpers import Killed, dies_on_the_second_call
+from pipeline.infra.checkpoint import Checkpoints
+from pipeline.method.les import learn_all, learn_gamma
+from pipeline.method.weighting import make_weighting
+from pipeline.quant.layers import QuantLayer
 
 S, M = 4, 16
 OUTLIERS = [3, 17]
@@ -66,7 +65,9 @@ def test_non_finite_loss_names_layer_and_iteration():
     layer, x, y = outlier_linear()
     x[0, 0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="LES on my.layer: .* iteration"):
-        learn_gamma(layer, x, y, S, make_weighting("uniform", S), iters=5, lr=1e-3, batch_size=S * M, seed=0, name="my.layer")
+        learn_gamma(
+            layer, x, y, S, make_weighting("uniform", S), iters=5, lr=1e-3, batch_size=S * M, seed=0, name="my.layer"
+        )
 
 
 @pytest.fixture
@@ -74,7 +75,11 @@ def three_layers(tmp_path):
     """Three layers (one conv with split input channels) and a calib.zarr with their FP I/O."""
     torch.manual_seed(0)
     modules = {"down.conv": nn.Conv2d(8, 8, 3, padding=1), "attn.to_q": nn.Linear(8, 8), "up.conv1": nn.Conv2d(8, 4, 1)}
-    inputs = {"down.conv": torch.randn(S * M, 8, 4, 4), "attn.to_q": torch.randn(S * M, 6, 8), "up.conv1": torch.randn(S * M, 8, 4, 4)}
+    inputs = {
+        "down.conv": torch.randn(S * M, 8, 4, 4),
+        "attn.to_q": torch.randn(S * M, 6, 8),
+        "up.conv1": torch.randn(S * M, 8, 4, 4),
+    }
     root = zarr.open_group(str(tmp_path / "calib.zarr"), mode="w")
     root.attrs.update({"steps": S, "layer_records_per_step": M})
     for name, module in modules.items():
@@ -102,13 +107,15 @@ def test_workers_do_not_change_gamma(three_layers):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_resumed_run_skips_finished_layers_and_equals_an_uninterrupted_one(three_layers, tmp_path, monkeypatch, workers):
+def test_resumed_run_skips_finished_layers_and_equals_an_uninterrupted_one(
+    three_layers, tmp_path, monkeypatch, workers
+):
     layers, store = three_layers
     uninterrupted = learn_all(layers, store, workers=workers, **LEARN)
-    real_job, learned = pipeline.les._learn_from_store, []
+    real_job, learned = pipeline.method.les._learn_from_store, []
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.les, "_learn_from_store", dies_on_the_second_call(real_job, learned))
+        patch.setattr(pipeline.method.les, "_learn_from_store", dies_on_the_second_call(real_job, learned))
         with pytest.raises(Killed):
             learn_all(layers, store, workers=1, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
     assert Checkpoints(tmp_path / "ckpt", "key").done() == learned

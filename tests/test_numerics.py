@@ -9,21 +9,23 @@ import torch.nn as nn
 import zarr
 from diffusers import DDPMScheduler
 
-from pipeline.actcalib import calibrate_activations
-from pipeline.adaround import AdaRoundSettings, adaround
-from pipeline.calib import dump_calibration, random_records, step_records
-from pipeline.diffusion import ddim_scheduler
-from pipeline.les import learn_gamma, load_layer_io
-from pipeline.pts import vote
+from helpers import TwoConvs
+from pipeline.calibration.dump import dump_calibration, random_records, step_records
+from pipeline.method.activation_ranges import calibrate_activations
+from pipeline.method.adaround import AdaRoundSettings, adaround
+from pipeline.method.les import learn_gamma, load_layer_io
+from pipeline.method.pts import vote
+from pipeline.method.weight_init import init_weight_quantizers
+from pipeline.method.weighting import make_weighting
+from pipeline.models.diffusion import ddim_scheduler
 from pipeline.quant import QuantSpec, quantizable_layers, quantize
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.quantizers import ActQuantizer, affine_params, search_weight_params
-from pipeline.recon import init_weight_quantizers
-from pipeline.weighting import make_weighting
-from helpers import TwoConvs
 
 STEPS, PER_STEP = 4, 3
-SETTINGS = AdaRoundSettings(iters=20, lr=1e-2, batch_size=8, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0)
+SETTINGS = AdaRoundSettings(
+    iters=20, lr=1e-2, batch_size=8, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
+)
 
 
 def layer_store(path, values):
@@ -64,8 +66,20 @@ def test_non_finite_trajectory_names_the_step(tmp_path):
 
 def dump(unet, path):
     scheduler = ddim_scheduler(DDPMScheduler(num_train_timesteps=1000), steps=STEPS)
-    dump_calibration(path, unet, scheduler, quantizable_layers(unet), num_samples=2, layer_records_per_step=2, batch_size=2,
-                     eta=0.0, seed=0, chunk_records=4, attrs={}, device=torch.device("cpu"))  # fmt: skip
+    dump_calibration(
+        path,
+        unet,
+        scheduler,
+        quantizable_layers(unet),
+        num_samples=2,
+        layer_records_per_step=2,
+        batch_size=2,
+        eta=0.0,
+        seed=0,
+        chunk_records=4,
+        attrs={},
+        device=torch.device("cpu"),
+    )
 
 
 def test_dump_stops_at_a_non_finite_trajectory(tiny_unet, tmp_path):
@@ -78,7 +92,9 @@ def test_dump_stops_at_a_non_finite_trajectory(tiny_unet, tmp_path):
 def test_dump_stops_at_a_float16_overflow_naming_layer_and_step(tiny_unet, tmp_path):
     with torch.no_grad():
         tiny_unet.down_blocks[0].resnets[0].conv1.weight.mul_(1e6)  # GroupNorm after it keeps the model finite
-    with pytest.raises(FloatingPointError, match=r"layer 'down_blocks\.0\.resnets\.0\.conv1' output overflows float16 at step 0"):
+    with pytest.raises(
+        FloatingPointError, match=r"layer 'down_blocks\.0\.resnets\.0\.conv1' output overflows float16 at step 0"
+    ):
         dump(tiny_unet, tmp_path / "calib.zarr")
 
 
@@ -105,10 +121,17 @@ def test_non_finite_adaround_loss_names_unit_and_iteration():
 
 def test_non_finite_activation_range_names_layer_and_step(tiny_unet, tmp_path):
     layers = quantize(tiny_unet, QuantSpec(w_bits=8, a_bits=8, num_steps=STEPS))
-    root = trajectory_store(tmp_path / "calib.zarr", np.random.default_rng(0).standard_normal((STEPS * PER_STEP, 1, 16, 16), dtype=np.float32))
+    root = trajectory_store(
+        tmp_path / "calib.zarr",
+        np.random.default_rng(0).standard_normal((STEPS * PER_STEP, 1, 16, 16), dtype=np.float32),
+    )
     with torch.no_grad():
         tiny_unet.conv_in.bias[0] = float("nan")  # full precision, so the first quantized layer sees it
-    with pytest.raises(FloatingPointError, match=r"activation calibration: the input range of down_blocks\.0\.resnets\.0\.conv1 is not finite \(NaN or Inf\) at step 0"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"activation calibration: the input range of down_blocks\.0\.resnets\.0\.conv1 "
+        r"is not finite \(NaN or Inf\) at step 0",
+    ):
         calibrate_activations(tiny_unet, layers, root, PER_STEP, PER_STEP, 0.95, torch.device("cpu"))
 
 
@@ -121,8 +144,17 @@ def test_zero_range_channels_and_layers_divide_nothing_by_zero():
         layer = QuantLayer(linear, 4, 8, 1, None)
         with torch.no_grad():
             outputs = linear(inputs)
-        gamma, before, after = learn_gamma(layer, inputs.half(), outputs.half(), STEPS, make_weighting("focal", STEPS),
-                                           iters=20, lr=1e-2, batch_size=8, seed=0)  # fmt: skip
+        gamma, before, after = learn_gamma(
+            layer,
+            inputs.half(),
+            outputs.half(),
+            STEPS,
+            make_weighting("focal", STEPS),
+            iters=20,
+            lr=1e-2,
+            batch_size=8,
+            seed=0,
+        )
         assert torch.isfinite(gamma).all() and np.isfinite([before, after]).all()
 
     # weight scales for an all-zero output channel, and AdaRound on it

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.pts import select_pts_layers, vote
+from pipeline.method.pts import select_pts_layers, vote
 from pipeline.quant.quantizers import affine_params
 
 

@@ -16,25 +16,25 @@ import pytest
 import torch
 import yaml
 
-from pipeline.actcalib import calibrate_activations
-from pipeline.adaround import AdaRoundSettings, adaround
-from pipeline.calib import dump_calibration, open_calibration, random_records, step_records
-from pipeline.components import find_layout, import_model
-from pipeline.conditioning import NULL, Decoder, load_denoiser, read_prompts
+from helpers import ROOT, init_repo, reduced_params, run
+from pipeline.calibration.dump import dump_calibration, open_calibration, random_records, step_records
 from pipeline.config import parse_config
-from pipeline.diffusion import ddim_scheduler, load_fp_model
-from pipeline.export import export_checkpoint, load_checkpoint, pack_nibbles, read_checkpoint, unpack_nibbles
-from pipeline.fingerprint import model_hash
-from pipeline.io import ArtifactError, atomic_store, read_tensors, write_tensors
-from pipeline.les import learn_all
-from pipeline.pts import PTSVoter, select_pts_layers
+from pipeline.deploy.export import export_checkpoint, load_checkpoint, pack_nibbles, read_checkpoint, unpack_nibbles
+from pipeline.eval.sampling import generate, read_samples
+from pipeline.infra.fingerprint import model_hash
+from pipeline.infra.storage import ArtifactError, atomic_store, read_tensors, write_tensors
+from pipeline.method.activation_ranges import calibrate_activations
+from pipeline.method.adaround import AdaRoundSettings, adaround
+from pipeline.method.les import learn_all
+from pipeline.method.pts import PTSVoter, select_pts_layers
+from pipeline.method.weight_init import init_weight_quantizers
+from pipeline.models.denoiser import NULL, Decoder, load_denoiser, read_prompts
+from pipeline.models.diffusion import ddim_scheduler, load_fp_model
+from pipeline.models.local import find_layout, import_model
+from pipeline.models.quantized import load_quantized_unet
 from pipeline.quant import QuantSpec, quantizable_layers, quantize
 from pipeline.quant.artifacts import act_tensors, load_gamma, weight_tensors
 from pipeline.quant.model import concat_splits, set_step
-from pipeline.quantized import load_quantized_unet
-from pipeline.recon import init_weight_quantizers
-from pipeline.sampling import generate, read_samples
-from helpers import ROOT, init_repo, reduced_params, run
 from tiny_models import KINDS, PROMPTS, save_tiny_model, write_prompts
 
 CPU = torch.device("cpu")
@@ -65,9 +65,21 @@ class Quantized:
         self.guidance = GUIDANCE.get(kind, 1.0)
         self.calib = folder / "calib.zarr"
         with atomic_store(self.calib) as tmp:
-            dump_calibration(tmp, self.fp, self.scheduler, quantizable_layers(unet), num_samples=SAMPLES, layer_records_per_step=8,
-                             batch_size=4, eta=0.0, seed=1, chunk_records=16, attrs={"model_hash": self.hash}, device=CPU,
-                             guidance_scale=self.guidance)  # fmt: skip
+            dump_calibration(
+                tmp,
+                self.fp,
+                self.scheduler,
+                quantizable_layers(unet),
+                num_samples=SAMPLES,
+                layer_records_per_step=8,
+                batch_size=4,
+                eta=0.0,
+                seed=1,
+                chunk_records=16,
+                attrs={"model_hash": self.hash},
+                device=CPU,
+                guidance_scale=self.guidance,
+            )
         self.runs: dict[str, dict] = {}
 
     def run(self, w_bits: int, a_bits: int) -> dict:
@@ -82,7 +94,9 @@ class Quantized:
         # LES on the stored layer I/O
         les_unet, _ = load_fp_model(self.model)
         layers = quantize(les_unet, QuantSpec(w_bits=w_bits, a_bits=a_bits, split=True))
-        gammas, _ = learn_all(layers, self.calib, weighting="focal", iters=4, lr=1e-2, batch_size=4, r=20, momentum=0.95, seed=0)
+        gammas, _ = learn_all(
+            layers, self.calib, weighting="focal", iters=4, lr=1e-2, batch_size=4, r=20, momentum=0.95, seed=0
+        )
         write_tensors(out / "les.safetensors", {f"{n}.gamma": g for n, g in gammas.items()}, header)
         # weight reconstruction (AdaRound), block by block on records with their conditions
         q_unet = copy.deepcopy(self.fp.unet)
@@ -90,20 +104,37 @@ class Quantized:
         load_gamma(layers, read_tensors(out / "les.safetensors")[0], "les")
         init_weight_quantizers(layers, grid=20, p=2.4)
         inputs, _ = random_records(open_calibration(self.calib), 8, seed=0)
-        settings = AdaRoundSettings(iters=6, lr=1e-3, batch_size=4, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0)
+        settings = AdaRoundSettings(
+            iters=6, lr=1e-3, batch_size=4, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
+        )
         units = adaround(self.fp.with_unet(q_unet), self.fp, inputs, settings)
         write_tensors(out / "weights.safetensors", weight_tensors(layers), header)
         # per-step activation calibration with PTS voting on the ResNet shortcuts
-        q_unet, _, layers, _ = load_quantized_unet(self.model, out / "weights.safetensors", None, self.hash, STEPS, a_bits=a_bits)
+        q_unet, _, layers, _ = load_quantized_unet(
+            self.model, out / "weights.safetensors", None, self.hash, STEPS, a_bits=a_bits
+        )
         q = self.fp.with_unet(q_unet)
         voter = PTSVoter({n: layers[n] for n in select_pts_layers(list(layers), ["*conv_shortcut"])}, 4, 0.85)
-        calibrate_activations(q, layers, open_calibration(self.calib), 8, 4, 0.95, CPU, lambda s, inputs: voter(q, s, inputs, 4))
+        calibrate_activations(
+            q, layers, open_calibration(self.calib), 8, 4, 0.95, CPU, lambda s, inputs: voter(q, s, inputs, 4)
+        )
         write_tensors(out / "act_params.safetensors", act_tensors(layers), header)
         # sampling from the reloaded artifacts, FP and quantized from the same noise and conditions
-        q_unet, *_ = load_quantized_unet(self.model, out / "weights.safetensors", out / "act_params.safetensors", self.hash, STEPS)
+        q_unet, *_ = load_quantized_unet(
+            self.model, out / "weights.safetensors", out / "act_params.safetensors", self.hash, STEPS
+        )
         fp = generate(self.fp, self.scheduler, SAMPLES, SAMPLES, 0.0, SEED, CPU, "fp", self.guidance)
-        quant = generate(self.fp.with_unet(q_unet), self.scheduler, SAMPLES, SAMPLES, 0.0, SEED, CPU, "quant", self.guidance)
-        return {"fp": fp, "quant": quant, "units": units, "error": relative_error(quant, fp), "eps_error": self._eps_error(q_unet), "dir": out}
+        quant = generate(
+            self.fp.with_unet(q_unet), self.scheduler, SAMPLES, SAMPLES, 0.0, SEED, CPU, "quant", self.guidance
+        )
+        return {
+            "fp": fp,
+            "quant": quant,
+            "units": units,
+            "error": relative_error(quant, fp),
+            "eps_error": self._eps_error(q_unet),
+            "dir": out,
+        }
 
     @torch.no_grad()
     def _eps_error(self, q_unet) -> float:
@@ -125,8 +156,12 @@ def quantized(request, tmp_path_factory):
 
 def test_w8a8_stays_close_to_fp(quantized):
     w8, w4 = quantized.run(8, 8), quantized.run(4, 8)
-    print(f"\n{quantized.kind}: relative RMS error quantized vs FP, sampler output W8A8 {w8['error']:.4f} W4A8 {w4['error']:.4f}; "
-          f"one denoiser call W8A8 {w8['eps_error']:.4f} W4A8 {w4['eps_error']:.4f}", file=sys.stderr)
+    print(
+        f"\n{quantized.kind}: relative RMS error quantized vs FP, sampler output W8A8 {w8['error']:.4f} W4A8 "
+        f"{w4['error']:.4f}; "
+        f"one denoiser call W8A8 {w8['eps_error']:.4f} W4A8 {w4['eps_error']:.4f}",
+        file=sys.stderr,
+    )
     assert w8["eps_error"] < W8A8_CALL_BOUND and w8["error"] < W8A8_SAMPLE_BOUND
     assert w4["eps_error"] > w8["eps_error"]  # 4-bit weights must cost something: the comparison is not vacuous
     assert torch.isfinite(w4["quant"]).all()
@@ -147,12 +182,17 @@ def test_quantization_covers_transformer_linears_and_up_block_concats(quantized)
         assert f".{part}" in names
     if quantized.kind == "text":
         assert any(n.endswith("attn2.to_k") for n in layers) and any(n.endswith("ff.net.2") for n in layers)
-    assert not any(n.endswith("time_emb_proj") or n.startswith("time_embedding") or n.startswith("class_embedding") for n in layers)
+    assert not any(
+        n.endswith("time_emb_proj") or n.startswith("time_embedding") or n.startswith("class_embedding") for n in layers
+    )
     splits = concat_splits(quantized.fp.unet)
     assert splits and all(n.startswith("up_blocks.") for n in splits)
     # each split sits where the skip connection starts in the concatenated input
     first = quantized.fp.unet.up_blocks[0].resnets[0]
-    assert splits["up_blocks.0.resnets.0.conv1"] == first.conv1.in_channels - quantized.fp.unet.down_blocks[-1].resnets[-1].out_channels
+    assert (
+        splits["up_blocks.0.resnets.0.conv1"]
+        == first.conv1.in_channels - quantized.fp.unet.down_blocks[-1].resnets[-1].out_channels
+    )
 
 
 def test_calibration_records_conditional_and_unconditional_inputs(quantized):
@@ -210,10 +250,22 @@ def test_nibble_packing_is_exact_and_two_per_byte():
 
 def export(quantized, w_bits: int) -> tuple[Path, dict]:
     run = quantized.run(w_bits, 8)
-    sample = {"seeds": [SEED], "eta": 0.0, "guidance_scale": quantized.guidance, "prompts": str(quantized.folder / "prompts.txt") if quantized.prompts else None}
+    sample = {
+        "seeds": [SEED],
+        "eta": 0.0,
+        "guidance_scale": quantized.guidance,
+        "prompts": str(quantized.folder / "prompts.txt") if quantized.prompts else None,
+    }
     config = parse_config({"diffusion": {"steps": STEPS}, "sample": sample}).model_dump(mode="json")
     path = run["dir"] / "checkpoint.safetensors"
-    export_checkpoint(path, run["dir"] / "weights.safetensors", run["dir"] / "act_params.safetensors", quantized.model, quantized.hash, config)
+    export_checkpoint(
+        path,
+        run["dir"] / "weights.safetensors",
+        run["dir"] / "act_params.safetensors",
+        quantized.model,
+        quantized.hash,
+        config,
+    )
     return path, run
 
 
@@ -224,19 +276,33 @@ def test_checkpoint_round_trip_samples_like_the_pipeline_artifacts(quantized):
     assert header["packed_shapes"] and set(weights) == set(stored)
     assert all(torch.equal(weights[k], stored[k]) for k in stored)
     unet, *_ = load_checkpoint(path, quantized.model)
-    images = generate(quantized.fp.with_unet(unet), quantized.scheduler, SAMPLES, SAMPLES, 0.0, SEED, CPU, "checkpoint", quantized.guidance)
+    images = generate(
+        quantized.fp.with_unet(unet),
+        quantized.scheduler,
+        SAMPLES,
+        SAMPLES,
+        0.0,
+        SEED,
+        CPU,
+        "checkpoint",
+        quantized.guidance,
+    )
     assert torch.equal(images, run["quant"])
     # 8-bit weights are stored one per byte, and read back the same way
     path8, run8 = export(quantized, 8)
     weights8, _, header8 = read_checkpoint(path8)
-    assert not header8["packed_shapes"] and all(torch.equal(weights8[k], v) for k, v in read_tensors(run8["dir"] / "weights.safetensors")[0].items())
+    assert not header8["packed_shapes"] and all(
+        torch.equal(weights8[k], v) for k, v in read_tensors(run8["dir"] / "weights.safetensors")[0].items()
+    )
 
 
 def test_checkpoint_for_another_model_is_refused(quantized, tmp_path):
     path, _ = export(quantized, 4)
     other = "latent" if quantized.kind == "pixel" else "pixel"
     folder = save_tiny_model(other, tmp_path / other)
-    with pytest.raises(ArtifactError, match=r"was exported for another model: its UNet weights hash to \w+, the UNet in .* to \w+"):
+    with pytest.raises(
+        ArtifactError, match=r"was exported for another model: its UNet weights hash to \w+, the UNet in .* to \w+"
+    ):
         load_checkpoint(path, folder)
 
 
@@ -244,8 +310,21 @@ def test_cli_samples_from_the_checkpoint_and_the_users_own_model_folder(quantize
     """Outside the repository, on the model folder as the user has it (bare UNet, vqvae/, ...)."""
     path, run = export(quantized, 4)
     out = tmp_path / "samples.safetensors"
-    cmd = [sys.executable, str(ROOT / "cli.py"), "sample", "--quantized", str(path), "--model", str(quantized.folder / "source"),
-           "--out", str(out), "--num-samples", str(SAMPLES), "--batch-size", str(SAMPLES)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "sample",
+        "--quantized",
+        str(path),
+        "--model",
+        str(quantized.folder / "source"),
+        "--out",
+        str(out),
+        "--num-samples",
+        str(SAMPLES),
+        "--batch-size",
+        str(SAMPLES),
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = Decoder(find_layout(quantized.model))(run["quant"])
@@ -274,7 +353,7 @@ def inception_weights(tmp_path_factory) -> Path:
 
 
 def test_fid_with_local_inception_weights(inception_weights, tmp_path):
-    from pipeline.metrics import INCEPTION, evaluate_runs, feature_space, reference_set
+    from pipeline.eval.metrics import INCEPTION, evaluate_runs, feature_space, reference_set
 
     features = feature_space("unused-classifier", str(inception_weights))
     assert features.extractor == INCEPTION and features.note == "Inception-v3 features"
@@ -300,7 +379,8 @@ def test_fid_with_local_inception_weights(inception_weights, tmp_path):
 
 
 def test_params_of_a_local_text_model_name_what_is_missing(tmp_path):
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import ConfigError
+    from pipeline.preflight import load_config
 
     folder = save_tiny_model("text", tmp_path / "sd")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -309,8 +389,12 @@ def test_params_of_a_local_text_model_name_what_is_missing(tmp_path):
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError) as error:
         load_config(path)
-    for key in ("calib.prompts: required for the text-to-image model", "sample.prompts: required", "eval.inception_weights: required for a local model",
-                "eval.reference_images: required for a local model"):  # fmt: skip
+    for key in (
+        "calib.prompts: required for the text-to-image model",
+        "sample.prompts: required",
+        "eval.inception_weights: required for a local model",
+        "eval.reference_images: required for a local model",
+    ):
         assert key in str(error.value)
     params["calib"]["prompts"] = str(tmp_path / "missing.txt")
     path.write_text(yaml.safe_dump(params))
@@ -329,7 +413,9 @@ def test_every_stage_runs_on_a_local_text_to_image_model(tmp_path, inception_wei
     prompts = write_prompts(tmp_path / "prompts.txt")
     (references := tmp_path / "reference").mkdir()
     for i in range(6):
-        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8).numpy()).save(references / f"{i}.png")
+        Image.fromarray(
+            torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8).numpy()
+        ).save(references / f"{i}.png")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["model"].update(source="local", path=str(source))
     params["calib"].update(prompts=str(prompts), num_samples=4, layer_records_per_step=4, batch_size=4)
@@ -339,8 +425,19 @@ def test_every_stage_runs_on_a_local_text_to_image_model(tmp_path, inception_wei
     params["rows"] = {"dmq-w4a8": {"weights": "dmq-w4a8", "a_bits": 8}}
     params["peers"], params["report"] = {}, {"table": ["dmq-w4a8"], "ablation": ["dmq-w4a8"]}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stage in ("fp_model", "classifier", "dump", "stats", "les dmq-w4a8", "recon dmq-w4a8", "pts dmq-w4a8",
-                  "sample fp", "sample dmq-w4a8", "fid fp", "fid dmq-w4a8"):  # fmt: skip
+    for stage in (
+        "fp_model",
+        "classifier",
+        "dump",
+        "stats",
+        "les dmq-w4a8",
+        "recon dmq-w4a8",
+        "pts dmq-w4a8",
+        "sample fp",
+        "sample dmq-w4a8",
+        "fid fp",
+        "fid dmq-w4a8",
+    ):
         run([sys.executable, "-m", *f"stages.{stage}".split()], repo)
     metrics = json.loads((repo / "metrics/dmq-w4a8.json").read_text())
     assert metrics["features"] == "Inception-v3 features" and metrics["mean"]["paired_mse"] > 0
@@ -348,7 +445,27 @@ def test_every_stage_runs_on_a_local_text_to_image_model(tmp_path, inception_wei
     assert root.attrs["guided"] and root.attrs["prompts"] == PROMPTS
     # the row as a portable checkpoint, sampled outside the repository on the user's own model folder
     run([sys.executable, "cli.py", "export", "--row", "dmq-w4a8", str(tmp_path / "sd-w4a8.safetensors")], repo)
-    run([sys.executable, str(repo / "cli.py"), "sample", "--quantized", str(tmp_path / "sd-w4a8.safetensors"), "--model", str(source),
-         "--num-samples", "6", "--batch-size", "6", "--seed", "1", "--out", str(tmp_path / "out.safetensors")], tmp_path)  # fmt: skip
+    run(
+        [
+            sys.executable,
+            str(repo / "cli.py"),
+            "sample",
+            "--quantized",
+            str(tmp_path / "sd-w4a8.safetensors"),
+            "--model",
+            str(source),
+            "--num-samples",
+            "6",
+            "--batch-size",
+            "6",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path / "out.safetensors"),
+        ],
+        tmp_path,
+    )
     row_samples = read_samples(repo / "artifacts/samples/dmq-w4a8.zarr")[0][1]
-    torch.testing.assert_close(read_tensors(tmp_path / "out.safetensors")[0]["images"], row_samples, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        read_tensors(tmp_path / "out.safetensors")[0]["images"], row_samples, atol=1e-5, rtol=1e-5
+    )

@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 from helpers import run, set_params
-from pipeline.report import Row, cell, markdown_table
+from pipeline.eval.report import Row, cell, markdown_table
 
 
 def test_cell_formats_mean_and_spread():
@@ -13,22 +13,45 @@ def test_cell_formats_mean_and_spread():
 
 
 def test_table_rows_order_and_caption():
-    fp = Row("FP", "32/32", [{"fid": 10.0, "kid": 5.0, "isc": 8.0, "precision": 0.5, "recall": 0.9, "num_samples": 1000}])
-    dmq = Row("dmq", "W4A6", [
-        {"fid": 12.0, "kid": 6.0, "isc": 7.5, "precision": 0.4, "recall": 0.8, "num_samples": 1000},
-        {"fid": 14.0, "kid": 8.0, "isc": 7.7, "precision": 0.6, "recall": 0.8, "num_samples": 1000},
-    ])  # fmt: skip
+    fp = Row(
+        "FP", "32/32", [{"fid": 10.0, "kid": 5.0, "isc": 8.0, "precision": 0.5, "recall": 0.9, "num_samples": 1000}]
+    )
+    dmq = Row(
+        "dmq",
+        "W4A6",
+        [
+            {"fid": 12.0, "kid": 6.0, "isc": 7.5, "precision": 0.4, "recall": 0.8, "num_samples": 1000},
+            {"fid": 14.0, "kid": 8.0, "isc": 7.7, "precision": 0.6, "recall": 0.8, "num_samples": 1000},
+        ],
+    )
     text = markdown_table([fp, dmq], steps=20, feature_note="digit-classifier features")
     lines = text.splitlines()
-    assert lines[0] == "| Method | Bits | FID ↓ | ΔFID vs FP ↓ | KID ↓ | ISC ↑ | Precision ↑ | Recall ↑ | Steps | Samples |"
+    assert (
+        lines[0]
+        == "| Method | Bits | FID ↓ | ΔFID vs FP ↓ | KID ↓ | ISC ↑ | Precision ↑ | Recall ↑ | Steps | Samples |"
+    )
     assert lines[2] == "| FP | 32/32 | 10.00 | – | 5.0 | 8.00 | 0.500 | 0.900 | 20 | 1000 |"
-    assert lines[3] == "| dmq | W4A6 | 13.00 ± 1.41 | – | 7.0 ± 1.4 | 7.60 ± 0.14 | 0.500 ± 0.141 | 0.800 ± 0.000 | 20 | 1000 × 2 seeds |"
+    assert (
+        lines[3]
+        == "| dmq | W4A6 | 13.00 ± 1.41 | – | 7.0 ± 1.4 | 7.60 ± 0.14 | 0.500 ± 0.141 | 0.800 ± 0.000 | 20 | 1000 × 2 seeds |"
+    )
     assert lines[-1] == "Metrics on digit-classifier features; DDIM with 20 steps."
 
 
 def record(method, w_bits, a_bits, fids, label=None):
-    seeds = {str(seed): {"fid": fid, "kid": 100.0, "isc": 2.0, "precision": 0.5, "recall": 0.25, "num_samples": 48} for seed, fid in zip((1, 2), fids)}
-    return {"label": label or method, "method": method, "w_bits": w_bits, "a_bits": a_bits, "steps": 4, "features": "digit-classifier features", "seeds": seeds}
+    seeds = {
+        str(seed): {"fid": fid, "kid": 100.0, "isc": 2.0, "precision": 0.5, "recall": 0.25, "num_samples": 48}
+        for seed, fid in zip((1, 2), fids)
+    }
+    return {
+        "label": label or method,
+        "method": method,
+        "w_bits": w_bits,
+        "a_bits": a_bits,
+        "steps": 4,
+        "features": "digit-classifier features",
+        "seeds": seeds,
+    }
 
 
 def test_report_stage_writes_the_table_from_the_metrics_in_the_configured_order(pipeline_copy):
@@ -56,10 +79,16 @@ def test_report_stage_writes_the_table_from_the_metrics_in_the_configured_order(
     ]
     assert "optimum-quanto (quanto-w4a8) is a peer row" in "\n".join(lines)
     ablation = (repo / "reports/ablation.md").read_text().splitlines()
-    assert [line.split(" | ")[:3] for line in ablation[4:7]] == [["| FP", "32/32", "11.00 ± 1.41"], ["| dmq", "W4A6", "12.50 ± 0.71"], ["| qdiff", "W4A6", "14.00 ± 1.41"]]
+    assert [line.split(" | ")[:3] for line in ablation[4:7]] == [
+        ["| FP", "32/32", "11.00 ± 1.41"],
+        ["| dmq", "W4A6", "12.50 ± 0.71"],
+        ["| qdiff", "W4A6", "14.00 ± 1.41"],
+    ]
 
 
 def test_report_refuses_metrics_of_other_params(pipeline_copy):
     set_params(pipeline_copy, {"sample": {"eta": 0.5}})
     done = subprocess.run([sys.executable, "-m", "stages.report"], cwd=pipeline_copy, capture_output=True, text=True)
-    assert done.returncode != 0 and "metrics/fp.json was made with other parameters than the current ones" in done.stderr
+    assert (
+        done.returncode != 0 and "metrics/fp.json was made with other parameters than the current ones" in done.stderr
+    )

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from helpers import artifact_hashes, ran_stages, run
-from pipeline.io import open_store, read_json, read_tensors
+from pipeline.infra.storage import open_store, read_json, read_tensors
 
 
 def headers(repo):
@@ -23,10 +23,22 @@ def headers(repo):
 
 
 # every kind of stage that learns or draws random numbers, for one row (CI); the whole graph is slow
-ONE_ROW = ["fp_model", "classifier", "dump", "stats", "les@dmq-w4a6", "recon@dmq-w4a6", "pts@dmq-w4a6", "sample@dmq-w4a6", "fid@dmq-w4a6"]
+ONE_ROW = [
+    "fp_model",
+    "classifier",
+    "dump",
+    "stats",
+    "les@dmq-w4a6",
+    "recon@dmq-w4a6",
+    "pts@dmq-w4a6",
+    "sample@dmq-w4a6",
+    "fid@dmq-w4a6",
+]
 
 
-@pytest.mark.parametrize("stages", [pytest.param(ONE_ROW, id="one-row"), pytest.param(None, id="every-stage", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stages", [pytest.param(ONE_ROW, id="one-row"), pytest.param(None, id="every-stage", marks=pytest.mark.slow)]
+)
 def test_two_runs_with_the_same_seeds_give_bit_identical_artifacts(reproduced, pipeline_copy, stages):
     first = artifact_hashes(reproduced[0])
     if stages is None:
@@ -58,4 +70,7 @@ def test_every_artifact_records_model_params_and_seeds(reproduced):
     assert found["samples/dmq-w4a6.zarr"]["params"]["variant.a_bits"] == 6
     assert found["classifier.safetensors"]["seeds"] == {"classifier.seed": params["classifier"]["seed"]}
     metrics = json.loads((repo / "metrics/dmq-w4a6.json").read_text())["provenance"]
-    assert f"sample.seeds={params['sample']['seeds']}" in metrics["seeds"] and metrics["model_hash"] == found["calib.zarr"]["model_hash"]
+    assert (
+        f"sample.seeds={params['sample']['seeds']}" in metrics["seeds"]
+        and metrics["model_hash"] == found["calib.zarr"]["model_hash"]
+    )

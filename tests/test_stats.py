@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.calib import open_calibration
+from pipeline.calibration.dump import open_calibration
+from pipeline.calibration.stats import (
+    auto_pts_layers,
+    layer_statistics,
+    load_stats,
+    range_spread,
+    summary,
+    write_stats_store,
+)
 from pipeline.config import parse_config
-from pipeline.io import atomic_store, seal_store
-from pipeline.stats import auto_pts_layers, layer_statistics, load_stats, range_spread, summary, write_stats_store
+from pipeline.infra.storage import atomic_store, seal_store
 from stages.lineage import stage_provenance
 
 STEPS, PER_STEP = 3, 4
@@ -36,7 +43,15 @@ def make_calib(path, provenance=None):
     root.create_array("trajectory/x_t", data=np.zeros((STEPS * PER_STEP, 1, 4, 4), np.float32))
     for layer, x in data.items():
         root.create_array(f"layers/{layer}/input", data=x.astype(np.float16), chunks=(5, *x.shape[1:]))
-    root.attrs.update({"model_hash": "abc", **(provenance or {}), "steps": STEPS, "layer_records_per_step": PER_STEP, "num_samples": PER_STEP})
+    root.attrs.update(
+        {
+            "model_hash": "abc",
+            **(provenance or {}),
+            "steps": STEPS,
+            "layer_records_per_step": PER_STEP,
+            "num_samples": PER_STEP,
+        }
+    )
     seal_store(path)
     return {layer: x.astype(np.float16).astype(np.float32) for layer, x in data.items()}
 

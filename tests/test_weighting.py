@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.weighting import make_weighting
+from pipeline.method.weighting import make_weighting
 
 ALL_STEPS = torch.arange(4)
 

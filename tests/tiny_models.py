@@ -18,18 +18,32 @@ PROMPTS = ["a red cat", "a blue dog on a hill", "an old tree", "two green birds"
 
 def _unet2d(in_channels: int, **extra) -> UNet2DModel:
     return UNet2DModel(
-        sample_size=8, in_channels=in_channels, out_channels=in_channels, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=8, **extra,
-    )  # fmt: skip
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        **extra,
+    )
 
 
 def _autoencoder(cls, latent_channels: int, **extra):
     """One down / up step: 8x8 latents decode to 16x16 images."""
     return cls(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), latent_channels=latent_channels, norm_num_groups=4, sample_size=16, **extra,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=16,
+        **extra,
+    )
 
 
 def _tokenizer(folder: Path, max_length: int):
@@ -37,11 +51,16 @@ def _tokenizer(folder: Path, max_length: int):
     from transformers import CLIPTokenizer
 
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters)])}
+    vocab = {
+        token: i
+        for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters)])
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length), len(vocab)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length), len(
+        vocab
+    )
 
 
 def save_tiny_model(kind: str, folder: Path) -> Path:
@@ -69,21 +88,48 @@ def save_tiny_model(kind: str, folder: Path) -> Path:
 
         tokenizer, vocab_size = _tokenizer(folder / "tokenizer", max_length=16)
         tokenizer.save_pretrained(folder / "tokenizer")
-        CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        )).save_pretrained(folder / "text_encoder")  # fmt: skip
+        CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=16,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        ).save_pretrained(folder / "text_encoder")
         UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
-        ).save_pretrained(folder / "unet")  # fmt: skip
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=4,
+            norm_num_groups=4,
+        ).save_pretrained(folder / "unet")
         _autoencoder(AutoencoderKL, 4).save_pretrained(folder / "vae")
         # Stable Diffusion's schedule and DDIM keys
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
-        index.update(unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"],
-                     text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])  # fmt: skip
+        scheduler = DDIMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+        index.update(
+            unet=["diffusers", "UNet2DConditionModel"],
+            vae=["diffusers", "AutoencoderKL"],
+            text_encoder=["transformers", "CLIPTextModel"],
+            tokenizer=["transformers", "CLIPTokenizer"],
+        )
     else:
         raise ValueError(f"unknown kind {kind!r}")
     scheduler.save_pretrained(folder / "scheduler")

@@ -25,7 +25,9 @@ def _buffer(layer: QuantLayer, owner: str | None, attribute: str) -> torch.Tenso
 
 
 def _collect(layers: dict[str, QuantLayer], fields: dict) -> dict[str, torch.Tensor]:
-    return {f"{name}.{field}": _buffer(layer, *where) for name, layer in layers.items() for field, where in fields.items()}
+    return {
+        f"{name}.{field}": _buffer(layer, *where) for name, layer in layers.items() for field, where in fields.items()
+    }
 
 
 def weight_tensors(layers: dict[str, QuantLayer]) -> dict[str, torch.Tensor]:
@@ -54,7 +56,10 @@ def _refuse_unknown(layers: dict[str, QuantLayer], tensors: dict[str, torch.Tens
     unknown = sorted(set(tensors) - expected)
     if unknown:
         more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
-        raise ValueError(f"{source}: tensor {unknown[0]!r}{more} matches no layer of the model; the artifact was made for another model or config")
+        raise ValueError(
+            f"{source}: tensor {unknown[0]!r}{more} matches no layer of the model; the artifact was made for "
+            "another model or config"
+        )
 
 
 @torch.no_grad()

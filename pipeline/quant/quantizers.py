@@ -66,7 +66,9 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
     return scale, zero_point
 
 
-def part_extrema(x: torch.Tensor, parts: torch.Tensor, num_parts: int, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def part_extrema(
+    x: torch.Tensor, parts: torch.Tensor, num_parts: int, channel_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x`` over everything but ``channel_dim``, then reduced per part of channels."""
     others = tuple(d for d in range(x.ndim) if d != channel_dim % x.ndim)  # reduce in place: no transposed copy of x
     lo_c, hi_c = x.amin(others), x.amax(others)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Variant
-from pipeline.figures import plt, save_figure
+from pipeline.infra.figures import plt, save_figure
 
 COLUMNS = (  # (metric key, header, digits)
     ("fid", "FID ↓", 2),
@@ -71,7 +71,11 @@ def rows_against_fp(records: list[dict]) -> list[Row]:
     rows = [Row.from_record(fp)]
     for record in others:
         row = Row.from_record(record)
-        row.runs = [{**run, "fid_vs_fp": run["fid"] - fp["seeds"][seed]["fid"]} for seed, run in record["seeds"].items() if seed in fp["seeds"]]
+        row.runs = [
+            {**run, "fid_vs_fp": run["fid"] - fp["seeds"][seed]["fid"]}
+            for seed, run in record["seeds"].items()
+            if seed in fp["seeds"]
+        ]
         rows.append(row)
     return rows
 
@@ -105,7 +109,9 @@ def markdown_table(rows: list[Row], steps: int, feature_note: str, columns=COLUM
     return "\n".join(lines) + "\n"
 
 
-def report_document(title: str, records: list[dict], feature_note: str, notes: list[str], configuration: list[str], columns=COLUMNS) -> str:
+def report_document(
+    title: str, records: list[dict], feature_note: str, notes: list[str], configuration: list[str], columns=COLUMNS
+) -> str:
     """A Markdown report: the table (FP first), notes under it, and the configuration that produced it
     (so a committed copy says what it shows)."""
     table = markdown_table(rows_against_fp(records), records[0]["steps"], feature_note, columns)
@@ -129,7 +135,14 @@ def plot_fid_against_activation_bits(records: list[dict], path: str | Path) -> N
     for offset, ((method, w_bits), group) in zip(offsets, groups.items()):
         group.sort(key=lambda item: item[0])
         points = [mean_std([run["fid_vs_fp"] for run in row.runs]) for _, row in group]
-        ax.errorbar([a_bits + offset for a_bits, _ in group], [m for m, _ in points], yerr=[s for _, s in points], marker="o", capsize=3, label=f"{method} W{w_bits}")
+        ax.errorbar(
+            [a_bits + offset for a_bits, _ in group],
+            [m for m, _ in points],
+            yerr=[s for _, s in points],
+            marker="o",
+            capsize=3,
+            label=f"{method} W{w_bits}",
+        )
     ax.set_yscale("symlog", linthresh=10)
     ax.set_xlabel("activation bits")
     ax.set_ylabel(f"ΔFID vs FP, same seeds ({fp['features']}) ↓")

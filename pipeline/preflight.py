@@ -1,5 +1,10 @@
-"""Environment checks before a long run (``cli.py doctor``): package versions, torch threads, disk
-space for the Zarr stores the parameters imply, the device and the model."""
+"""Checks before any work starts, the ones that need more than the params schema.
+
+* :func:`load_config`, which every stage calls: ``params.yaml`` through the schema, then against a
+  weightless skeleton of the UNet (layer names, PTS patterns) and the files the params name.
+* :func:`diagnose` (``cli.py doctor``): package versions, torch threads, disk space for the Zarr
+  stores the parameters imply, the device and the model.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,70 @@ import torch
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from pipeline.config import Config, ConfigError, load_config
-from pipeline.conditioning import probe_kwargs
-from pipeline.diffusion import unet_skeleton
+from pipeline.config import Config, ConfigError, read_params
+from pipeline.method.pts import select_pts_layers
 from pipeline.methods import METHODS
-from pipeline.pts import select_pts_layers
+from pipeline.models.denoiser import probe_kwargs, read_prompts
+from pipeline.models.diffusion import unet_skeleton
+from pipeline.models.local import find_layout
 from pipeline.quant import quantizable_layers
 
 DISTRIBUTION = "dmq-pipeline"
+
+
+def check_against_model(cfg: Config, source: str = "params") -> None:
+    """The checks that need the model's layer names, made on a weightless skeleton of the UNet (built
+    in milliseconds): a local folder without a UNet, or a PTS layer pattern that matches no quantized
+    layer, fails before the first stage instead of in the stage that first uses it."""
+    try:
+        unet = unet_skeleton(cfg.model)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"invalid parameters in {source}:\n  model.path: {error}") from None
+    problems = _file_problems(cfg)
+    if problems:
+        raise ConfigError("\n  ".join([f"invalid parameters in {source}:", *problems]))
+    if any(METHODS[w.method].pts for w in cfg.weights.values()) and cfg.pts.layers != "auto":
+        try:
+            select_pts_layers(list(quantizable_layers(unet)), cfg.pts.layers)
+        except ValueError as error:
+            raise ConfigError(f"invalid parameters in {source}:\n  {error}") from None
+
+
+def _file_problems(cfg: Config) -> list[str]:
+    """Files the params name that are missing or unreadable, and the prompts a text-to-image model needs."""
+    problems = []
+    text = cfg.model.source == "local" and find_layout(cfg.model.path).text_encoder is not None
+    for key, value in (("calib.prompts", cfg.calib.prompts), ("sample.prompts", cfg.sample.prompts)):
+        if value is not None:
+            try:
+                read_prompts(value)
+            except (FileNotFoundError, ValueError) as error:
+                problems.append(f"{key}: {error}")
+        elif text:
+            problems.append(
+                f"{key}: required for the text-to-image model in {cfg.model.path} (a .txt, .csv or .json file of "
+                "prompts)"
+            )
+    for key, value, what in (
+        (
+            "eval.inception_weights",
+            cfg.eval.inception_weights,
+            "local InceptionV3 weights: FID of real images needs Inception features",
+        ),
+        ("eval.reference_images", cfg.eval.reference_images, "a folder of real images to measure the samples against"),
+    ):
+        if value is not None and not Path(value).exists():
+            problems.append(f"{key}: {value} not found")
+        elif value is None and cfg.model.source == "local":
+            problems.append(f"{key}: required for a local model ({what})")
+    return problems
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """``params.yaml`` checked against the schema, the model and the files it names."""
+    cfg = read_params(path)
+    check_against_model(cfg, str(path))
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -58,10 +119,18 @@ def thread_settings(les_workers: int) -> list[Finding]:
     """Oversubscribed cores slow every stage; artifacts are bit-identical only at equal thread counts."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = torch.get_num_threads()
-    detail = f"{threads} intra-op threads on {cores} cores (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+    detail = (
+        f"{threads} intra-op threads on {cores} cores (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+    )
     return [
-        Finding("torch threads", threads <= cores, detail if threads <= cores else f"{detail}: more threads than cores; set OMP_NUM_THREADS"),
-        Finding("les.workers", les_workers <= cores, f"{les_workers} worker processes, one thread each, on {cores} cores"),
+        Finding(
+            "torch threads",
+            threads <= cores,
+            detail if threads <= cores else f"{detail}: more threads than cores; set OMP_NUM_THREADS",
+        ),
+        Finding(
+            "les.workers", les_workers <= cores, f"{les_workers} worker processes, one thread each, on {cores} cores"
+        ),
     ]
 
 
@@ -71,12 +140,18 @@ def layer_io_numel(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
     sample on the meta device: shapes only, no memory, no compute)."""
     found = {}
     hooks = [
-        module.register_forward_hook(lambda m, args, out, name=name: found.__setitem__(name, (args[0][0].numel(), out[0].numel())))
+        module.register_forward_hook(
+            lambda m, args, out, name=name: found.__setitem__(name, (args[0][0].numel(), out[0].numel()))
+        )
         for name, module in quantizable_layers(unet).items()
     ]
     c = unet.config
     try:
-        unet(torch.empty(1, c.in_channels, c.sample_size, c.sample_size, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"), **probe_kwargs(unet))
+        unet(
+            torch.empty(1, c.in_channels, c.sample_size, c.sample_size, device="meta"),
+            torch.zeros(1, dtype=torch.long, device="meta"),
+            **probe_kwargs(unet),
+        )
     finally:
         for hook in hooks:
             hook.remove()
@@ -93,11 +168,15 @@ def store_sizes(cfg: Config) -> dict[str, int]:
     io = layer_io_numel(unet)
     channels = {name: module.weight.shape[1] for name, module in quantizable_layers(unet).items()}
     pts = channels if cfg.pts.layers == "auto" else select_pts_layers(list(channels), cfg.pts.layers)
-    votes = 20 * steps * sum(channels[name] for name in pts)  # k_mode (int64), agreement (float32), k (int64) per layer, step, channel
+    votes = (
+        20 * steps * sum(channels[name] for name in pts)
+    )  # k_mode (int64), agreement (float32), k (int64) per layer, step, channel
     samples = len(cfg.sample.seeds) * cfg.sample.num_samples * 4 * sample  # float32 images per seed
     return {
         # float32 x_t and x0, int64 t, int32 step and sample; float16 layer inputs and outputs
-        "calib.zarr": steps * n * (4 * sample + 16) + n * 4 * sample + steps * per_step * 2 * sum(a + b for a, b in io.values()),
+        "calib.zarr": steps * n * (4 * sample + 16)
+        + n * 4 * sample
+        + steps * per_step * 2 * sum(a + b for a, b in io.values()),
         # float32 min / max / absmax / percentile per channel and two per-step numbers, per layer and step
         "stats.zarr": 4 * steps * sum(4 * ch + 2 for ch in channels.values()),
         **{f"votes/{row}.zarr": votes if METHODS[cfg.row_variant(row).method].pts else 0 for row in cfg.rows},
@@ -135,7 +214,9 @@ def model(cfg: Config) -> Finding:
     if cfg.model.source == "embedded":
         return Finding("model", True, "embedded default (the fp_model stage trains it)")
     unet = unet_skeleton(cfg.model)
-    return Finding("model", True, f"{cfg.model.path}: {type(unet).__name__}, {len(quantizable_layers(unet))} quantizable layers")
+    return Finding(
+        "model", True, f"{cfg.model.path}: {type(unet).__name__}, {len(quantizable_layers(unet))} quantizable layers"
+    )
 
 
 def diagnose(params: Path, artifacts: Path, copies: int) -> list[Finding]:

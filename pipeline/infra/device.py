@@ -1,8 +1,19 @@
-"""Device helpers: host-to-device copies that overlap with GPU work, and the ``autocast`` param."""
+"""Device helpers: the ``device`` param, host-to-device copies that overlap with GPU work, and the
+``autocast`` param."""
 
 from __future__ import annotations
 
 import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of the ``device`` param (auto | cpu | cuda)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
 
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline.accel import autocast, to_device
-from pipeline.checkpoint import Checkpoints
+from pipeline.infra.checkpoint import Checkpoints
+from pipeline.infra.device import autocast, to_device
 from pipeline.quant.layers import QuantLayer
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, from the AdaRound paper
@@ -119,7 +119,11 @@ def capture_unit_io(model: nn.Module, unit: nn.Module, inputs, batch_size: int, 
         kept.append(output)
         raise _Stop
 
-    handle = unit.register_forward_pre_hook(pre, with_kwargs=True) if want == "args" else unit.register_forward_hook(post, with_kwargs=True)
+    handle = (
+        unit.register_forward_pre_hook(pre, with_kwargs=True)
+        if want == "args"
+        else unit.register_forward_hook(post, with_kwargs=True)
+    )
     try:
         for start in range(0, len(inputs[0]), batch_size):
             try:
@@ -152,7 +156,9 @@ def _main_output(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings: AdaRoundSettings, weighting=None, steps=None) -> dict:
+def reconstruct_unit(
+    name: str, unit: nn.Module, q_inputs, fp_outputs, settings: AdaRoundSettings, weighting=None, steps=None
+) -> dict:
     """Learn the rounding of every QuantLayer inside ``unit``; return the (unweighted) loss before
     and after. With a ``weighting`` (and the records' step indices) the training loss is timestep
     weighted as in LES; the reference reconstructs unweighted."""
@@ -163,7 +169,12 @@ def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings:
     device = offsets[0].v.device
     generator = torch.Generator().manual_seed(settings.seed)
     # the same draws as one randint per iteration, copied to the device once
-    batches = to_device(torch.stack([torch.randint(0, n, (min(settings.batch_size, n),), generator=generator) for _ in range(settings.iters)]), device)
+    batches = to_device(
+        torch.stack(
+            [torch.randint(0, n, (min(settings.batch_size, n),), generator=generator) for _ in range(settings.iters)]
+        ),
+        device,
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
 
     def per_sample_loss(index: torch.Tensor) -> torch.Tensor:
@@ -175,7 +186,9 @@ def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings:
 
     def full_loss() -> float:
         with torch.no_grad():
-            total = sum(per_sample_loss(idx).sum().double() for idx in torch.arange(n, device=device).split(settings.batch_size))
+            total = sum(
+                per_sample_loss(idx).sum().double() for idx in torch.arange(n, device=device).split(settings.batch_size)
+            )
             return total.item() / n
 
     for o in offsets:
@@ -198,7 +211,9 @@ def reconstruct_unit(name: str, unit: nn.Module, q_inputs, fp_outputs, settings:
         if (i + 1) % CHECK_EVERY == 0 or i + 1 == settings.iters:
             bad = (~torch.isfinite(losses[: i + 1])).nonzero()
             if len(bad):
-                raise FloatingPointError(f"AdaRound loss is {losses[int(bad[0])].item()} in {name} at iteration {int(bad[0])}")
+                raise FloatingPointError(
+                    f"AdaRound loss is {losses[int(bad[0])].item()} in {name} at iteration {int(bad[0])}"
+                )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -226,11 +241,16 @@ def restore_rounding(unit: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def adaround(
-    q_model: nn.Module, fp_model: nn.Module, inputs, settings: AdaRoundSettings, make_weighting=None, steps=None,
+    q_model: nn.Module,
+    fp_model: nn.Module,
+    inputs,
+    settings: AdaRoundSettings,
+    make_weighting=None,
+    steps=None,
     checkpoints: Checkpoints | None = None,
-) -> dict[str, dict]:  # fmt: skip
+) -> dict[str, dict]:
     """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model`` on
-    ``inputs`` = (x, t) or (x, t, cond) (models: bare UNets or :class:`~pipeline.conditioning.Denoiser`).
+    ``inputs`` = (x, t) or (x, t, cond) (models: bare UNets or :class:`~pipeline.models.denoiser.Denoiser`).
     ``make_weighting()`` gives each unit a fresh timestep weighting over the records' ``steps``.
 
     With ``checkpoints`` every reconstructed unit is saved at once, and units found there are restored

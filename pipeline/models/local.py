@@ -65,7 +65,8 @@ def find_layout(folder: str | Path) -> Layout:
         scheduler = next((c for c in candidates if c.exists()), candidates[0])
     else:
         raise FileNotFoundError(
-            f"{folder} is not a diffusers model folder: it has neither unet/ (pipeline layout) nor config.json (bare UNet)"
+            f"{folder} is not a diffusers model folder: it has neither unet/ (pipeline layout) nor config.json "
+            "(bare UNet)"
         )
     if not (unet / "config.json").exists():
         raise FileNotFoundError(f"{unet} has no config.json: not a diffusers UNet folder")
@@ -76,18 +77,24 @@ def find_layout(folder: str | Path) -> Layout:
         raise FileNotFoundError(f"{unet} has no weights (*.safetensors or *.bin)")
     if not scheduler.exists():
         raise FileNotFoundError(f"{folder} has no scheduler config ({scheduler.relative_to(folder)})")
-    autoencoder = next((folder / d for d in AUTOENCODER_DIRS if unet != folder and (folder / d / "config.json").exists()), None)
+    autoencoder = next(
+        (folder / d for d in AUTOENCODER_DIRS if unet != folder and (folder / d / "config.json").exists()), None
+    )
     if autoencoder is not None:
         kind = _read_config(autoencoder / "config.json").get("_class_name")
         if kind not in AUTOENCODER_CLASSES:
-            raise ValueError(f"{autoencoder}/config.json is a {kind}; supported autoencoders: {', '.join(AUTOENCODER_CLASSES)}")
+            raise ValueError(
+                f"{autoencoder}/config.json is a {kind}; supported autoencoders: {', '.join(AUTOENCODER_CLASSES)}"
+            )
     text_encoder, tokenizer = (folder / "text_encoder", folder / "tokenizer") if unet != folder else (None, None)
     if text_encoder is not None and not text_encoder.is_dir():
         text_encoder = tokenizer = None
     elif text_encoder is not None and not tokenizer.is_dir():
         raise FileNotFoundError(f"{folder} has text_encoder/ but no tokenizer/")
     if name == "UNet2DConditionModel" and text_encoder is None:
-        raise FileNotFoundError(f"{unet} is a UNet2DConditionModel (cross-attention): {folder} needs text_encoder/ and tokenizer/")
+        raise FileNotFoundError(
+            f"{unet} is a UNet2DConditionModel (cross-attention): {folder} needs text_encoder/ and tokenizer/"
+        )
     return Layout(unet, scheduler, autoencoder, text_encoder, tokenizer)
 
 
@@ -117,7 +124,12 @@ def load_autoencoder(layout: Layout) -> torch.nn.Module | None:
     if layout.autoencoder is None:
         return None
     kind = _read_config(layout.autoencoder / "config.json")["_class_name"]
-    return AUTOENCODER_CLASSES[kind].from_pretrained(layout.autoencoder, low_cpu_mem_usage=False).eval().requires_grad_(False)
+    return (
+        AUTOENCODER_CLASSES[kind]
+        .from_pretrained(layout.autoencoder, low_cpu_mem_usage=False)
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 def load_text_encoder(layout: Layout):

@@ -21,7 +21,7 @@ import zarr
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.fingerprint import file_hash, tensors_hash
+from pipeline.infra.fingerprint import file_hash, tensors_hash
 
 HEADER_KEY = "dmq"  # the one safetensors metadata entry: several entries are written in random order
 CHECKSUM_KEY = "tensors_sha256"
@@ -114,9 +114,13 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as error:
-        raise ArtifactError(f"{path} is unreadable (truncated, or not a safetensors file): {error}; {REBUILD}") from None
+        raise ArtifactError(
+            f"{path} is unreadable (truncated, or not a safetensors file): {error}; {REBUILD}"
+        ) from None
     if HEADER_KEY not in metadata:
-        raise ArtifactError(f"{path} has no header: it was not written by this pipeline (or by an older version); {REBUILD}")
+        raise ArtifactError(
+            f"{path} has no header: it was not written by this pipeline (or by an older version); {REBUILD}"
+        )
     header = json.loads(metadata[HEADER_KEY])
     if header.pop(CHECKSUM_KEY, None) != tensors_hash(tensors):
         raise ArtifactError(f"{path} is corrupt: its tensors do not match the checksum in its header; {REBUILD}")

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.diffusion import load_fp_model
-from pipeline.fingerprint import check_same_model
-from pipeline.io import ArtifactError, read_tensors
+from pipeline.infra.fingerprint import check_same_model
+from pipeline.infra.storage import ArtifactError, read_tensors
+from pipeline.models.diffusion import load_fp_model
 from pipeline.quant.artifacts import load_act_tensors, load_weight_tensors
 from pipeline.quant.model import QuantSpec, quantize
 
 
-def load_quantized_unet(fp_dir: Path, weights_path: Path, act_path: Path | None, fp_hash: str, steps: int, a_bits: int | None = None):
+def load_quantized_unet(
+    fp_dir: Path, weights_path: Path, act_path: Path | None, fp_hash: str, steps: int, a_bits: int | None = None
+):
     """FP UNet with the stored integer weights (and, given ``act_path``, the per-step activation
     parameters for ``steps`` sampling steps) loaded; both artifacts must come from the model whose
     hash is ``fp_hash``. ``a_bits`` is needed only when there is no ``act_path`` yet (activation

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipeline.components import Layout, find_layout, load_autoencoder, load_text_encoder
+from pipeline.models.local import Layout, find_layout, load_autoencoder, load_text_encoder
 
 NULL = -1  # condition key of the unconditional branch of classifier-free guidance
 PROMPT_COLUMNS = ("caption", "prompt", "text")
@@ -32,7 +32,9 @@ PROMPT_COLUMNS = ("caption", "prompt", "text")
 class Denoiser(nn.Module):
     """A UNet with its conditioning; ``forward`` returns the noise prediction as a tensor."""
 
-    def __init__(self, unet: nn.Module, prompt_embeddings: torch.Tensor | None = None, null_embedding: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, unet: nn.Module, prompt_embeddings: torch.Tensor | None = None, null_embedding: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.unet = unet
         num_class_embeds = getattr(unet.config, "num_class_embeds", None)
@@ -152,7 +154,9 @@ def _prompt_of(item, path: Path) -> str:
         for key in PROMPT_COLUMNS:
             if isinstance(item.get(key), str):
                 return item[key].strip()
-    raise ValueError(f"prompts file {path}: an entry has none of the keys {', '.join(PROMPT_COLUMNS)}: {str(item)[:80]}")
+    raise ValueError(
+        f"prompts file {path}: an entry has none of the keys {', '.join(PROMPT_COLUMNS)}: {str(item)[:80]}"
+    )
 
 
 @torch.no_grad()
@@ -160,8 +164,13 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], batch_size: int 
     """CLIP last hidden states (P, L, D), padded to the tokenizer's length as Stable Diffusion does."""
     out = []
     for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[start : start + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")  # fmt: skip
+        tokens = tokenizer(
+            prompts[start : start + batch_size],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         out.append(text_encoder(tokens.input_ids.to(text_encoder.device))[0])
     return torch.cat(out)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.diffusion import load_fp_model
-from pipeline.fingerprint import check_same_model, tensors_hash
-from pipeline.io import ArtifactError, read_tensors, write_tensors
+from pipeline.infra.fingerprint import check_same_model, tensors_hash
+from pipeline.infra.storage import ArtifactError, read_tensors, write_tensors
+from pipeline.models.diffusion import load_fp_model
 from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import load_act_tensors, load_weight_tensors
 
@@ -52,7 +52,12 @@ def unet_hash(unet: torch.nn.Module) -> str:
 
 
 def export_checkpoint(
-    path: str | Path, weights_path: str | Path, act_path: str | Path, model_folder: str | Path, model_hash: str, config: dict
+    path: str | Path,
+    weights_path: str | Path,
+    act_path: str | Path,
+    model_folder: str | Path,
+    model_hash: str,
+    config: dict,
 ) -> dict:
     """Write the checkpoint from the pipeline's weight and activation artifacts (both made from the
     model in ``model_folder``, whose file hash is ``model_hash``); return its header."""
@@ -71,10 +76,17 @@ def export_checkpoint(
             tensors[key] = value
     unet, _ = load_fp_model(model_folder)
     header = {
-        "format": FORMAT, "model_hash": model_hash, "unet_hash": unet_hash(unet),
-        "w_bits": w_bits, "a_bits": a_header["a_bits"], "steps": a_header["steps"], "split": w_header["split"],
-        "method": a_header.get("method"), "packed_shapes": shapes, "config": config,
-    }  # fmt: skip
+        "format": FORMAT,
+        "model_hash": model_hash,
+        "unet_hash": unet_hash(unet),
+        "w_bits": w_bits,
+        "a_bits": a_header["a_bits"],
+        "steps": a_header["steps"],
+        "split": w_header["split"],
+        "method": a_header.get("method"),
+        "packed_shapes": shapes,
+        "config": config,
+    }
     write_tensors(path, tensors, header)
     return header
 
@@ -83,7 +95,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """(weight tensors, activation tensors, header), with packed weights unpacked to ``weight_int``."""
     tensors, header = read_tensors(path)
     if header.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a quantized checkpoint of this pipeline (format {header.get('format')!r}, expected {FORMAT!r})")
+        raise ArtifactError(
+            f"{path} is not a quantized checkpoint of this pipeline (format {header.get('format')!r}, expected "
+            f"{FORMAT!r})"
+        )
     weights, act = {}, {}
     for key, value in tensors.items():
         name, _, field = key.rpartition(".")
@@ -105,7 +120,10 @@ def load_checkpoint(path: str | Path, model_folder: str | Path):
             f"{path} was exported for another model: its UNet weights hash to {header['unet_hash']}, the UNet in "
             f"{model_folder} to {found}; pass the model folder the checkpoint was made from"
         )
-    layers = quantize(unet, QuantSpec(w_bits=header["w_bits"], a_bits=header["a_bits"], num_steps=header["steps"], split=header["split"]))
+    layers = quantize(
+        unet,
+        QuantSpec(w_bits=header["w_bits"], a_bits=header["a_bits"], num_steps=header["steps"], split=header["split"]),
+    )
     with torch.no_grad():
         load_weight_tensors(layers, weights, str(path))
         load_act_tensors(layers, act, str(path))

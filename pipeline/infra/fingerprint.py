@@ -81,14 +81,17 @@ def check_same_model(header: dict, expected: str, source: str) -> None:
     found = header.get("model_hash")
     if found != expected:
         raise ValueError(
-            f"{source} was made for model {found}, but the current FP model is {expected}; rerun the stages that write it"
+            f"{source} was made for model {found}, but the current FP model is {expected}; rerun the stages that "
+            "write it"
         )
 
 
 def check_provenance(header: dict, expected: dict, source: str) -> None:
     """Refuse an artifact made from another model or other parameters than ``expected`` describes."""
     if "params_hash" not in header:
-        raise ValueError(f"{source} has no provenance in its header (an older version of the pipeline wrote it); rebuild it")
+        raise ValueError(
+            f"{source} has no provenance in its header (an older version of the pipeline wrote it); rebuild it"
+        )
     if expected["model_hash"] is not None:
         check_same_model(header, expected["model_hash"], source)
     if header["params_hash"] == expected["params_hash"]:
@@ -101,6 +104,7 @@ def check_provenance(header: dict, expected: dict, source: str) -> None:
     ]
     more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
     raise ValueError(
-        f"{source} was made with other parameters than the current ones: {differences[0] if differences else 'hash differs'}"
+        f"{source} was made with other parameters than the current ones: "
+        f"{differences[0] if differences else 'hash differs'}"
         f"{more}; rebuild it by rerunning the stage that writes it"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.io import ArtifactError, read_tensors, remove_path, write_tensors
+from pipeline.infra.storage import ArtifactError, read_tensors, remove_path, write_tensors
 
 
 class Checkpoints:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.calib import open_calibration
-from pipeline.io import MANIFEST_KEY, open_store
+from pipeline.calibration.dump import open_calibration
+from pipeline.infra.storage import MANIFEST_KEY, open_store
 
 
 def _array_stats(array: zarr.Array, block_records: int = 256) -> tuple[float, float, float]:

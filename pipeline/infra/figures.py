@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.io import atomic_path  # noqa: E402
+from pipeline.infra.storage import atomic_path  # noqa: E402
 
 
 def save_figure(fig, path: str | Path) -> None:
@@ -69,7 +69,13 @@ def plot_outlier_heatmap(stats: dict, path: str | Path) -> None:
     ratios = np.stack([stats[layer]["outlier_ratio"] for layer in layers])
     steps = ratios.shape[1]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * steps + 4.5), 0.16 * len(layers) + 1.4), dpi=100)
-    image = ax.imshow(ratios, aspect="auto", cmap="magma", norm=LogNorm(vmin=1.0, vmax=max(float(ratios.max()), 1.01)), interpolation="nearest")
+    image = ax.imshow(
+        ratios,
+        aspect="auto",
+        cmap="magma",
+        norm=LogNorm(vmin=1.0, vmax=max(float(ratios.max()), 1.01)),
+        interpolation="nearest",
+    )
     ax.set_yticks(range(len(layers)), layers, fontsize=7)
     ax.set_xticks(range(steps), [str(s) for s in range(steps)], fontsize=7)
     ax.set_xlabel("sampling step index (0 = noisiest)")

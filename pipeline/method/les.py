@@ -29,12 +29,12 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from pipeline.accel import to_device
-from pipeline.checkpoint import Checkpoints
-from pipeline.distributed import SINGLE, World
+from pipeline.infra.checkpoint import Checkpoints
+from pipeline.infra.device import to_device
+from pipeline.infra.distributed import SINGLE, World
+from pipeline.method.weighting import TimestepWeighting, make_weighting
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema, weight_part_extrema
-from pipeline.weighting import TimestepWeighting, make_weighting
 
 CHECK_EVERY = 100  # iterations between checks of the loss for NaN / Inf (each check waits for the device)
 
@@ -68,7 +68,9 @@ def per_sample_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int) -
 
 
 @torch.no_grad()
-def layer_loss(layer: QuantLayer, inputs: torch.Tensor, outputs: torch.Tensor, steps: int, gamma: torch.Tensor, batch_size: int) -> float:
+def layer_loss(
+    layer: QuantLayer, inputs: torch.Tensor, outputs: torch.Tensor, steps: int, gamma: torch.Tensor, batch_size: int
+) -> float:
     """Unweighted mean loss over all records. Activation ranges are taken per chunk of one step's
     records, as the per-step activation quantizers will be, so the number does not depend on how
     steps would be mixed in a batch."""
@@ -109,7 +111,9 @@ def learn_gamma(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(layer_seed(seed, name))
     # the same draws as one randperm per iteration, copied to the device once
-    batches = to_device(torch.stack([torch.randperm(n, generator=generator)[:batch_size] for _ in range(iters)]), device)
+    batches = to_device(
+        torch.stack([torch.randperm(n, generator=generator)[:batch_size] for _ in range(iters)]), device
+    )
     losses = torch.empty(iters, device=device)
     for i in range(iters):
         idx = batches[i]
@@ -164,7 +168,9 @@ def load_layer_io(calib_path: str | Path, name: str) -> tuple[torch.Tensor, torc
 def _learn_from_store(name, layer, calib_path, weighting, r, momentum, device, **kwargs):
     inputs, outputs, steps = load_layer_io(calib_path, name)
     w = make_weighting(weighting, steps, r, momentum)
-    gamma, before, after = learn_gamma(layer.to(device), to_device(inputs, device), to_device(outputs, device), steps, w, name=name, **kwargs)
+    gamma, before, after = learn_gamma(
+        layer.to(device), to_device(inputs, device), to_device(outputs, device), steps, w, name=name, **kwargs
+    )
     return name, gamma.cpu(), before, after
 
 
@@ -229,9 +235,17 @@ def learn_all(
     it and every rank returns all results. On CUDA a rank learns its layers one after another on its
     GPU (``workers`` applies to CPU: forked workers cannot share a CUDA context)."""
     job = partial(
-        _learn_from_store, calib_path=str(calib_path), weighting=weighting, r=r, momentum=momentum,
-        device=device, iters=iters, lr=lr, batch_size=batch_size, seed=seed,
-    )  # fmt: skip
+        _learn_from_store,
+        calib_path=str(calib_path),
+        weighting=weighting,
+        r=r,
+        momentum=momentum,
+        device=device,
+        iters=iters,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+    )
     if device.type == "cuda":
         workers = 1
     results = {}
@@ -244,7 +258,9 @@ def learn_all(
     if world.size > 1:
         owner = assign_layers(todo, calib_path, world.size)
         todo = {name: layer for name, layer in todo.items() if owner[name] == world.rank}
-    with tqdm(total=len(results) + len(todo), initial=len(results), desc="LES", unit="layer", disable=not world.main) as bar:
+    with tqdm(
+        total=len(results) + len(todo), initial=len(results), desc="LES", unit="layer", disable=not world.main
+    ) as bar:
 
         def finished(name: str, gamma: torch.Tensor, before: float, after: float) -> None:
             results[name] = (gamma, before, after)
@@ -262,8 +278,12 @@ def learn_all(
                 torch.set_num_threads(threads)
         elif todo:
             # fork starts in milliseconds; it is safe because workers run torch single-threaded
-            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)) as pool:
+            context = multiprocessing.get_context(
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            )
+            with ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
+            ) as pool:
                 futures = [pool.submit(job, name, layer) for name, layer in todo.items()]
                 try:
                     for future in as_completed(futures):

@@ -22,8 +22,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from pipeline.diffusion import resolve_device
-from pipeline.io import atomic_store
+from pipeline.infra.device import resolve_device
+from pipeline.infra.storage import atomic_store
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,9 @@ def init(device_name: str) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE come from torchrun's environment
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
         atexit.register(dist.destroy_process_group)
     return World(dist.get_rank(), dist.get_world_size()), device
 
@@ -123,7 +125,7 @@ def my_batches(plan: Sequence[list[tuple[int, int]]], world: World) -> list[tupl
 
 @contextmanager
 def shared_store(path: str | Path, world: World) -> Iterator[Path]:
-    """:func:`pipeline.io.atomic_store` for all ranks: rank 0 picks the temporary path and, after
+    """:func:`pipeline.infra.storage.atomic_store` for all ranks: rank 0 picks the temporary path and, after
     every rank has left the block, seals the store with its manifest and renames it into place.
 
     If a rank fails inside the block the others wait at the barrier until torchrun stops them

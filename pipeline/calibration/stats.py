@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.io import atomic_path, open_store
+from pipeline.infra.storage import atomic_path, open_store
 
 CHANNEL_STATS = ("min", "max", "absmax", "percentile")
 STEP_STATS = ("channel_range_variance", "outlier_ratio")
@@ -58,7 +58,11 @@ def layer_statistics(calib: zarr.Group, percentile: float) -> Stats:
             rows["percentile"].append(np.percentile(magnitude, percentile, axis=1))
         table = {name: np.stack(values).astype(np.float32) for name, values in rows.items()}
         variance, ratio = range_spread(table["min"], table["max"])
-        stats[layer] = {**table, "channel_range_variance": variance.astype(np.float32), "outlier_ratio": ratio.astype(np.float32)}
+        stats[layer] = {
+            **table,
+            "channel_range_variance": variance.astype(np.float32),
+            "outlier_ratio": ratio.astype(np.float32),
+        }
     return stats
 
 

@@ -9,8 +9,8 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
-from pipeline.accel import to_device
-from pipeline.calib import step_records
+from pipeline.calibration.dump import step_records
+from pipeline.infra.device import to_device
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import set_step
 
@@ -45,6 +45,8 @@ def calibrate_activations(
             aq = layer.act_quantizer
             aq.calibrating = False
             if not (torch.isfinite(aq.running_min[s]).all() and torch.isfinite(aq.running_max[s]).all()):
-                raise FloatingPointError(f"activation calibration: the input range of {name} is not finite (NaN or Inf) at step {s}")
+                raise FloatingPointError(
+                    f"activation calibration: the input range of {name} is not finite (NaN or Inf) at step {s}"
+                )
         if after_step is not None:
             after_step(s, inputs)

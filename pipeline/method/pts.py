@@ -29,7 +29,13 @@ def select_pts_layers(names: list[str], patterns: list[str]) -> list[str]:
 
 
 def vote(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, num_candidates: int, threshold: float, channel_dim: int
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    num_candidates: int,
+    threshold: float,
+    channel_dim: int,
 ) -> dict[str, torch.Tensor]:
     """Vote on ``x`` (samples first) with per-channel base ``scale`` / ``zero_point`` (C,).
 
@@ -75,7 +81,15 @@ class PTSVoter:
             aq = layer.act_quantizer
             aq.exponent[step].zero_()
             scale, zero_point = aq.channel_params(step)
-            result = vote(torch.cat(inputs[name]), scale, zero_point, aq.bits, self.num_candidates, self.threshold, layer.channel_dim)
+            result = vote(
+                torch.cat(inputs[name]),
+                scale,
+                zero_point,
+                aq.bits,
+                self.num_candidates,
+                self.threshold,
+                layer.channel_dim,
+            )
             aq.exponent[step] = result["k"].to(aq.exponent.dtype)
             self.results[name].append(result)
 

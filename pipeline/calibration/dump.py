@@ -11,7 +11,7 @@ Store layout (``calib.zarr``)::
     layers/<module.path>/output  (S*M, ...) float16
 
 Records are model inputs: ``(x_t, t)``, or ``(x_t, t, cond)`` for a conditional model (see
-:mod:`pipeline.conditioning`). A store dumped with classifier-free guidance (attribute ``guided``)
+:mod:`pipeline.models.denoiser`). A store dumped with classifier-free guidance (attribute ``guided``)
 follows every conditional record with its unconditional twin (same x_t, key NULL): the UNet sees both
 inputs at every sampling step, so both are calibrated. Record counts (``count`` arguments, M) then
 count records, two per sample.
@@ -29,11 +29,11 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
-from pipeline.accel import to_device
-from pipeline.conditioning import NULL, Denoiser, as_denoiser, load_denoiser
-from pipeline.diffusion import ddim_sample, sample_noise
-from pipeline.distributed import SINGLE, World, my_batches, plan_batches
-from pipeline.io import ArtifactError, open_store, store_name
+from pipeline.infra.device import to_device
+from pipeline.infra.distributed import SINGLE, World, my_batches, plan_batches
+from pipeline.infra.storage import ArtifactError, open_store, store_name
+from pipeline.models.denoiser import NULL, Denoiser, as_denoiser, load_denoiser
+from pipeline.models.diffusion import ddim_sample, sample_noise
 
 
 @contextmanager
@@ -76,12 +76,12 @@ def dump_calibration(
     world: World = SINGLE,
 ) -> None:
     """Write the calibration store at ``store_path``. ``model``: a
-    :class:`~pipeline.conditioning.Denoiser` or a bare unconditional UNet. Sample n gets the condition
+    :class:`~pipeline.models.denoiser.Denoiser` or a bare unconditional UNet. Sample n gets the condition
     ``model.condition_keys(n)``; with guidance both its inputs are recorded. For a text-to-image model
     ``attrs`` must carry the ``prompts`` (see :func:`record_denoiser`).
 
     With several ranks every rank makes this call on the same temporary store
-    (:func:`pipeline.distributed.shared_store`): rank 0 creates the arrays, each rank fills whole
+    (:func:`pipeline.infra.distributed.shared_store`): rank 0 creates the arrays, each rank fills whole
     chunks of them, and the store equals a one-process one byte for byte. Trajectory records
     ``s*N + n`` of one chunk belong to one step only when ``chunk_records`` divides N; otherwise the
     trajectories are one unit of work (rank 0 runs them all)."""
@@ -94,7 +94,12 @@ def dump_calibration(
     sample_chunk = chunk_records if num_samples % chunk_records == 0 else num_samples
     if world.main:
         root = zarr.open_group(str(store_path), mode="w")
-        root.create_array("trajectory/x_t", shape=(n_records, *shape), chunks=_chunks((n_records, *shape), chunk_records), dtype="float32")
+        root.create_array(
+            "trajectory/x_t",
+            shape=(n_records, *shape),
+            chunks=_chunks((n_records, *shape), chunk_records),
+            dtype="float32",
+        )
         root.create_array("trajectory/t", data=np.repeat(scheduler.timesteps.numpy().astype(np.int64), num_samples))
         root.create_array("trajectory/step", data=np.repeat(np.arange(steps, dtype=np.int32), num_samples))
         root.create_array("trajectory/sample", data=np.tile(np.arange(num_samples, dtype=np.int32), steps))
@@ -103,7 +108,11 @@ def dump_calibration(
             root.create_array("trajectory/cond", data=keys.numpy())
         root.attrs["guided"] = guided
         if world.size > 1 and sample_chunk == num_samples:
-            print(f"dump: calib.chunk_records ({chunk_records}) does not divide calib.num_samples ({num_samples}), so rank 0 runs every trajectory", file=sys.stderr)
+            print(
+                f"dump: calib.chunk_records ({chunk_records}) does not divide calib.num_samples ({num_samples}), "
+                "so rank 0 runs every trajectory",
+                file=sys.stderr,
+            )
     world.barrier()
     root = zarr.open_group(str(store_path), mode="r+")
     x_t, x0 = root["trajectory/x_t"], root["trajectory/x0"]
@@ -124,8 +133,15 @@ def dump_calibration(
     dump_layer_io(root, denoiser, layers, steps, num_samples, per_step, batch_size, chunk_records, device, world)
     world.barrier()
     if world.main:
-        root.attrs.update({**attrs, "steps": steps, "num_samples": num_samples, "layer_records_per_step": per_step,
-                           "guidance_scale": guidance_scale})  # fmt: skip
+        root.attrs.update(
+            {
+                **attrs,
+                "steps": steps,
+                "num_samples": num_samples,
+                "layer_records_per_step": per_step,
+                "guidance_scale": guidance_scale,
+            }
+        )
 
 
 def record_denoiser(folder: str | Path, unet: nn.Module, root: zarr.Group) -> Denoiser:
@@ -139,7 +155,9 @@ def records_per_step(root: zarr.Group, num_samples: int) -> int:
 
 
 @torch.no_grad()
-def dump_layer_io(root, model, layers, steps, num_samples, per_step, batch_size, chunk_records, device, world: World = SINGLE) -> None:
+def dump_layer_io(
+    root, model, layers, steps, num_samples, per_step, batch_size, chunk_records, device, world: World = SINGLE
+) -> None:
     """Replay the first ``per_step`` records of each step through the FP model with forward hooks.
     Layer records ``s*per_step + m`` go in batches that never straddle a step or a chunk; each rank
     replays the batches of its chunks. Rank 0 creates the arrays from the shapes of one probe pass."""
@@ -150,7 +168,9 @@ def dump_layer_io(root, model, layers, steps, num_samples, per_step, batch_size,
         for name, (inp, out) in captured.items():
             for kind, value in (("input", inp), ("output", out)):
                 shape = (n, *value.shape[1:])
-                root.create_array(f"layers/{name}/{kind}", shape=shape, chunks=_chunks(shape, chunk_records), dtype="float16")
+                root.create_array(
+                    f"layers/{name}/{kind}", shape=shape, chunks=_chunks(shape, chunk_records), dtype="float16"
+                )
     names = world.broadcast(list(captured) if world.main else None)
     world.barrier()
     arrays = {name: {kind: root[f"layers/{name}/{kind}"] for kind in ("input", "output")} for name in names}
@@ -175,7 +195,7 @@ def _float16(x: torch.Tensor, what: str, step: int) -> np.ndarray:
 
 
 def open_calibration(path: str | Path) -> zarr.Group:
-    """The calibration store, checked against its manifest (see :func:`pipeline.io.open_store`)."""
+    """The calibration store, checked against its manifest (see :func:`pipeline.infra.storage.open_store`)."""
     root = open_store(path, "calibration store")
     if "trajectory/x_t" not in root:
         raise ArtifactError(f"calibration store {path} has no trajectory/x_t: not written by the dump stage")
@@ -185,11 +205,15 @@ def open_calibration(path: str | Path) -> zarr.Group:
 def _finite_records(x: torch.Tensor, steps: torch.Tensor, source: str) -> torch.Tensor:
     bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
     if bad.any():
-        raise ValueError(f"{source}: trajectory x_t is not finite (NaN or Inf) at step {int(steps[bad][0])}; rerun the dump stage")
+        raise ValueError(
+            f"{source}: trajectory x_t is not finite (NaN or Inf) at step {int(steps[bad][0])}; rerun the dump stage"
+        )
     return x
 
 
-def _with_condition(root: zarr.Group, x: torch.Tensor, t: torch.Tensor, samples: np.ndarray) -> tuple[torch.Tensor, ...]:
+def _with_condition(
+    root: zarr.Group, x: torch.Tensor, t: torch.Tensor, samples: np.ndarray
+) -> tuple[torch.Tensor, ...]:
     """Model inputs of trajectory records: ``(x, t)``, or ``(x, t, cond)`` for a conditional store,
     with every record followed by its unconditional twin when the store is guided."""
     if "trajectory/cond" not in root:

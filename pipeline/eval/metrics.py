@@ -18,9 +18,9 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from pipeline.data import load_digits_images, to_uint8_rgb
-from pipeline.io import read_tensors
-from pipeline.models import DigitClassifier
+from pipeline.infra.storage import read_tensors
+from pipeline.models.digits import load_digits_images, to_uint8_rgb
+from pipeline.models.embedded import DigitClassifier
 
 FEATURE_EXTRACTOR = "digit-classifier"
 FEATURE_NOTE = "digit-classifier features"
@@ -93,7 +93,9 @@ if FEATURE_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
 def confident_share(images_uint8: torch.Tensor, classifier_path: str, threshold: float = 0.9) -> float:
     """Share of images the digit classifier labels with probability above ``threshold``: a direct
     reading of "recognisable digits" next to the distribution metrics."""
-    extractor = DigitClassifierFeatures(FEATURE_EXTRACTOR, ["logits"], feature_extractor_weights_path=classifier_path).eval()
+    extractor = DigitClassifierFeatures(
+        FEATURE_EXTRACTOR, ["logits"], feature_extractor_weights_path=classifier_path
+    ).eval()
     probabilities = torch.cat([extractor(batch)[0].softmax(1) for batch in images_uint8.split(512)])
     return float((probabilities.max(1).values > threshold).float().mean())
 
@@ -199,7 +201,9 @@ def reference_images(folder: str | Path, size: tuple[int, int]) -> torch.Tensor:
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"eval.reference_images: {folder} is not a folder of images ({', '.join(IMAGE_SUFFIXES)})")
+        raise FileNotFoundError(
+            f"eval.reference_images: {folder} is not a folder of images ({', '.join(IMAGE_SUFFIXES)})"
+        )
     images = [np.asarray(Image.open(f).convert("RGB").resize((size[1], size[0]), Image.BICUBIC)) for f in files]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 

@@ -14,7 +14,9 @@ PEER_LIBRARIES = ("optimum-quanto",)
 
 
 @torch.no_grad()
-def quanto_quantize(model: torch.nn.Module, w_bits: int, a_bits: int, inputs: tuple[torch.Tensor, ...], batch_size: int) -> torch.nn.Module:
+def quanto_quantize(
+    model: torch.nn.Module, w_bits: int, a_bits: int, inputs: tuple[torch.Tensor, ...], batch_size: int
+) -> torch.nn.Module:
     """``model`` (a UNet or a Denoiser) quantized in place by optimum-quanto (W4 or W8, A8),
     calibrated on the trajectory records ``inputs`` = (x, t) or (x, t, cond), and frozen (integer weights)."""
     from optimum.quanto import Calibration, freeze, qint4, qint8, quantize

@@ -9,22 +9,14 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from pipeline.components import find_layout, load_scheduler, load_unet, unet_skeleton_from
-from pipeline.conditioning import as_denoiser
-from pipeline.models import build_unet
+from pipeline.models.denoiser import as_denoiser
+from pipeline.models.embedded import build_unet
+from pipeline.models.local import find_layout, load_scheduler, load_unet, unet_skeleton_from
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def save_fp_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path) -> None:
@@ -76,7 +68,7 @@ def ddim_sample(
 ) -> torch.Tensor:
     """Run DDIM from ``noise[:, 0]``; ``before_step(s, t, x_t)`` sees every model input (s = 0 is the
     noisiest step), which is where calibration records and per-step quantizer switches hook in.
-    ``model`` is a :class:`~pipeline.conditioning.Denoiser` (or a bare unconditional UNet); ``cond``
+    ``model`` is a :class:`~pipeline.models.denoiser.Denoiser` (or a bare unconditional UNet); ``cond``
     holds the samples' condition keys, guided with ``guidance_scale`` (classifier-free guidance)."""
     denoiser = as_denoiser(model)
     x = noise[:, 0]
@@ -84,7 +76,9 @@ def ddim_sample(
     for s, t in enumerate(scheduler.timesteps):
         if before_step is not None:
             before_step(s, t, x)
-        eps = denoiser.guided(x, on_device[s], cond, guidance_scale).float()  # float32 under autocast too: the update stays exact
+        eps = denoiser.guided(
+            x, on_device[s], cond, guidance_scale
+        ).float()  # float32 under autocast too: the update stays exact
         variance_noise = noise[:, s + 1] if eta > 0 else None
         x = scheduler.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
     return x

@@ -1,0 +1,1 @@
+"""Deployment: the portable quantized checkpoint."""

@@ -1,0 +1,2 @@
+"""Evaluation: sampling into the samples store, torch-fidelity metrics, peer rows, tables and store
+summaries."""

@@ -1,0 +1,1 @@
+"""Infrastructure: atomic artifact storage, content hashes, checkpoints, devices, ranks, figures."""
