@@ -273,7 +273,8 @@ def sample(
     from pipeline.models.local import find_layout
 
     try:
-        unet, train_scheduler, _, header = load_checkpoint(quantized, model)
+        loaded = load_checkpoint(quantized, model)
+        unet, train_scheduler, header = loaded.unet, loaded.scheduler, loaded.headers
         s = header["config"]["sample"]
         prompt_file = prompts or s.get("prompts")
         denoiser = load_denoiser(model, unet, read_prompts(prompt_file, num_samples) if prompt_file else None)

@@ -184,7 +184,7 @@ def case_les(model: str, device) -> dict:
         def plain():
             for _ in range(more - base):
                 gamma = theta.exp()
-                out = layer.apply(layer.scale_input(inputs.float(), gamma), layer.scaled_weight(gamma))
+                out = layer.module_forward(layer.scale_input(inputs.float(), gamma), layer.scaled_weight(gamma))
                 torch.autograd.grad((out - outputs.float()).pow(2).mean(), theta)
 
         best = _interleaved({"base": lambda: learn(base), "more": lambda: learn(more), "ref": plain}, rounds)
@@ -265,7 +265,7 @@ def _fake_quantized(fp, device, x, steps: int):
 
     from pipeline.method.weight_init import init_weight_quantizers
     from pipeline.models.diffusion import ddim_sample, sample_noise
-    from pipeline.quant import QuantSpec, quantize, set_step
+    from pipeline.quant import QuantSpec, calibrating, quantize, set_step
 
     q = copy.deepcopy(fp)
     layers = quantize(q, QuantSpec(w_bits=4, a_bits=8, num_steps=steps))
@@ -274,13 +274,11 @@ def _fake_quantized(fp, device, x, steps: int):
     for name, layer in layers.items():
         layer.load_integer_weight(layer.integer_weight())
         layer.quantize_acts = True
-        layer.act_quantizer.calibrating = True
         if name.endswith("conv_shortcut"):
             layer.act_quantizer.exponent.copy_(torch.randint(0, 4, layer.act_quantizer.exponent.shape, generator=g))
     noise = sample_noise(0, torch.arange(len(x)), steps, tuple(x.shape[1:])).to(device)
-    ddim_sample(q, _scheduler(steps), noise, 0.0, lambda s, t, x: set_step(q, s))
-    for layer in layers.values():
-        layer.act_quantizer.calibrating = False
+    with calibrating(layers.values()):
+        ddim_sample(q, _scheduler(steps), noise, 0.0, lambda s, t, x: set_step(q, s))
     return q
 
 

@@ -17,8 +17,8 @@ def main() -> None:
     check_input(read_json(FP_PROVENANCE), cfg, "fp_model", None, FP_MODEL)
     world, device = init(cfg.device)  # under torchrun, each rank dumps its share of the records
     unet, train_scheduler = load_fp_model(FP_MODEL)
-    c = cfg.calib
-    prompts = read_prompts(c.prompts, c.num_samples) if c.prompts else None
+    calib = cfg.calib
+    prompts = read_prompts(calib.prompts, calib.num_samples) if calib.prompts else None
     denoiser = load_denoiser(FP_MODEL, unet, prompts).to(device)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     with shared_store(CALIB, world) as tmp:
@@ -27,13 +27,13 @@ def main() -> None:
             denoiser,
             scheduler,
             quantizable_layers(unet),
-            guidance_scale=c.guidance_scale,
-            num_samples=c.num_samples,
-            layer_records_per_step=c.layer_records_per_step,
-            batch_size=c.batch_size,
-            eta=c.eta,
-            seed=c.seed,
-            chunk_records=c.chunk_records,
+            guidance_scale=calib.guidance_scale,
+            num_samples=calib.num_samples,
+            layer_records_per_step=calib.layer_records_per_step,
+            batch_size=calib.batch_size,
+            eta=calib.eta,
+            seed=calib.seed,
+            chunk_records=calib.chunk_records,
             device=device,
             attrs={**stage_provenance(cfg, "dump", model_hash(FP_MODEL)), "prompts": prompts},
             world=world,

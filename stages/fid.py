@@ -13,7 +13,7 @@ from stages.lineage import check_input, stage_provenance
 
 def main(row: str) -> None:
     cfg = load_config()
-    e = cfg.eval
+    evaluation = cfg.eval
     variant = None if row == FP else cfg.row_variant(row)
     runs, attrs = read_samples(samples_path(row))
     # fid does not read the model: its hash comes from the samples
@@ -24,16 +24,16 @@ def main(row: str) -> None:
         fp_runs, fp_attrs = read_samples(samples_path(FP))
         check_input(fp_attrs, cfg, "sample_fp", attrs["model_hash"], samples_path(FP))
     reference = reference_set(
-        cfg.model.source, cfg.model.image_size, cfg.eval.reference_images, next(iter(runs.values()))
+        cfg.model.source, cfg.model.image_size, evaluation.reference_images, next(iter(runs.values()))
     )
     found = evaluate_runs(
         runs,
         reference,
-        feature_space(str(CLASSIFIER), cfg.eval.inception_weights),
-        e.kid_subset_size,
-        e.isc_splits,
-        e.prc_neighborhood,
-        fp_runs,
+        feature_space(str(CLASSIFIER), evaluation.inception_weights),
+        kid_subset_size=evaluation.kid_subset_size,
+        isc_splits=evaluation.isc_splits,
+        prc_neighborhood=evaluation.prc_neighborhood,
+        fp_runs=fp_runs,
     )
     provenance = stage_provenance(cfg, "fid_fp" if row == FP else "fid", attrs["model_hash"], variant)
     write_json(metrics_path(row), metrics_record(attrs["label"], variant, attrs["steps"], found, provenance))

@@ -17,15 +17,15 @@ from stages.lineage import stage_provenance
 
 def main() -> None:
     cfg = load_config()
-    m = cfg.model
-    if m.source == "local":
+    model = cfg.model
+    if model.source == "local":
         with atomic_path(FP_MODEL) as tmp:
-            layout = import_model(m.path, tmp)
+            layout = import_model(model.path, tmp)
             write_json(tmp / FP_PROVENANCE.name, stage_provenance(cfg, "fp_model", None))
         write_json(
             REPORTS / "fp_model.json",
             {
-                "source": m.path,
+                "source": model.path,
                 "unet": str(layout.unet.name),
                 "autoencoder": layout.autoencoder is not None,
                 "text_encoder": layout.text_encoder is not None,
@@ -33,11 +33,25 @@ def main() -> None:
         )
         return
     generator = seed_everything(cfg.seed)
-    images, _ = load_digits_images(m.image_size)
-    unet = build_unet(m.image_size, m.block_out_channels, m.layers_per_block, m.norm_num_groups)
-    scheduler = DDPMScheduler(num_train_timesteps=m.num_train_timesteps, beta_schedule="linear")
+    images, _ = load_digits_images(model.image_size)
+    unet = build_unet(
+        image_size=model.image_size,
+        block_out_channels=model.block_out_channels,
+        layers_per_block=model.layers_per_block,
+        norm_num_groups=model.norm_num_groups,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=model.num_train_timesteps, beta_schedule="linear")
     start = time.perf_counter()
-    ema, losses = train_unet(unet, scheduler, images, m.train_steps, m.batch_size, m.lr, m.ema_decay, generator)
+    ema, losses = train_unet(
+        unet,
+        scheduler,
+        images,
+        steps=model.train_steps,
+        batch_size=model.batch_size,
+        lr=model.lr,
+        ema_decay=model.ema_decay,
+        generator=generator,
+    )
     with atomic_path(FP_MODEL) as tmp:
         save_fp_model(ema, scheduler, tmp)
         write_json(tmp / FP_PROVENANCE.name, stage_provenance(cfg, "fp_model", None))

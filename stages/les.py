@@ -23,7 +23,7 @@ from stages.lineage import check_input, checkpoint_key, stage_provenance
 def main(name: str) -> None:
     cfg = load_config()
     world, device = init(cfg.device)  # under torchrun, the layers are spread over the ranks
-    c = cfg.les
+    les = cfg.les
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
     fp_hash = model_hash(FP_MODEL)
@@ -40,13 +40,13 @@ def main(name: str) -> None:
             layers,
             CALIB,
             weighting=method.weighting,
-            iters=c.iters,
-            lr=c.lr,
-            batch_size=c.batch_size,
-            r=c.focal_r,
-            momentum=c.focal_momentum,
-            seed=c.seed,
-            workers=c.workers,
+            iters=les.iters,
+            lr=les.lr,
+            batch_size=les.batch_size,
+            r=les.focal_r,
+            momentum=les.focal_momentum,
+            seed=les.seed,
+            workers=les.workers,
             checkpoints=checkpoints,
             device=device,
             world=world,
@@ -55,7 +55,7 @@ def main(name: str) -> None:
         gammas, losses = {name: torch.ones_like(layer.gamma) for name, layer in layers.items()}, {}
     if not world.main:
         return
-    header = {**provenance, **variant._asdict(), "weighting": method.weighting, "iters": c.iters if method.les else 0}
+    header = {**provenance, **variant._asdict(), "weighting": method.weighting, "iters": les.iters if method.les else 0}
     write_tensors(les_path(name), {f"{layer}.gamma": gamma for layer, gamma in gammas.items()}, header)
     if checkpoints:
         checkpoints.remove()

@@ -21,7 +21,7 @@ from stages.lineage import check_input, stage_provenance
 
 def main(name: str) -> None:
     cfg = load_config()
-    s, e = cfg.sample, cfg.eval
+    sample, evaluation = cfg.sample, cfg.eval
     peer = cfg.entry("peers", name)
     variant = cfg.row_variant(name)
     label = f"{peer.library} {variant.label}"
@@ -35,11 +35,17 @@ def main(name: str) -> None:
     unet, train_scheduler = load_fp_model(FP_MODEL)
     records, _ = random_records(calib, peer.calib_records, cfg.seed)
     calibration = record_denoiser(FP_MODEL, unet, calib).to(device)
-    quanto_quantize(calibration, variant.w_bits, variant.a_bits, tuple(v.to(device) for v in records), s.batch_size)
+    quanto_quantize(
+        calibration,
+        w_bits=variant.w_bits,
+        a_bits=variant.a_bits,
+        inputs=tuple(v.to(device) for v in records),
+        batch_size=sample.batch_size,
+    )
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(
-        device
-    )  # the rows' sampling prompts
+    model = load_denoiser(
+        FP_MODEL, unet, read_prompts(sample.prompts, sample.num_samples) if sample.prompts else None
+    ).to(device)  # the rows' sampling prompts
     decode = Decoder(find_layout(FP_MODEL), device)
     provenance = stage_provenance(cfg, "peer", fp_hash, variant)
     attrs = {**provenance, "steps": cfg.diffusion.steps, "label": label}
@@ -47,29 +53,29 @@ def main(name: str) -> None:
         samples_path(name),
         model,
         scheduler,
-        s.seeds,
-        s.num_samples,
-        s.batch_size,
-        s.eta,
-        device,
-        attrs,
-        f"sample {name}",
-        guidance_scale=s.guidance_scale,
+        seeds=sample.seeds,
+        num_samples=sample.num_samples,
+        batch_size=sample.batch_size,
+        eta=sample.eta,
+        device=device,
+        attrs=attrs,
+        desc=f"sample {name}",
+        guidance_scale=sample.guidance_scale,
         decode=decode,
     )
     runs, _ = read_samples(samples_path(name))
-    save_grid(runs[s.seeds[0]], grid_path(name), s.grid_size, label)
+    save_grid(runs[sample.seeds[0]], grid_path(name), sample.grid_size, label)
     reference = reference_set(
-        cfg.model.source, cfg.model.image_size, cfg.eval.reference_images, next(iter(runs.values()))
+        cfg.model.source, cfg.model.image_size, evaluation.reference_images, next(iter(runs.values()))
     )
     found = evaluate_runs(
         runs,
         reference,
-        feature_space(str(CLASSIFIER), cfg.eval.inception_weights),
-        e.kid_subset_size,
-        e.isc_splits,
-        e.prc_neighborhood,
-        fp_runs,
+        feature_space(str(CLASSIFIER), evaluation.inception_weights),
+        kid_subset_size=evaluation.kid_subset_size,
+        isc_splits=evaluation.isc_splits,
+        prc_neighborhood=evaluation.prc_neighborhood,
+        fp_runs=fp_runs,
     )
     write_json(metrics_path(name), metrics_record(label, variant, cfg.diffusion.steps, found, provenance))
 

@@ -20,7 +20,7 @@ from stages.lineage import check_input, stage_provenance
 
 def main(row: str) -> None:
     cfg = load_config()
-    p = cfg.pts
+    pts = cfg.pts
     variant = cfg.row_variant(row)
     weights = cfg.rows[row].weights
     method = METHODS[variant.method]
@@ -29,29 +29,39 @@ def main(row: str) -> None:
     calib = open_calibration(CALIB)
     check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
     steps = calib.attrs["steps"]
-    unet, _, layers, headers = load_quantized_unet(
-        FP_MODEL, weights_path(weights), None, fp_hash, steps, a_bits=variant.a_bits
+    quantized = load_quantized_unet(FP_MODEL, weights_path(weights), None, fp_hash, steps, a_bits=variant.a_bits)
+    unet, layers = quantized.unet, quantized.layers
+    check_input(
+        quantized.headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights)
     )
-    check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
     model = record_denoiser(FP_MODEL, unet, calib).to(device)
     voter = None
     if method.pts:
-        if p.layers == "auto":
+        if pts.layers == "auto":
             stats = open_stats(STATS)
             check_input(stats.attrs, cfg, "stats", fp_hash, STATS)
-            names = auto_pts_layers(stats, p.auto_outlier_ratio)
+            names = auto_pts_layers(stats, pts.auto_outlier_ratio)
         else:
-            names = select_pts_layers(list(layers), p.layers)
-        voter = PTSVoter({n: layers[n] for n in names}, p.num_candidates, p.ratio_threshold)
-    after_step = None if voter is None else (lambda s, inputs: voter(model, s, inputs, p.batch_size))
-    calibrate_activations(model, layers, calib, p.calib_records, p.batch_size, p.momentum, device, after_step)
+            names = select_pts_layers(list(layers), pts.layers)
+        voter = PTSVoter({n: layers[n] for n in names}, pts.num_candidates, pts.ratio_threshold)
+    after_step = None if voter is None else (lambda s, inputs: voter(model, s, inputs, pts.batch_size))
+    calibrate_activations(
+        model,
+        layers,
+        calib,
+        records=pts.calib_records,
+        batch_size=pts.batch_size,
+        momentum=pts.momentum,
+        device=device,
+        after_step=after_step,
+    )
     provenance = stage_provenance(cfg, "pts", fp_hash, variant)
     header = {**provenance, **variant._asdict(), "steps": steps, "pts": voter is not None}
     write_tensors(act_params_path(row), act_tensors(layers), header)
     votes = voter.stacked() if voter else {}
     with atomic_store(votes_path(row)) as tmp:
         root = zarr.open_group(str(tmp), mode="w")
-        root.attrs.update({**provenance, "steps": steps, "threshold": p.ratio_threshold, "pts": voter is not None})
+        root.attrs.update({**provenance, "steps": steps, "threshold": pts.ratio_threshold, "pts": voter is not None})
         for name, arrays in votes.items():
             for key, value in arrays.items():
                 root.create_array(f"{name}/{key}", data=value.numpy())

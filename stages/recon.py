@@ -25,7 +25,7 @@ from stages.lineage import check_input, checkpoint_key, stage_provenance
 
 def main(name: str) -> None:
     cfg = load_config()
-    q, r = cfg.quant, cfg.recon
+    quant, recon = cfg.quant, cfg.recon
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
     device = resolve_device(cfg.device)
@@ -37,19 +37,27 @@ def main(name: str) -> None:
     q_unet = copy.deepcopy(fp_unet)
     layers = quantize(q_unet, QuantSpec(w_bits=variant.w_bits, split=method.split))
     load_gamma(layers, gammas, str(les_path(name)))
-    init_weight_quantizers(layers, q.weight_clip_grid, q.weight_clip_p)
+    init_weight_quantizers(layers, quant.weight_clip_grid, quant.weight_clip_p)
     report = {"method": variant.method, "adaround": method.adaround}
     checkpoints = None
     if method.adaround:
         calib = open_calibration(CALIB)
         check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
-        records, step = random_records(calib, r.records, r.seed)
+        records, step = random_records(calib, recon.records, recon.seed)
         weighting = None
-        if r.weighting == "method":
+        if recon.weighting == "method":
             steps = calib.attrs["steps"]
             weighting = partial(make_weighting, method.weighting, steps, cfg.les.focal_r, cfg.les.focal_momentum)
         settings = AdaRoundSettings(
-            r.iters, r.lr, r.batch_size, r.reg_lambda, r.beta_start, r.beta_end, r.warmup, r.seed, cfg.autocast
+            iters=recon.iters,
+            lr=recon.lr,
+            batch_size=recon.batch_size,
+            reg_lambda=recon.reg_lambda,
+            beta_start=recon.beta_start,
+            beta_end=recon.beta_end,
+            warmup=recon.warmup,
+            seed=recon.seed,
+            precision=cfg.autocast,
         )
         checkpoints = Checkpoints(checkpoints_path("recon", name), checkpoint_key(provenance))
         start = time.perf_counter()
@@ -60,9 +68,9 @@ def main(name: str) -> None:
             fp.to(device),
             inputs,
             settings,
-            weighting,
-            to_device(step, device),
-            checkpoints,
+            make_weighting=weighting,
+            steps=to_device(step, device),
+            checkpoints=checkpoints,
         )
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)

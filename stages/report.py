@@ -33,19 +33,19 @@ def current_record(cfg: Config, name: str) -> dict:
 
 
 def configuration(cfg: Config, fp: dict) -> list[str]:
-    s, c, w = cfg.sample, cfg.calib, cfg.weights
+    sample, calib, weights = cfg.sample, cfg.calib, cfg.weights
     return [
         f"generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC by `dvc repro` (stage report); FP "
         f"model {fp['provenance']['model_hash']}",
-        f"sampling: DDIM {cfg.diffusion.steps} steps, eta {s.eta}, {s.num_samples} samples per seed, seeds "
-        f"{', '.join(map(str, s.seeds))}",
-        f"calibration: {c.num_samples} trajectories, {c.layer_records_per_step} layer records per step",
+        f"sampling: DDIM {cfg.diffusion.steps} steps, eta {sample.eta}, {sample.num_samples} samples per seed, seeds "
+        f"{', '.join(map(str, sample.seeds))}",
+        f"calibration: {calib.num_samples} trajectories, {calib.layer_records_per_step} layer records per step",
         f"LES: {cfg.les.iters} iterations per layer, lr {cfg.les.lr}, r = {cfg.les.focal_r}; AdaRound: "
         f"{cfg.recon.iters} iterations per block, {cfg.recon.records} records",
         f"PTS: τ = {cfg.pts.ratio_threshold}, {cfg.pts.num_candidates} candidates, layers {cfg.pts.layers}",
         "rows: "
         + "; ".join(
-            f"{name} = weights {row.weights} ({w[row.weights].method}) + A{row.a_bits}"
+            f"{name} = weights {row.weights} ({weights[row.weights].method}) + A{row.a_bits}"
             for name, row in cfg.rows.items()
         ),
         *(
@@ -57,24 +57,22 @@ def configuration(cfg: Config, fp: dict) -> list[str]:
 
 def main() -> None:
     cfg = load_config()
-    r = cfg.report
-    records = {name: current_record(cfg, name) for name in [FP, *dict.fromkeys(r.table + r.ablation)]}
+    report = cfg.report
+    records = {name: current_record(cfg, name) for name in [FP, *dict.fromkeys(report.table + report.ablation)]}
     fp = records[FP]
     setup = configuration(cfg, fp)
     spread = (
         "± is the standard deviation over the sampling seeds (the same quantized model, other noise). Every row is "
-        "sampled from the"
-        " same seeds as FP, so that noise is shared: read ΔFID (the row's FID minus FP's on the same seed), whose "
-        "± is the run-to-run"
-        " spread a difference between rows has to beat."
+        "sampled from the same seeds as FP, so that noise is shared: read ΔFID (the row's FID minus FP's on the same "
+        "seed), whose ± is the run-to-run spread a difference between rows has to beat."
     )
     peers = [
         f"{records[name]['label']} ({name}) is a peer row: another library on the same model, calibration data, "
         "seeds and metric."
-        for name in r.table
+        for name in report.table
         if name in cfg.peers
     ]
-    table = [fp, *(records[name] for name in r.table)]
+    table = [fp, *(records[name] for name in report.table)]
     write_text(
         PAPER_TABLE,
         report_document(
@@ -86,7 +84,7 @@ def main() -> None:
             COLUMNS,
         ),
     )
-    ablation = [fp, *(records[name] for name in r.ablation)]
+    ablation = [fp, *(records[name] for name in report.ablation)]
     write_text(
         ABLATION,
         report_document(
@@ -100,7 +98,7 @@ def main() -> None:
     )
     plot_fid_against_activation_bits(table, FID_FIG)
     seed = cfg.sample.seeds[0]
-    at_grid_bits = [name for name in r.table if cfg.row_variant(name).label == r.grid_bits]
+    at_grid_bits = [name for name in report.table if cfg.row_variant(name).label == report.grid_bits]
     panels = [
         (records[name]["label"], read_samples(samples_path(name), GRID_SIDE**2)[0][seed])
         for name in [FP, *at_grid_bits]

@@ -17,7 +17,7 @@ from stages.lineage import check_input, stage_provenance
 
 def main(row: str) -> None:
     cfg = load_config()
-    s = cfg.sample
+    sample = cfg.sample
     world, device = init(cfg.device)  # under torchrun, each rank makes its share of the samples
     fp_hash = model_hash(FP_MODEL)
     if row == FP:
@@ -27,33 +27,43 @@ def main(row: str) -> None:
         variant, stage = cfg.row_variant(row), "sample"
         label = f"{variant.method} {variant.label}"
         weights = cfg.rows[row].weights
-        unet, train_scheduler, _, headers = load_quantized_unet(
+        quantized = load_quantized_unet(
             FP_MODEL, weights_path(weights), act_params_path(row), fp_hash, cfg.diffusion.steps
         )
-        check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
-        check_input(headers["act"], cfg, "pts", fp_hash, act_params_path(row), variant)
+        unet, train_scheduler = quantized.unet, quantized.scheduler
+        check_input(
+            quantized.headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights)
+        )
+        check_input(quantized.headers["act"], cfg, "pts", fp_hash, act_params_path(row), variant)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(device)
+    model = load_denoiser(
+        FP_MODEL, unet, read_prompts(sample.prompts, sample.num_samples) if sample.prompts else None
+    ).to(device)
     decode = Decoder(find_layout(FP_MODEL), device)
     attrs = {**stage_provenance(cfg, stage, fp_hash, variant), "steps": cfg.diffusion.steps, "label": label}
     write_samples(
         samples_path(row),
         model,
         scheduler,
-        s.seeds,
-        s.num_samples,
-        s.batch_size,
-        s.eta,
-        device,
-        attrs,
-        f"sample {row}",
-        world,
-        cfg.autocast,
-        s.guidance_scale,
-        decode,
+        seeds=sample.seeds,
+        num_samples=sample.num_samples,
+        batch_size=sample.batch_size,
+        eta=sample.eta,
+        device=device,
+        attrs=attrs,
+        desc=f"sample {row}",
+        world=world,
+        precision=cfg.autocast,
+        guidance_scale=sample.guidance_scale,
+        decode=decode,
     )
     if world.main:
-        save_grid(read_samples(samples_path(row), s.grid_size**2)[0][s.seeds[0]], grid_path(row), s.grid_size, label)
+        save_grid(
+            read_samples(samples_path(row), sample.grid_size**2)[0][sample.seeds[0]],
+            grid_path(row),
+            sample.grid_size,
+            label,
+        )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pipeline.infra.storage import read_tensors, write_tensors
 from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import act_tensors, load_act_tensors, load_weight_tensors, weight_tensors
-from pipeline.quant.model import set_step
+from pipeline.quant.model import calibrating, set_step
 
 
 def calibrated(unet, steps=2):
@@ -17,13 +17,11 @@ def calibrated(unet, steps=2):
     init_weight_quantizers(layers, grid=5, p=2.4)
     for layer in layers.values():
         layer.quantize_acts = True
-        layer.act_quantizer.calibrating = True
-    with torch.no_grad():
+    with torch.no_grad(), calibrating(layers.values()):
         for s in range(steps):
             set_step(unet, s)
             unet(torch.randn(2, 1, 16, 16) * (s + 1), torch.tensor([900 - 400 * s] * 2))
     for layer in layers.values():
-        layer.act_quantizer.calibrating = False
         layer.act_quantizer.exponent[1, ::3] = 1
     return layers
 

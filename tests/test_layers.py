@@ -1,9 +1,11 @@
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.quant import QuantSpec, quant_layers, quantize, set_quant_state
+from pipeline.method.adaround import RoundingOffsets, soft_rounding
+from pipeline.quant import QuantSpec, calibrating, quant_layers, quantization, quantize
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import concat_splits
 
@@ -74,13 +76,43 @@ def test_quantized_unet_is_close_to_fp_at_8_bits(tiny_unet):
         layers = quantize(quantized, QuantSpec(w_bits=8, a_bits=8, num_steps=1))
         for layer in layers.values():
             layer.weight_quantizer.init_params(layer.scaled_weight(), grid=10, p=2.4)
-            layer.act_quantizer.calibrating = True
-        set_quant_state(quantized, weights=True, acts=True)
-        quantized(x, t)
-        for layer in layers.values():
-            layer.act_quantizer.calibrating = False
-        got = quantized(x, t).sample
-        set_quant_state(quantized, weights=False, acts=False)
+        with quantization(layers.values(), weights=True, acts=True):
+            with calibrating(layers.values()):
+                quantized(x, t)
+            got = quantized(x, t).sample
         torch.testing.assert_close(quantized(x, t).sample, expected, atol=1e-5, rtol=1e-5)
     error = (got - expected).norm() / expected.norm()
     assert 0 < error < 0.05
+
+
+def test_an_exception_inside_a_mode_leaves_every_layer_as_it_was(tiny_unet):
+    quantized = copy.deepcopy(tiny_unet)
+    layers = quantize(quantized, QuantSpec(w_bits=8, a_bits=8, num_steps=1))
+    first = next(iter(layers.values()))
+    first.quantize_acts = True  # a mixed state: the modes must come back per layer, not as one value
+    before = {name: (m.quantize_weights, m.quantize_acts, m.act_quantizer.calibrating) for name, m in layers.items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with quantization(layers.values(), weights=True, acts=False), calibrating(layers.values()):
+            assert all(m.quantize_weights and m.act_quantizer.calibrating for m in layers.values())
+            assert not first.quantize_acts
+            raise RuntimeError("inside")
+    after = {name: (m.quantize_weights, m.quantize_acts, m.act_quantizer.calibrating) for name, m in layers.items()}
+    assert after == before
+
+
+def test_an_exception_inside_soft_rounding_leaves_rounding_hard():
+    offsets = [RoundingOffsets(torch.randn(4, 3) * 3) for _ in range(2)]
+    assert not any(o.soft for o in offsets)
+    with pytest.raises(RuntimeError):
+        with soft_rounding(offsets):
+            assert all(o.soft for o in offsets)
+            raise RuntimeError("inside")
+    assert not any(o.soft for o in offsets)
+
+
+def test_walking_a_quantized_unet_with_module_apply(tiny_unet):
+    quantized = copy.deepcopy(tiny_unet)
+    quantize(quantized, QuantSpec(4, 8, 4))
+    seen = []
+    quantized.apply(lambda module: seen.append(type(module).__name__))
+    assert seen.count("QuantLayer") == len(quant_layers(quantized)) > 0

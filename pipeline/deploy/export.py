@@ -23,6 +23,7 @@ import torch
 from pipeline.infra.fingerprint import check_same_model, tensors_hash
 from pipeline.infra.storage import ArtifactError, read_tensors, write_tensors
 from pipeline.models.diffusion import load_fp_model
+from pipeline.models.quantized import QuantizedUNet
 from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import load_act_tensors, load_weight_tensors
 
@@ -109,9 +110,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return weights, act, header
 
 
-def load_checkpoint(path: str | Path, model_folder: str | Path):
+def load_checkpoint(path: str | Path, model_folder: str | Path) -> QuantizedUNet:
     """The quantized UNet of a checkpoint on the FP model in ``model_folder`` (either local layout):
-    (unet, scheduler, layers, header). A model other than the one exported from is refused."""
+    its ``headers`` are the checkpoint's header. A model other than the one exported from is refused."""
     weights, act, header = read_checkpoint(path)
     unet, scheduler = load_fp_model(model_folder)
     found = unet_hash(unet)
@@ -127,4 +128,4 @@ def load_checkpoint(path: str | Path, model_folder: str | Path):
     with torch.no_grad():
         load_weight_tensors(layers, weights, str(path))
         load_act_tensors(layers, act, str(path))
-    return unet, scheduler, layers, header
+    return QuantizedUNet(unet, scheduler, layers, header)

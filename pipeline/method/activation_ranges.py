@@ -12,7 +12,7 @@ from tqdm import tqdm
 from pipeline.calibration.dump import step_records
 from pipeline.infra.device import to_device
 from pipeline.quant.layers import QuantLayer
-from pipeline.quant.model import set_step
+from pipeline.quant.model import calibrating, set_step
 
 
 @torch.no_grad()
@@ -37,13 +37,11 @@ def calibrate_activations(
     for s in tqdm(range(steps), desc="calibrate activations"):
         set_step(unet, s)
         inputs = tuple(to_device(v, device) for v in step_records(calib, s, records))
-        for layer in layers.values():
-            layer.act_quantizer.calibrating = True
-        for start in range(0, len(inputs[0]), batch_size):
-            unet(*(v[start : start + batch_size] for v in inputs))
+        with calibrating(layers.values()):
+            for start in range(0, len(inputs[0]), batch_size):
+                unet(*(v[start : start + batch_size] for v in inputs))
         for name, layer in layers.items():
             aq = layer.act_quantizer
-            aq.calibrating = False
             if not (torch.isfinite(aq.running_min[s]).all() and torch.isfinite(aq.running_max[s]).all()):
                 raise FloatingPointError(
                     f"activation calibration: the input range of {name} is not finite (NaN or Inf) at step {s}"

@@ -12,6 +12,8 @@ gradient scaler looks at the gradients on the host every iteration).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +36,7 @@ class RoundingOffsets(nn.Module):
         super().__init__()
         rest = weight_over_scale - torch.floor(weight_over_scale)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
-        self.soft = True
+        self.soft = False  # hard rounding unless inside soft_rounding()
 
     def soft_offset(self) -> torch.Tensor:
         return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
@@ -44,6 +46,18 @@ class RoundingOffsets(nn.Module):
 
     def regularizer(self, beta: float) -> torch.Tensor:
         return (1 - (2 * self.soft_offset() - 1).abs().pow(beta)).sum()
+
+
+@contextmanager
+def soft_rounding(offsets: list[RoundingOffsets]) -> Iterator[None]:
+    """Soft (learnable) rounding for the duration of the block, hard again on the way out, exception or not."""
+    try:
+        for o in offsets:
+            o.soft = True
+        yield
+    finally:
+        for o in offsets:
+            o.soft = False
 
 
 @dataclass(frozen=True)
@@ -191,35 +205,31 @@ def reconstruct_unit(
             )
             return total.item() / n
 
-    for o in offsets:
-        o.soft = False
     before = full_loss()
-    for o in offsets:
-        o.soft = True
     losses = torch.empty(settings.iters, device=device)
-    for i in range(settings.iters):
-        index = batches[i]
-        per_sample = per_sample_loss(index)
-        if weighting is not None:
-            weighting.update(steps[index], per_sample.detach())
-            per_sample = per_sample * weighting.weights(steps[index])
-        loss = per_sample.mean()
-        beta = beta_at(i, settings)
-        if beta is not None:
-            loss = loss + settings.reg_lambda * sum(o.regularizer(beta) for o in offsets)
-        losses[i] = loss.detach()
-        if (i + 1) % CHECK_EVERY == 0 or i + 1 == settings.iters:
-            bad = (~torch.isfinite(losses[: i + 1])).nonzero()
-            if len(bad):
-                raise FloatingPointError(
-                    f"AdaRound loss is {losses[int(bad[0])].item()} in {name} at iteration {int(bad[0])}"
-                )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    with soft_rounding(offsets):
+        for i in range(settings.iters):
+            index = batches[i]
+            per_sample = per_sample_loss(index)
+            if weighting is not None:
+                weighting.update(steps[index], per_sample.detach())
+                per_sample = per_sample * weighting.weights(steps[index])
+            loss = per_sample.mean()
+            beta = beta_at(i, settings)
+            if beta is not None:
+                loss = loss + settings.reg_lambda * sum(o.regularizer(beta) for o in offsets)
+            losses[i] = loss.detach()
+            if (i + 1) % CHECK_EVERY == 0 or i + 1 == settings.iters:
+                bad = (~torch.isfinite(losses[: i + 1])).nonzero()
+                if len(bad):
+                    raise FloatingPointError(
+                        f"AdaRound loss is {losses[int(bad[0])].item()} in {name} at iteration {int(bad[0])}"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
     for o in offsets:
-        o.soft = False
         o.v.requires_grad_(False)
     return {"before": before, "after": full_loss()}
 
@@ -236,7 +246,6 @@ def restore_rounding(unit: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if isinstance(layer, QuantLayer):
             offsets = attach_rounding(layer)
             offsets.v.copy_(state[name])
-            offsets.soft = False
             offsets.v.requires_grad_(False)
 
 

@@ -59,7 +59,7 @@ def quantized_output(layer: QuantLayer, x: torch.Tensor, gamma: torch.Tensor) ->
     shape = [1] * x.ndim
     shape[layer.channel_dim] = -1
     x_hat = fake_quantize(x, scale[parts].view(shape), zp[parts].view(shape), layer.act_quantizer.bits, ste=True)
-    return layer.apply(x_hat, w_hat)
+    return layer.module_forward(x_hat, w_hat)
 
 
 def per_sample_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int) -> torch.Tensor:

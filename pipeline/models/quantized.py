@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -10,12 +11,23 @@ from pipeline.infra.fingerprint import check_same_model
 from pipeline.infra.storage import ArtifactError, read_tensors
 from pipeline.models.diffusion import load_fp_model
 from pipeline.quant.artifacts import load_act_tensors, load_weight_tensors
+from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import QuantSpec, quantize
+
+
+class QuantizedUNet(NamedTuple):
+    """A UNet with quantized layers, its training scheduler, the layers by name, and the artifacts'
+    headers ("weights", "act")."""
+
+    unet: torch.nn.Module
+    scheduler: object
+    layers: dict[str, QuantLayer]
+    headers: dict
 
 
 def load_quantized_unet(
     fp_dir: Path, weights_path: Path, act_path: Path | None, fp_hash: str, steps: int, a_bits: int | None = None
-):
+) -> QuantizedUNet:
     """FP UNet with the stored integer weights (and, given ``act_path``, the per-step activation
     parameters for ``steps`` sampling steps) loaded; both artifacts must come from the model whose
     hash is ``fp_hash``. ``a_bits`` is needed only when there is no ``act_path`` yet (activation
@@ -38,4 +50,4 @@ def load_quantized_unet(
         load_weight_tensors(layers, weights, str(weights_path))
         if act is not None:
             load_act_tensors(layers, act, str(act_path))
-    return unet, scheduler, layers, {"weights": w_header, "act": a_header}
+    return QuantizedUNet(unet, scheduler, layers, {"weights": w_header, "act": a_header})

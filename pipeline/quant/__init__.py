@@ -1,7 +1,15 @@
 """Quantizer objects, the quantized-layer wrapper and the ``quantize(model, spec)`` entry point."""
 
 from pipeline.quant.layers import QuantLayer
-from pipeline.quant.model import QuantSpec, quant_layers, quantizable_layers, quantize, set_quant_state, set_step
+from pipeline.quant.model import (
+    QuantSpec,
+    calibrating,
+    quant_layers,
+    quantizable_layers,
+    quantization,
+    quantize,
+    set_step,
+)
 
 __all__ = [
     "QuantLayer",
@@ -9,6 +17,7 @@ __all__ = [
     "quant_layers",
     "quantizable_layers",
     "quantize",
-    "set_quant_state",
+    "quantization",
+    "calibrating",
     "set_step",
 ]

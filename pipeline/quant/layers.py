@@ -52,7 +52,8 @@ class QuantLayer(nn.Module):
         shape[self.channel_dim] = -1
         return x / gamma.view(shape)
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def module_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The wrapped Conv2d / Linear op on ``x`` with ``weight`` in place of its own."""
         m = self.module
         if self.is_conv:
             return F.conv2d(x, weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
@@ -79,4 +80,4 @@ class QuantLayer(nn.Module):
             weight = self.scaled_weight()
             if self.quantize_weights:
                 weight = self.weight_quantizer(weight)
-        return self.apply(x, weight)
+        return self.module_forward(x, weight)

@@ -8,6 +8,8 @@ Attention score/value matmuls are functional ops, not modules, so they stay in f
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -90,7 +92,34 @@ def set_step(model: nn.Module, step: int) -> None:
         layer.act_quantizer.step = step
 
 
-def set_quant_state(model: nn.Module, weights: bool, acts: bool) -> None:
-    for layer in quant_layers(model).values():
-        layer.quantize_weights = weights
-        layer.quantize_acts = acts
+@contextmanager
+def quantization(
+    layers: Iterable[QuantLayer], *, weights: bool | None = None, acts: bool | None = None
+) -> Iterator[None]:
+    """Weight and / or activation quantization switched on or off (None: left as it is) for the
+    duration of the block; every layer gets its previous switches back on the way out, exception or not."""
+    layers = list(layers)
+    before = [(layer.quantize_weights, layer.quantize_acts) for layer in layers]
+    try:
+        for layer in layers:
+            layer.quantize_weights = layer.quantize_weights if weights is None else weights
+            layer.quantize_acts = layer.quantize_acts if acts is None else acts
+        yield
+    finally:
+        for layer, (w, a) in zip(layers, before):
+            layer.quantize_weights, layer.quantize_acts = w, a
+
+
+@contextmanager
+def calibrating(layers: Iterable[QuantLayer]) -> Iterator[None]:
+    """The activation quantizers of ``layers`` track their input ranges (the current step's running
+    min / max) for the duration of the block, and stop on the way out, exception or not."""
+    quantizers = [layer.act_quantizer for layer in layers]
+    before = [q.calibrating for q in quantizers]
+    try:
+        for q in quantizers:
+            q.calibrating = True
+        yield
+    finally:
+        for q, state in zip(quantizers, before):
+            q.calibrating = state
