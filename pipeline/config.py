@@ -125,6 +125,18 @@ class RowEntry(Section):
 
     weights: str
     a_bits: Bits
+    method: str | None = Field(
+        None,
+        description="the row's method where it differs from its weights entry's: an ablation whose weights equal "
+        "another method's (dmq-no-pts on dmq's weights) shares them; the weight switches must match",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str | None) -> str | None:
+        if name is not None and name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+        return name
 
 
 class PeerEntry(Section):
@@ -257,11 +269,25 @@ class Config(Section):
             for name in ("fp",)
             if name in self.rows or name in self.peers
         ]
+        chains: dict[tuple, str] = {}
+        for name in self.weights:
+            signature = self.weights_signature(name)
+            if signature in chains:
+                problems.append(
+                    f"weights.{chains[signature]} and weights.{name} make the same weights (same LES, weighting, "
+                    "AdaRound, split and bits): keep one and point the rows at it"
+                )
+            chains.setdefault(signature, name)
         for name, row in self.rows.items():
             weights = self.weights.get(row.weights)
             if weights is None:
                 problems.append(
                     f"rows.{name}.weights: no weights entry {row.weights!r}; defined: {', '.join(self.weights)}"
+                )
+            elif row.method is not None and self._switches(row.method) != self._switches(weights.method):
+                problems.append(
+                    f"rows.{name}.method: {row.method}'s weights differ from those of weights.{row.weights} "
+                    f"({weights.method}); name a weights entry of {row.method}"
                 )
             elif weights.a_bits not in (None, row.a_bits):
                 problems.append(
@@ -284,6 +310,15 @@ class Config(Section):
             raise ConfigError(f"{section}: no entry {name!r}; defined: {', '.join(entries)}")
         return entries[name]
 
+    def _switches(self, method: str) -> tuple:
+        return METHODS[method].weight_switches(self.recon.weighting == "method")
+
+    def weights_signature(self, name: str) -> tuple:
+        """What a weights entry's les + recon chain depends on: entries with equal signatures would make
+        bit-identical weights, so the config refuses them (one chain, shared by the rows)."""
+        entry = self.weights[name]
+        return (self._switches(entry.method), entry.w_bits, entry.a_bits)
+
     def weights_variant(self, name: str) -> Variant:
         entry = self.entry("weights", name)
         return Variant(entry.method, entry.w_bits, entry.a_bits)
@@ -294,7 +329,8 @@ class Config(Section):
             peer = self.peers[name]
             return Variant(peer.library, peer.w_bits, peer.a_bits)
         row = self.entry("rows", name)
-        return self.weights_variant(row.weights)._replace(a_bits=row.a_bits)
+        variant = self.weights_variant(row.weights)._replace(a_bits=row.a_bits)
+        return variant._replace(method=row.method) if row.method else variant
 
 
 class ConfigError(ValueError):

@@ -41,7 +41,7 @@ def check_against_model(cfg: Config, source: str = "params") -> None:
     problems = _file_problems(cfg)
     if problems:
         raise ConfigError("\n  ".join([f"invalid parameters in {source}:", *problems]))
-    if any(METHODS[w.method].pts for w in cfg.weights.values()) and cfg.pts.layers != "auto":
+    if any(METHODS[cfg.row_variant(row).method].pts for row in cfg.rows) and cfg.pts.layers != "auto":
         try:
             select_pts_layers(list(quantizable_layers(unet)), cfg.pts.layers)
         except ValueError as error:
