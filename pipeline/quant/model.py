@@ -86,8 +86,13 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 
 
 def set_step(model: nn.Module, step: int) -> None:
-    for layer in quant_layers(model).values():
-        layer.act_quantizer.step = step
+    """Select step ``step``'s activation parameters in every QuantLayer, and in every other module that
+    declares ``selects_step`` (the integer backend's layers)."""
+    for module in model.modules():
+        if isinstance(module, QuantLayer):
+            module.act_quantizer.step = step
+        elif getattr(module, "selects_step", False):
+            module.step = step
 
 
 def set_quant_state(model: nn.Module, weights: bool, acts: bool) -> None:
