@@ -206,6 +206,12 @@ class SampleConfig(Section):
     grid_size: int = Field(8, ge=1)
     guidance_scale: float = Field(7.5, ge=1, description="classifier-free guidance scale (conditional models)")
     prompts: str | None = Field(None, description="text-to-image models: prompts file (.txt, .csv or .json)")
+    backend: Literal["fake", "int8"] = Field(
+        "fake",
+        description="how quantized rows run: fake (float32 on dequantized values, the reference) or int8 (uint8 x "
+        "int8 oneDNN kernels on an x86 CPU, equal to fake up to float rounding; layers it cannot run exactly are "
+        "refused, see pipeline/deploy/integer.py). The FP row ignores it",
+    )
 
 
 class EvalConfig(Section):

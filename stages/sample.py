@@ -1,7 +1,10 @@
 """Stage sample@<row> (and sample_fp): DDIM from the same seeds (and conditions) with the row's
 quantized UNet, or the FP UNet for "fp" -> artifacts/samples/<row>.zarr (one array per seed; pixels,
-latent models' samples decoded), reports/samples/<row>.png."""
+latent models' samples decoded), reports/samples/<row>.png. ``sample.backend: int8`` runs the row's
+quantized layers on int8 kernels instead of fake quantization."""
 
+from pipeline.config import ConfigError
+from pipeline.deploy.integer import to_integer
 from pipeline.eval.sampling import read_samples, write_samples
 from pipeline.infra.distributed import init
 from pipeline.infra.figures import save_grid
@@ -32,6 +35,17 @@ def main(row: str) -> None:
         )
         check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights), cfg.weights_variant(weights))
         check_input(headers["act"], cfg, "pts", fp_hash, act_params_path(row), variant)
+        if s.backend == "int8":
+            if device.type != "cpu" or cfg.autocast != "none":
+                raise ConfigError(
+                    f"sample.backend: int8 runs on the CPU in float32 (device {device.type}, autocast {cfg.autocast}); "
+                    "set device: cpu and autocast: none, or sample.backend: fake"
+                )
+            try:
+                to_integer(unet)
+            except ValueError as error:
+                raise ConfigError(f"sample.backend: int8 cannot run row {row!r}: {error}") from None
+            label += " (int8)"
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     model = load_denoiser(FP_MODEL, unet, read_prompts(s.prompts, s.num_samples) if s.prompts else None).to(device)
     decode = Decoder(find_layout(FP_MODEL), device)
