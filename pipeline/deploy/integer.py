@@ -91,7 +91,7 @@ class IntegerLayer(nn.Module):
         self.register_buffer("zero_point", act.zero_point[:, parts].clone())
         self.register_buffer("bias", None if module.bias is None else module.bias.detach().clone())
         # 2. weights: signed integers recovered exactly from the frozen float weight, PTS folded per pattern
-        w_scale, w_zp = layer.weight_quantizer.channel_params(module.weight.ndim)
+        w_scale, _ = layer.weight_quantizer.channel_params(module.weight.ndim)
         centered = torch.round(layer.frozen_weight / w_scale)  # (w_q - z_w), exact: checked below
         if not torch.equal(centered * w_scale, layer.frozen_weight):
             raise ValueError(f"{name}: the frozen weight is not (w_int - zero_point) * scale; reload the weights")
