@@ -260,10 +260,14 @@ def sample(
     ),
     guidance_scale: float | None = typer.Option(None, help="default: sample.guidance_scale of the params"),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    backend: str = typer.Option(
+        "fake", help="fake (float32 on dequantized values) | int8 (int8 kernels, x86 CPU; see sample.backend)"
+    ),
 ) -> None:
     """Sample from a portable checkpoint, without the DVC repository: DDIM with the steps and η the
     checkpoint was calibrated for."""
     from pipeline.deploy.export import load_checkpoint
+    from pipeline.deploy.integer import to_integer
     from pipeline.eval.sampling import generate
     from pipeline.infra.device import resolve_device
     from pipeline.infra.figures import save_grid
@@ -273,8 +277,14 @@ def sample(
     from pipeline.models.local import find_layout
 
     try:
+        if backend not in ("fake", "int8"):
+            raise ValueError(f"--backend {backend!r}: expected fake or int8")
+        if backend == "int8" and resolve_device(device).type != "cpu":
+            raise ValueError(f"--backend int8 runs on the CPU; pass --device cpu (got {device!r}) or --backend fake")
         loaded = load_checkpoint(quantized, model)
         unet, train_scheduler, header = loaded.unet, loaded.scheduler, loaded.headers
+        if backend == "int8":
+            to_integer(unet)
         s = header["config"]["sample"]
         prompt_file = prompts or s.get("prompts")
         denoiser = load_denoiser(model, unet, read_prompts(prompt_file, num_samples) if prompt_file else None)

@@ -20,6 +20,7 @@ from helpers import ROOT, init_repo, reduced_params, run
 from pipeline.calibration.dump import dump_calibration, open_calibration, random_records, step_records
 from pipeline.config import parse_config
 from pipeline.deploy.export import export_checkpoint, load_checkpoint, pack_nibbles, read_checkpoint, unpack_nibbles
+from pipeline.deploy.integer import int8_kernels_available, to_integer
 from pipeline.eval.sampling import generate, read_samples
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import ArtifactError, atomic_store, read_tensors, write_tensors
@@ -294,6 +295,37 @@ def test_checkpoint_round_trip_samples_like_the_pipeline_artifacts(quantized):
     assert not header8["packed_shapes"] and all(
         torch.equal(weights8[k], v) for k, v in read_tensors(run8["dir"] / "weights.safetensors")[0].items()
     )
+
+
+@pytest.mark.skipif(not int8_kernels_available(), reason="oneDNN int8 kernels need an x86 build of torch")
+def test_int8_backend_samples_the_checkpoint_like_the_fake_model(quantized, tmp_path):
+    """The pipeline's own W4A8 artifacts (LES γ, AdaRound integers, PTS votes, splits) on every model class,
+    sampled on int8 kernels, library call and CLI: within float rounding of the fake samples, which here
+    means above 30 dB PSNR and 15 dB nearer to them than FP is (the figure is printed)."""
+    path, run = export(quantized, 4)
+    unet, *_ = load_checkpoint(path, quantized.model)
+    assert to_integer(unet)
+    images = generate(
+        quantized.fp.with_unet(unet), quantized.scheduler, SAMPLES, SAMPLES, 0.0, SEED, CPU, "int8", quantized.guidance
+    )
+    fake = run["quant"]
+
+    def psnr(a):
+        return float(10 * torch.log10((fake.max() - fake.min()) ** 2 / ((a - fake) ** 2).mean()))
+
+    print(f"\n{quantized.kind}: PSNR vs fake W4A8 samples: int8 {psnr(images):.1f} dB, FP {psnr(run['fp']):.1f} dB")
+    assert psnr(images) > 30 and psnr(images) > psnr(run["fp"]) + 15, (psnr(images), psnr(run["fp"]))
+    if quantized.kind != "latent":
+        return
+    out = tmp_path / "int8.safetensors"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "sample", "--quantized", str(path), "--model", str(quantized.model)]
+    args = ["--out", str(out), "--num-samples", str(SAMPLES), "--batch-size", str(SAMPLES), "--backend", "int8"]
+    done = subprocess.run(cmd + args, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    decoded = Decoder(find_layout(quantized.model))(images)
+    torch.testing.assert_close(read_tensors(out)[0]["images"], decoded, atol=1e-5, rtol=1e-5)
+    refused = subprocess.run([*cmd, *args[:-1], "int4"], cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode == 1 and "--backend 'int4': expected fake or int8" in refused.stderr
 
 
 def test_checkpoint_for_another_model_is_refused(quantized, tmp_path):
