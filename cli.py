@@ -44,13 +44,15 @@ def inspect(
 def check_params(path: Path = typer.Argument(Path("params.yaml"))) -> None:
     """Validate a params file against the config model; print the first problem with its key."""
     from pipeline.config import ConfigError
-    from pipeline.preflight import load_config
+    from pipeline.preflight import load_config, notices
 
     try:
-        load_config(path)
+        cfg = load_config(path)
     except ConfigError as error:
         typer.secho(str(error), fg="red", err=True)
         raise typer.Exit(1) from None
+    for line in notices(cfg):
+        typer.echo(line)
     typer.echo(f"{path}: ok")
 
 

@@ -84,6 +84,7 @@ def main() -> None:
             [spread, *peers, f"Outlier statistics: `{STATS_HEATMAP_FIG}`."],
             setup,
             COLUMNS,
+            r.protocol_samples,
         ),
     )
     ablation = [fp, *(records[name] for name in r.ablation)]
@@ -96,6 +97,7 @@ def main() -> None:
             [spread, "MSE / PSNR vs FP: per-sample pixel error against the FP sample from the same noise."],
             setup,
             ABLATION_COLUMNS,
+            r.protocol_samples,
         ),
     )
     plot_fid_against_activation_bits(table, FID_FIG)
