@@ -122,7 +122,9 @@ def run_pipeline(
     import time
 
     command = ["dvc", "repro", *(["--force"] if force else []), *(targets or [])]
-    changed = _stages_in(subprocess.run([*command, "--dry"], capture_output=True, text=True).stdout)
+    always = _always_changed()  # they run on every repro; they rerun others only when their output changes
+    dry = subprocess.run([*command, "--dry"], capture_output=True, text=True).stdout
+    changed = [stage for stage in _stages_in(dry) if stage not in always]
     planned = _downstream(changed, subprocess.run(["dvc", "dag", "--dot"], capture_output=True, text=True).stdout)
     typer.echo(
         f"{len(changed)} stage(s) changed: {', '.join(changed)}; up to {len(planned)} run, those downstream only "
@@ -134,7 +136,7 @@ def run_pipeline(
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         for line in process.stdout:
             log.append(line)
-            for stage in _stages_in(line):
+            for stage in (stage for stage in _stages_in(line) if stage not in always):
                 starts[stage] = time.perf_counter()
                 typer.echo(f"[{len(starts)}/≤{len(planned)}] {stage} (at {starts[stage] - started:.0f} s)")
     ends = [*list(starts.values())[1:], time.perf_counter()]
@@ -189,6 +191,14 @@ def compare(
 def _stages_in(dvc_output: str) -> list[str]:
     """The stages that ``dvc repro`` output says it runs (or, with --dry, would run), in order."""
     return re.findall(r"Running stage '([^']+)'", dvc_output)
+
+
+def _always_changed(dvc_yaml: Path = Path("dvc.yaml")) -> set[str]:
+    """The stages dvc.yaml marks ``always_changed`` (eval_files: a listing of files outside the repo)."""
+    import yaml
+
+    stages = yaml.safe_load(dvc_yaml.read_text()).get("stages", {}) if dvc_yaml.exists() else {}
+    return {name for name, spec in stages.items() if spec.get("always_changed")}
 
 
 def _downstream(stages: list[str], dag_dot: str) -> set[str]:

@@ -54,9 +54,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SPATIAL = "spatial"  # the sFID features' name in a features dict
 SPATIAL_MODULE = "Mixed_6d.branch1x1"  # TF's mixed_6/conv (see the module docstring)
 SPATIAL_CHANNELS = 7
-NO_FEATURES_NOTE = (
-    "no feature extractor: FID / sFID / KID / ISC / precision-recall not computed (set eval.inception_weights "
-    "and eval.reference_images to compute them)"
+NO_FEATURES_NOTE = (  # a record's "features" when nothing was featurized; tables print it as their caption
+    "the paired error against FP only (FID / sFID / KID / ISC / precision-recall not computed: set "
+    "eval.inception_weights and eval.reference_images to compute them)"
 )
 BATCH_SIZE = 256  # torch-fidelity's feature batches
 

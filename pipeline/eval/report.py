@@ -107,13 +107,18 @@ def cell(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+OPTIONAL = {"sfid", "clip_score", "confident_share"}  # shown only where some row has them
+
+
 def shown_columns(rows: list[Row], columns) -> list:
-    """The columns some row has a value for; the paired error when none of them is there (a model
-    measured without a feature extractor)."""
-    present = [c for c in columns if any(c[0] in run for row in rows for run in row.runs)]
-    if not any(key in {"fid", "kid", "isc"} for key, _, _ in present):
-        present += [c for c in PAIRED_COLUMNS if c not in present]
-    return present
+    """The columns of the table: the optional ones (sFID with Inception features, the CLIP score of a
+    text-to-image model, the digits' confident share) where some row has them; without FID (a model
+    measured without a feature extractor) only the columns with values, and the paired error."""
+    has = {key for row in rows for run in row.runs for key in run}
+    if "fid" in has:
+        return [c for c in columns if c[0] in has or c[0] not in OPTIONAL]
+    present = [c for c in columns if c[0] in has]
+    return present + [c for c in PAIRED_COLUMNS if c not in present]
 
 
 def markdown_table(
@@ -164,7 +169,7 @@ def report_document(
     rows = rows_against_fp(records)
     table = markdown_table(rows, records[0]["steps"], feature_note, columns, protocol_samples)
     warning = protocol_warning(records, protocol_samples)
-    missing = [] if any("fid" in run for row in rows for run in row.runs) else [NOT_COMPUTED]
+    missing = [] if any("fid" in run for row in rows for run in row.runs) else [NOT_COMPUTED, ""]
     lines = [
         f"# {title}",
         "",
