@@ -81,11 +81,6 @@ class FeatureSpace:
         """The features the Inception score uses (the extractor's default for ISC)."""
         return "logits" if self.digits else "logits_unbiased"
 
-    @property
-    def reference_layers(self) -> tuple[str, ...]:
-        """What the reference set needs: the distance features, and sFID's spatial features with Inception."""
-        return (self.distance_layer,) if self.digits else (self.distance_layer, SPATIAL)
-
 
 def feature_space(classifier_path: str, inception_weights: str | None) -> FeatureSpace:
     """Inception features when local Inception weights are given, else the digit classifier's."""
@@ -204,14 +199,11 @@ def featurize(images_uint8: torch.Tensor, features: FeatureSpace, reference: boo
     """Features of uint8 RGB images (N, 3, H, W), float32 on the CPU: every layer the metrics use for a
     generated set, the distance (and spatial) features only for the reference set. With Inception,
     ``spatial`` (N, 2023) holds sFID's features (see the module docstring)."""
-    wanted = list(features.reference_layers) if reference else [features.distance_layer, features.score_layer]
-    if not features.digits:
-        wanted.append(SPATIAL)
-    layers = list(dict.fromkeys(name for name in wanted if name != SPATIAL))
+    layers = [features.distance_layer] if reference else [features.distance_layer, features.score_layer]
     extractor = _extractor(features, layers)
     spatial = []
     hook = None
-    if SPATIAL in wanted:
+    if not features.digits:  # sFID's features, taken on the way to the pool features
 
         def keep(module, args, output):  # (B, 192, 17, 17) -> (B, 17, 17, 7) -> (B, 2023), TF's order
             spatial.append(output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float().cpu())
@@ -229,9 +221,10 @@ def featurize(images_uint8: torch.Tensor, features: FeatureSpace, reference: boo
     finally:
         if hook is not None:
             hook.remove()
-    if spatial:
+    found = {name: found[name] for name in layers}
+    if hook is not None:
         found[SPATIAL] = torch.cat(spatial)
-    return {name: found[name] for name in dict.fromkeys(wanted)}
+    return found
 
 
 def fidelity_from_features(
