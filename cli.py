@@ -75,8 +75,9 @@ def doctor(
     typer.echo("no problems found")
 
 
-def _records(params: Path, ablation: bool) -> tuple[list[dict], str]:
-    """FP's and the configured rows' metrics records from metrics/, in the report's order."""
+def _records(params: Path, ablation: bool) -> tuple[list[dict], str, int | None]:
+    """FP's and the configured rows' metrics records from metrics/, in the report's order, the title and
+    the protocol's sample count (report.protocol_samples)."""
     from pipeline.infra.storage import read_json
     from pipeline.preflight import load_config
     from stages.layout import FP, metrics_path
@@ -86,7 +87,8 @@ def _records(params: Path, ablation: bool) -> tuple[list[dict], str]:
     missing = [name for name in names if not metrics_path(name).exists()]
     if missing:
         raise FileNotFoundError(f"no metrics for {', '.join(missing)} yet: run `python cli.py run` (dvc repro) first")
-    return [read_json(metrics_path(name)) for name in names], "Ablation" if ablation else "Paper table"
+    records = [read_json(metrics_path(name)) for name in names]
+    return records, "Ablation" if ablation else "Paper table", cfg.report.protocol_samples
 
 
 @app.command()
@@ -99,14 +101,18 @@ def table(
     from pipeline.eval.report import ABLATION_COLUMNS, COLUMNS, markdown_table, rows_against_fp
 
     try:
-        records, title = _records(params, ablation)
+        records, title, protocol_samples = _records(params, ablation)
     except FileNotFoundError as error:
         _fail(error)
     typer.echo(f"{title}\n")
     features = records[0].get("features", FEATURE_NOTE)  # records written before the Inception option name no features
     typer.echo(
         markdown_table(
-            rows_against_fp(records), records[0]["steps"], features, ABLATION_COLUMNS if ablation else COLUMNS
+            rows_against_fp(records),
+            records[0]["steps"],
+            features,
+            ABLATION_COLUMNS if ablation else COLUMNS,
+            protocol_samples,
         )
     )
 
