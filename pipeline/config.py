@@ -167,6 +167,12 @@ class ReportConfig(Section):
     table: list[str] = Field([], description="rows and peers of reports/paper_table.md, in order (FP comes first)")
     ablation: list[str] = Field([], description="rows of reports/ablation.md, in order")
     grid_bits: str = Field("W4A6", pattern=r"^W\d+A\d+$", description="bit-width of the per-method sample grids")
+    protocol_samples: int | None = Field(
+        None,
+        ge=1,
+        description="samples per seed of the paper's protocol (e.g. 50000 for LDM FID, 10000 for SD): the "
+        "tables print it beside the sample count and say when they were computed on fewer",
+    )
 
 
 class StatsConfig(Section):
@@ -228,7 +234,14 @@ class EvalConfig(Section):
         None, description="local InceptionV3 weights for torch-fidelity's inception-v3-compat"
     )
     reference_images: str | None = Field(
-        None, description="folder of reference images (required for FID of a local model)"
+        None,
+        description="folder of real images, all of one size (FID / sFID of a local model; without it or "
+        "inception_weights a local model gets the paired metrics only)",
+    )
+    clip_model: str | None = Field(
+        None,
+        description="text-to-image models: a local folder with a transformers CLIPModel and its processor "
+        "(save_pretrained), for the CLIP score",
     )
 
 

@@ -82,6 +82,7 @@ def main() -> None:
             [spread, *peers, f"Outlier statistics: `{STATS_HEATMAP_FIG}`."],
             setup,
             COLUMNS,
+            report.protocol_samples,
         ),
     )
     ablation = [fp, *(records[name] for name in report.ablation)]
@@ -94,6 +95,7 @@ def main() -> None:
             [spread, "MSE / PSNR vs FP: per-sample pixel error against the FP sample from the same noise."],
             setup,
             ABLATION_COLUMNS,
+            report.protocol_samples,
         ),
     )
     plot_fid_against_activation_bits(table, FID_FIG)

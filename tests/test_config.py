@@ -194,6 +194,8 @@ def test_pts_patterns_matter_only_for_methods_with_pts(tmp_path):
         ("pts", "qdiff-w4a6"),
         ("sample", "qdiff-w4a6"),
         ("sample", "fp"),
+        ("eval_files", None),
+        ("reference", None),
         ("fid", "qdiff-w4a6"),
         ("peer", "quanto-w4a8"),
         ("report", None),
