@@ -45,7 +45,8 @@ def configuration(cfg: Config, fp: dict) -> list[str]:
         f"PTS: τ = {cfg.pts.ratio_threshold}, {cfg.pts.num_candidates} candidates, layers {cfg.pts.layers}",
         "rows: "
         + "; ".join(
-            f"{name} = {row.method + ' on ' if row.method else ''}weights {row.weights} ({weights[row.weights].method}) + A{row.a_bits}"
+            f"{name} = {row.method + ' on ' if row.method else ''}weights {row.weights} "
+            f"({weights[row.weights].method}) + A{row.a_bits}"
             for name, row in cfg.rows.items()
         ),
         *(
