@@ -44,13 +44,15 @@ def inspect(
 def check_params(path: Path = typer.Argument(Path("params.yaml"))) -> None:
     """Validate a params file against the config model; print the first problem with its key."""
     from pipeline.config import ConfigError
-    from pipeline.preflight import load_config
+    from pipeline.preflight import load_config, notices
 
     try:
-        load_config(path)
+        cfg = load_config(path)
     except ConfigError as error:
         typer.secho(str(error), fg="red", err=True)
         raise typer.Exit(1) from None
+    for line in notices(cfg):
+        typer.echo(line)
     typer.echo(f"{path}: ok")
 
 
@@ -73,8 +75,9 @@ def doctor(
     typer.echo("no problems found")
 
 
-def _records(params: Path, ablation: bool) -> tuple[list[dict], str]:
-    """FP's and the configured rows' metrics records from metrics/, in the report's order."""
+def _records(params: Path, ablation: bool) -> tuple[list[dict], str, int | None]:
+    """FP's and the configured rows' metrics records from metrics/, in the report's order, the title and
+    the protocol's sample count (report.protocol_samples)."""
     from pipeline.infra.storage import read_json
     from pipeline.preflight import load_config
     from stages.layout import FP, metrics_path
@@ -84,7 +87,8 @@ def _records(params: Path, ablation: bool) -> tuple[list[dict], str]:
     missing = [name for name in names if not metrics_path(name).exists()]
     if missing:
         raise FileNotFoundError(f"no metrics for {', '.join(missing)} yet: run `python cli.py run` (dvc repro) first")
-    return [read_json(metrics_path(name)) for name in names], "Ablation" if ablation else "Paper table"
+    records = [read_json(metrics_path(name)) for name in names]
+    return records, "Ablation" if ablation else "Paper table", cfg.report.protocol_samples
 
 
 @app.command()
@@ -97,14 +101,18 @@ def table(
     from pipeline.eval.report import ABLATION_COLUMNS, COLUMNS, markdown_table, rows_against_fp
 
     try:
-        records, title = _records(params, ablation)
+        records, title, protocol_samples = _records(params, ablation)
     except FileNotFoundError as error:
         _fail(error)
     typer.echo(f"{title}\n")
     features = records[0].get("features", FEATURE_NOTE)  # records written before the Inception option name no features
     typer.echo(
         markdown_table(
-            rows_against_fp(records), records[0]["steps"], features, ABLATION_COLUMNS if ablation else COLUMNS
+            rows_against_fp(records),
+            records[0]["steps"],
+            features,
+            ABLATION_COLUMNS if ablation else COLUMNS,
+            protocol_samples,
         )
     )
 
@@ -120,7 +128,9 @@ def run_pipeline(
     import time
 
     command = ["dvc", "repro", *(["--force"] if force else []), *(targets or [])]
-    changed = _stages_in(subprocess.run([*command, "--dry"], capture_output=True, text=True).stdout)
+    always = _always_changed()  # they run on every repro; they rerun others only when their output changes
+    dry = subprocess.run([*command, "--dry"], capture_output=True, text=True).stdout
+    changed = [stage for stage in _stages_in(dry) if stage not in always]
     planned = _downstream(changed, subprocess.run(["dvc", "dag", "--dot"], capture_output=True, text=True).stdout)
     typer.echo(
         f"{len(changed)} stage(s) changed: {', '.join(changed)}; up to {len(planned)} run, those downstream only "
@@ -132,7 +142,7 @@ def run_pipeline(
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         for line in process.stdout:
             log.append(line)
-            for stage in _stages_in(line):
+            for stage in (stage for stage in _stages_in(line) if stage not in always):
                 starts[stage] = time.perf_counter()
                 typer.echo(f"[{len(starts)}/≤{len(planned)}] {stage} (at {starts[stage] - started:.0f} s)")
     ends = [*list(starts.values())[1:], time.perf_counter()]
@@ -187,6 +197,14 @@ def compare(
 def _stages_in(dvc_output: str) -> list[str]:
     """The stages that ``dvc repro`` output says it runs (or, with --dry, would run), in order."""
     return re.findall(r"Running stage '([^']+)'", dvc_output)
+
+
+def _always_changed(dvc_yaml: Path = Path("dvc.yaml")) -> set[str]:
+    """The stages dvc.yaml marks ``always_changed`` (eval_files: a listing of files outside the repo)."""
+    import yaml
+
+    stages = yaml.safe_load(dvc_yaml.read_text()).get("stages", {}) if dvc_yaml.exists() else {}
+    return {name for name, spec in stages.items() if spec.get("always_changed")}
 
 
 def _downstream(stages: list[str], dag_dot: str) -> set[str]:
@@ -260,10 +278,14 @@ def sample(
     ),
     guidance_scale: float | None = typer.Option(None, help="default: sample.guidance_scale of the params"),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    backend: str = typer.Option(
+        "fake", help="fake (float32 on dequantized values) | int8 (int8 kernels, x86 CPU; see sample.backend)"
+    ),
 ) -> None:
     """Sample from a portable checkpoint, without the DVC repository: DDIM with the steps and η the
     checkpoint was calibrated for."""
     from pipeline.deploy.export import load_checkpoint
+    from pipeline.deploy.integer import to_integer
     from pipeline.eval.sampling import generate
     from pipeline.infra.device import resolve_device
     from pipeline.infra.figures import save_grid
@@ -273,8 +295,14 @@ def sample(
     from pipeline.models.local import find_layout
 
     try:
+        if backend not in ("fake", "int8"):
+            raise ValueError(f"--backend {backend!r}: expected fake or int8")
+        if backend == "int8" and resolve_device(device).type != "cpu":
+            raise ValueError(f"--backend int8 runs on the CPU; pass --device cpu (got {device!r}) or --backend fake")
         loaded = load_checkpoint(quantized, model)
         unet, train_scheduler, header = loaded.unet, loaded.scheduler, loaded.headers
+        if backend == "int8":
+            to_integer(unet)
         s = header["config"]["sample"]
         prompt_file = prompts or s.get("prompts")
         denoiser = load_denoiser(model, unet, read_prompts(prompt_file, num_samples) if prompt_file else None)

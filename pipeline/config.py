@@ -125,6 +125,18 @@ class RowEntry(Section):
 
     weights: str
     a_bits: Bits
+    method: str | None = Field(
+        None,
+        description="the row's method where it differs from its weights entry's: an ablation whose weights equal "
+        "another method's (dmq-no-pts on dmq's weights) shares them; the weight switches must match",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str | None) -> str | None:
+        if name is not None and name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+        return name
 
 
 class PeerEntry(Section):
@@ -155,6 +167,12 @@ class ReportConfig(Section):
     table: list[str] = Field([], description="rows and peers of reports/paper_table.md, in order (FP comes first)")
     ablation: list[str] = Field([], description="rows of reports/ablation.md, in order")
     grid_bits: str = Field("W4A6", pattern=r"^W\d+A\d+$", description="bit-width of the per-method sample grids")
+    protocol_samples: int | None = Field(
+        None,
+        ge=1,
+        description="samples per seed of the paper's protocol (e.g. 50000 for LDM FID, 10000 for SD): the "
+        "tables print it beside the sample count and say when they were computed on fewer",
+    )
 
 
 class StatsConfig(Section):
@@ -216,7 +234,14 @@ class EvalConfig(Section):
         None, description="local InceptionV3 weights for torch-fidelity's inception-v3-compat"
     )
     reference_images: str | None = Field(
-        None, description="folder of reference images (required for FID of a local model)"
+        None,
+        description="folder of real images, all of one size (FID / sFID of a local model; without it or "
+        "inception_weights a local model gets the paired metrics only)",
+    )
+    clip_model: str | None = Field(
+        None,
+        description="text-to-image models: a local folder with a transformers CLIPModel and its processor "
+        "(save_pretrained), for the CLIP score",
     )
 
 
@@ -257,11 +282,25 @@ class Config(Section):
             for name in ("fp",)
             if name in self.rows or name in self.peers
         ]
+        chains: dict[tuple, str] = {}
+        for name in self.weights:
+            signature = self.weights_signature(name)
+            if signature in chains:
+                problems.append(
+                    f"weights.{chains[signature]} and weights.{name} make the same weights (same LES, weighting, "
+                    "AdaRound, split and bits): keep one and point the rows at it"
+                )
+            chains.setdefault(signature, name)
         for name, row in self.rows.items():
             weights = self.weights.get(row.weights)
             if weights is None:
                 problems.append(
                     f"rows.{name}.weights: no weights entry {row.weights!r}; defined: {', '.join(self.weights)}"
+                )
+            elif row.method is not None and self._switches(row.method) != self._switches(weights.method):
+                problems.append(
+                    f"rows.{name}.method: {row.method}'s weights differ from those of weights.{row.weights} "
+                    f"({weights.method}); name a weights entry of {row.method}"
                 )
             elif weights.a_bits not in (None, row.a_bits):
                 problems.append(
@@ -284,6 +323,15 @@ class Config(Section):
             raise ConfigError(f"{section}: no entry {name!r}; defined: {', '.join(entries)}")
         return entries[name]
 
+    def _switches(self, method: str) -> tuple:
+        return METHODS[method].weight_switches(self.recon.weighting == "method")
+
+    def weights_signature(self, name: str) -> tuple:
+        """What a weights entry's les + recon chain depends on: entries with equal signatures would make
+        bit-identical weights, so the config refuses them (one chain, shared by the rows)."""
+        entry = self.weights[name]
+        return (self._switches(entry.method), entry.w_bits, entry.a_bits)
+
     def weights_variant(self, name: str) -> Variant:
         entry = self.entry("weights", name)
         return Variant(entry.method, entry.w_bits, entry.a_bits)
@@ -294,7 +342,8 @@ class Config(Section):
             peer = self.peers[name]
             return Variant(peer.library, peer.w_bits, peer.a_bits)
         row = self.entry("rows", name)
-        return self.weights_variant(row.weights)._replace(a_bits=row.a_bits)
+        variant = self.weights_variant(row.weights)._replace(a_bits=row.a_bits)
+        return variant._replace(method=row.method) if row.method else variant
 
 
 class ConfigError(ValueError):

@@ -17,6 +17,14 @@ class Method:
     split: bool  # separate quantizers for the two halves of decoder skip concatenations
     weighting: str  # timestep weighting of the LES loss: uniform | linear | focal
 
+    def weight_switches(self, recon_weighted: bool) -> tuple:
+        """The switches that shape this method's weights (LES, its weighting, AdaRound, split): two
+        methods with equal switches make bit-identical weights and share one les + recon chain. The
+        weighting counts only where a loss uses it (LES, or reconstruction with ``recon.weighting:
+        method``); PTS acts on activations only."""
+        weighted = self.les or (recon_weighted and self.adaround)
+        return (self.les, self.weighting if weighted else None, self.adaround, self.split)
+
 
 METHODS: dict[str, Method] = {
     "minmax": Method(les=False, adaround=False, pts=False, split=False, weighting="uniform"),

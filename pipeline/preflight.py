@@ -20,6 +20,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from pipeline.config import Config, ConfigError, read_params
+from pipeline.eval.metrics import clip_folder_problem
+from pipeline.infra.listing import reference_files
 from pipeline.method.pts import select_pts_layers
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import probe_kwargs, read_prompts
@@ -41,7 +43,7 @@ def check_against_model(cfg: Config, source: str = "params") -> None:
     problems = _file_problems(cfg)
     if problems:
         raise ConfigError("\n  ".join([f"invalid parameters in {source}:", *problems]))
-    if any(METHODS[w.method].pts for w in cfg.weights.values()) and cfg.pts.layers != "auto":
+    if any(METHODS[cfg.row_variant(row).method].pts for row in cfg.rows) and cfg.pts.layers != "auto":
         try:
             select_pts_layers(list(quantizable_layers(unet)), cfg.pts.layers)
         except ValueError as error:
@@ -63,19 +65,41 @@ def _file_problems(cfg: Config) -> list[str]:
                 f"{key}: required for the text-to-image model in {cfg.model.path} (a .txt, .csv or .json file of "
                 "prompts)"
             )
-    for key, value, what in (
-        (
-            "eval.inception_weights",
-            cfg.eval.inception_weights,
-            "local InceptionV3 weights: FID of real images needs Inception features",
-        ),
-        ("eval.reference_images", cfg.eval.reference_images, "a folder of real images to measure the samples against"),
-    ):
-        if value is not None and not Path(value).exists():
-            problems.append(f"{key}: {value} not found")
-        elif value is None and cfg.model.source == "local":
-            problems.append(f"{key}: required for a local model ({what})")
+    e = cfg.eval
+    if e.inception_weights is not None and not Path(e.inception_weights).is_file():
+        problems.append(f"eval.inception_weights: {e.inception_weights} not found")
+    if e.reference_images is not None:
+        try:
+            reference_files(e.reference_images)
+        except FileNotFoundError as error:
+            problems.append(str(error))
+    if e.clip_model is not None:
+        problem = clip_folder_problem(e.clip_model)
+        if problem is None and not text:
+            problem = "the CLIP score is for text-to-image models (a model with text_encoder/ and tokenizer/)"
+        if problem is not None:
+            problems.append(f"eval.clip_model: {problem}")
     return problems
+
+
+def notices(cfg: Config) -> list[str]:
+    """What valid params leave out, one line each: a local model without Inception weights or reference
+    images gets the paired metrics only."""
+    e = cfg.eval
+    if cfg.model.source != "local" or (e.inception_weights is not None and e.reference_images is not None):
+        return []
+    keys = " and ".join(
+        key
+        for key, value in (
+            ("eval.inception_weights", e.inception_weights),
+            ("eval.reference_images", e.reference_images),
+        )
+        if value is None
+    )
+    return [
+        f"notice: FID / sFID will not be computed (no {keys}); the metrics are the paired MSE / PSNR against FP on "
+        "the same seeds"
+    ]
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

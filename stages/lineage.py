@@ -20,8 +20,10 @@ PARAMS = {
     "pts": ("device", "pts"),
     "sample_fp": ("device", "autocast", "diffusion.steps", "sample"),
     "sample": ("device", "autocast", "diffusion.steps", "sample"),
-    "fid_fp": ("eval", "model.image_size"),
-    "fid": ("eval", "model.image_size"),
+    "eval_files": ("eval.reference_images", "eval.inception_weights", "eval.clip_model"),
+    "reference": ("eval.reference_images", "eval.inception_weights", "model.image_size"),
+    "fid_fp": ("eval", "model.image_size", "sample.prompts"),
+    "fid": ("eval", "model.image_size", "sample.prompts"),
     "peer": ("device", "diffusion.steps", "sample", "eval", "model.image_size"),
     "report": ("report",),
 }
@@ -44,9 +46,11 @@ INPUTS = {
     "pts": ("fp_model", "dump", "stats", "recon"),
     "sample_fp": ("fp_model",),
     "sample": ("fp_model", "recon", "pts"),
-    "fid_fp": ("sample_fp", "classifier"),
-    "fid": ("sample", "sample_fp", "classifier"),
-    "peer": ("fp_model", "dump", "sample_fp", "classifier"),
+    "eval_files": (),
+    "reference": ("fp_model", "classifier", "eval_files"),
+    "fid_fp": ("sample_fp", "classifier", "reference", "eval_files"),
+    "fid": ("sample", "sample_fp", "classifier", "reference", "eval_files"),
+    "peer": ("fp_model", "dump", "sample_fp", "classifier", "reference", "eval_files"),
     "report": ("fid_fp", "fid", "peer", "sample_fp", "sample"),
 }
 

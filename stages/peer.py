@@ -3,7 +3,7 @@ dumped trajectories, sampled from the same seeds and measured like every row ->
 artifacts/samples/<name>.zarr, reports/samples/<name>.png, metrics/<name>.json."""
 
 from pipeline.calibration.dump import open_calibration, random_records, record_denoiser
-from pipeline.eval.metrics import evaluate_runs, feature_space, reference_set
+from pipeline.eval.metrics import ClipScorer, evaluate_runs, measured_features, read_reference
 from pipeline.eval.peers import quanto_quantize
 from pipeline.eval.report import metrics_record
 from pipeline.eval.sampling import read_samples, write_samples
@@ -15,7 +15,17 @@ from pipeline.models.denoiser import Decoder, load_denoiser, read_prompts
 from pipeline.models.diffusion import ddim_scheduler, load_fp_model
 from pipeline.models.local import find_layout
 from pipeline.preflight import load_config
-from stages.layout import CALIB, CLASSIFIER, FP, FP_MODEL, entry_argument, grid_path, metrics_path, samples_path
+from stages.layout import (
+    CALIB,
+    CLASSIFIER,
+    FP,
+    FP_MODEL,
+    REFERENCE,
+    entry_argument,
+    grid_path,
+    metrics_path,
+    samples_path,
+)
 from stages.lineage import check_input, stage_provenance
 
 
@@ -32,6 +42,8 @@ def main(name: str) -> None:
     fp_runs, fp_attrs = read_samples(samples_path(FP))
     check_input(fp_attrs, cfg, "sample_fp", fp_hash, samples_path(FP))
     check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
+    reference_tensors, reference_header = read_tensors(REFERENCE)
+    check_input(reference_header, cfg, "reference", fp_hash, REFERENCE)
     unet, train_scheduler = load_fp_model(FP_MODEL)
     records, _ = random_records(calib, peer.calib_records, cfg.seed)
     calibration = record_denoiser(FP_MODEL, unet, calib).to(device)
@@ -43,9 +55,8 @@ def main(name: str) -> None:
         batch_size=sample.batch_size,
     )
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-    model = load_denoiser(
-        FP_MODEL, unet, read_prompts(sample.prompts, sample.num_samples) if sample.prompts else None
-    ).to(device)  # the rows' sampling prompts
+    prompts = read_prompts(sample.prompts, sample.num_samples) if sample.prompts else None  # the rows' sampling prompts
+    model = load_denoiser(FP_MODEL, unet, prompts).to(device)
     decode = Decoder(find_layout(FP_MODEL), device)
     provenance = stage_provenance(cfg, "peer", fp_hash, variant)
     attrs = {**provenance, "steps": cfg.diffusion.steps, "label": label}
@@ -65,17 +76,17 @@ def main(name: str) -> None:
     )
     runs, _ = read_samples(samples_path(name))
     save_grid(runs[sample.seeds[0]], grid_path(name), sample.grid_size, label)
-    reference = reference_set(
-        cfg.model.source, cfg.model.image_size, evaluation.reference_images, next(iter(runs.values()))
-    )
+    reference = read_reference(reference_tensors, reference_header, next(iter(runs.values())), str(REFERENCE))
     found = evaluate_runs(
         runs,
         reference,
-        feature_space(str(CLASSIFIER), evaluation.inception_weights),
+        measured_features(cfg.model.source, str(CLASSIFIER), evaluation.inception_weights, evaluation.reference_images),
         kid_subset_size=evaluation.kid_subset_size,
         isc_splits=evaluation.isc_splits,
         prc_neighborhood=evaluation.prc_neighborhood,
         fp_runs=fp_runs,
+        clip=ClipScorer(evaluation.clip_model) if evaluation.clip_model else None,
+        prompts=prompts,
     )
     write_json(metrics_path(name), metrics_record(label, variant, cfg.diffusion.steps, found, provenance))
 

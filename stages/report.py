@@ -45,7 +45,8 @@ def configuration(cfg: Config, fp: dict) -> list[str]:
         f"PTS: τ = {cfg.pts.ratio_threshold}, {cfg.pts.num_candidates} candidates, layers {cfg.pts.layers}",
         "rows: "
         + "; ".join(
-            f"{name} = weights {row.weights} ({weights[row.weights].method}) + A{row.a_bits}"
+            f"{name} = {row.method + ' on ' if row.method else ''}weights {row.weights} "
+            f"({weights[row.weights].method}) + A{row.a_bits}"
             for name, row in cfg.rows.items()
         ),
         *(
@@ -82,6 +83,7 @@ def main() -> None:
             [spread, *peers, f"Outlier statistics: `{STATS_HEATMAP_FIG}`."],
             setup,
             COLUMNS,
+            report.protocol_samples,
         ),
     )
     ablation = [fp, *(records[name] for name in report.ablation)]
@@ -94,6 +96,7 @@ def main() -> None:
             [spread, "MSE / PSNR vs FP: per-sample pixel error against the FP sample from the same noise."],
             setup,
             ABLATION_COLUMNS,
+            report.protocol_samples,
         ),
     )
     plot_fid_against_activation_bits(table, FID_FIG)

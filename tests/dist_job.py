@@ -1,6 +1,8 @@
 """Dump, sample and LES on a tiny UNet into the folder ``sys.argv[1]``; tests/test_distributed.py runs
-it as one process and under ``torchrun`` with 2 gloo ranks and compares the results."""
+it as one process and under ``torchrun`` with 2 gloo ranks (NCCL where ``DMQ_DIST_DEVICE=cuda``) and
+compares the results."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +32,7 @@ LES_LAYERS = (
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    world, device = init("cpu")
+    world, device = init(os.environ.get("DMQ_DIST_DEVICE", "cpu"))  # cuda: NCCL, one GPU per rank
     torch.manual_seed(0)
     unet = build_unet(16, (16, 32, 32), layers_per_block=1, norm_num_groups=8).eval()
     scheduler = ddim_scheduler(DDPMScheduler(num_train_timesteps=1000), steps=3)

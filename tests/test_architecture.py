@@ -113,7 +113,9 @@ def test_every_stage_declares_the_modules_its_script_imports():
     graph, known = import_graph(), project_modules()
     exempt = exempt_from_code_deps()
     path_of = {name: path.relative_to(ROOT).as_posix() for name, path in known.items()}
-    assert exempt <= set(path_of.values()), f"dvc.yaml exempts files that do not exist: {exempt - set(path_of.values())}"
+    assert exempt <= set(path_of.values()), (
+        f"dvc.yaml exempts files that do not exist: {exempt - set(path_of.values())}"
+    )
     missing = []
     for stage, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
         spec = spec.get("do", spec)

@@ -19,6 +19,23 @@ def test_default_params_load():
     assert cfg.row_variant("qdiff-w4a6") == ("qdiff", 4, 6) and cfg.weights_variant("qdiff-w4") == ("qdiff", 4, None)
 
 
+def test_rows_whose_weights_match_share_one_chain():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.rows["dmq-no-pts-w4a6"].weights == "dmq-w4a6" and cfg.rows["dmq-no-les-w4a6"].weights == "qdiff-w4"
+    assert cfg.row_variant("dmq-no-pts-w4a6") == ("dmq-no-pts", 4, 6)
+    assert len({cfg.weights_signature(name) for name in cfg.weights}) == len(cfg.weights) == 9
+
+
+def test_timestep_weighted_reconstruction_separates_the_no_les_weights_from_qdiff():
+    data = default()
+    data["recon"]["weighting"] = "method"  # dmq-no-les reconstructs focal-weighted, qdiff uniform: other weights
+    with pytest.raises(ConfigError, match=r"rows\.dmq-no-les-w4a6\.method: dmq-no-les's weights differ"):
+        parse_config(data)
+    data["weights"]["dmq-no-les-w4"] = {"method": "dmq-no-les", "w_bits": 4}
+    data["rows"]["dmq-no-les-w4a6"] = {"weights": "dmq-no-les-w4", "a_bits": 6}
+    assert parse_config(data).row_variant("dmq-no-les-w4a6") == ("dmq-no-les", 4, 6)
+
+
 @pytest.mark.parametrize(
     "section, key, value, expected",
     [
@@ -72,6 +89,23 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
             r"rows\.qdiff-w4a6\.weights: no weights entry 'qdiff-w3'; defined: minmax-w8, ",
         ),
         (
+            lambda d: d["weights"].update({"dmq-no-pts-w4a6": {"method": "dmq-no-pts", "w_bits": 4, "a_bits": 6}}),
+            r"weights\.dmq-w4a6 and weights\.dmq-no-pts-w4a6 make the same weights .*: keep one",
+        ),
+        (
+            lambda d: d["weights"].update({"no-les-w4": {"method": "dmq-no-les", "w_bits": 4}}),
+            r"weights\.qdiff-w4 and weights\.no-les-w4 make the same weights",
+        ),
+        (
+            lambda d: d["rows"]["dmq-no-pts-w4a6"].update(weights="dmq-linear-w4a6"),
+            r"rows\.dmq-no-pts-w4a6\.method: dmq-no-pts's weights differ from those of weights\.dmq-linear-w4a6 "
+            r"\(dmq-linear\); name a weights entry of dmq-no-pts",
+        ),
+        (
+            lambda d: d["rows"]["dmq-no-pts-w4a6"].update(method="awq"),
+            r"rows\.dmq-no-pts-w4a6\.method: unknown method 'awq'",
+        ),
+        (
             lambda d: d["rows"].update({"Big Row": {"weights": "qdiff-w4", "a_bits": 8}}),
             r"rows\.Big Row: use lower-case letters, digits",
         ),
@@ -87,6 +121,10 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
         "no-a_bits-without-les",
         "row-a_bits-against-gamma",
         "unknown-weights",
+        "duplicate-chain",
+        "duplicate-chain-without-les",
+        "row-method-on-other-weights",
+        "row-method-unknown",
         "bad-name",
         "fp-is-reserved",
         "unknown-report-row",
@@ -156,6 +194,8 @@ def test_pts_patterns_matter_only_for_methods_with_pts(tmp_path):
         ("pts", "qdiff-w4a6"),
         ("sample", "qdiff-w4a6"),
         ("sample", "fp"),
+        ("eval_files", None),
+        ("reference", None),
         ("fid", "qdiff-w4a6"),
         ("peer", "quanto-w4a8"),
         ("report", None),

@@ -8,10 +8,11 @@ import pytest
 
 from helpers import copy_repo, ran_stages, run, set_params, stale_stages
 
-SHARED = {"fp_model", "classifier", "dump", "stats", "sample_fp", "fid_fp", "report"}
+SHARED = {"fp_model", "classifier", "reference", "dump", "stats", "sample_fp", "fid_fp", "report"}
+ALWAYS = {"eval_files"}  # lists the files outside the repository that the metrics read, on every run
 PER_WEIGHTS = {f"{stage}@{name}" for stage in ("les", "recon") for name in ("qdiff-w4", "dmq-w4a6")}
 PER_ROW = {f"{stage}@{row}" for stage in ("pts", "sample", "fid") for row in ("qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6")}
-ALL = SHARED | PER_WEIGHTS | PER_ROW | {"peer@quanto-w4a8"}
+ALL = SHARED | PER_WEIGHTS | PER_ROW | {"peer@quanto-w4a8"} | ALWAYS
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,11 @@ def test_repro_runs_every_stage_and_writes_metrics_and_report(repo):
 
 
 def test_nothing_changed_reruns_nothing(repo):
+    """eval_files runs every time; its listing comes out unchanged, so the reference features and the
+    metrics are not recomputed."""
     repo, _ = repo
-    assert stale_stages(repo) == set()
-    assert ran_stages(run(["dvc", "repro"], repo)) == set()
+    assert stale_stages(repo) == ALWAYS
+    assert ran_stages(run(["dvc", "repro"], repo)) == ALWAYS
 
 
 def test_a_damaged_store_is_restored_without_rerunning_its_readers(repo):
@@ -62,10 +65,10 @@ def test_a_damaged_store_is_restored_without_rerunning_its_readers(repo):
     chunk = max((repo / "artifacts/calib.zarr").rglob("c/*/*/*/*"), key=lambda p: p.stat().st_size)
     intact = chunk.read_bytes()
     chunk.write_bytes(intact[:100])
-    assert stale_stages(repo) == {"dump"}
-    assert ran_stages(run(["dvc", "repro"], repo)) <= {"dump"}
+    assert stale_stages(repo) == {"dump"} | ALWAYS
+    assert ran_stages(run(["dvc", "repro"], repo)) <= {"dump"} | ALWAYS
     assert chunk.read_bytes() == intact
-    assert stale_stages(repo) == set()
+    assert stale_stages(repo) == ALWAYS
 
 
 # `dvc status` lists the stages whose own deps changed; `dvc repro` also runs the stages downstream
@@ -73,8 +76,8 @@ def test_a_damaged_store_is_restored_without_rerunning_its_readers(repo):
 def test_a_rows_activation_bits_rerun_that_row_only_not_its_shared_weights(repo):
     repo, _ = repo
     set_params(repo, {"rows": {"qdiff-w4a6": {"a_bits": 5}}})
-    assert stale_stages(repo) == {"pts@qdiff-w4a6"}
-    assert ran_stages(run(["dvc", "repro"], repo)) == {
+    assert stale_stages(repo) == {"pts@qdiff-w4a6"} | ALWAYS
+    assert ran_stages(run(["dvc", "repro"], repo)) == ALWAYS | {
         "pts@qdiff-w4a6",
         "sample@qdiff-w4a6",
         "fid@qdiff-w4a6",
@@ -85,9 +88,9 @@ def test_a_rows_activation_bits_rerun_that_row_only_not_its_shared_weights(repo)
 def test_a_weights_entry_reruns_the_rows_that_share_it(repo):
     repo, _ = repo
     set_params(repo, {"weights": {"qdiff-w4": {"w_bits": 5}}})
-    assert stale_stages(repo) == {"les@qdiff-w4", "recon@qdiff-w4", "pts@qdiff-w4a8", "pts@qdiff-w4a6"}
+    assert stale_stages(repo) == {"les@qdiff-w4", "recon@qdiff-w4", "pts@qdiff-w4a8", "pts@qdiff-w4a6"} | ALWAYS
     rows = {f"{stage}@{row}" for stage in ("pts", "sample", "fid") for row in ("qdiff-w4a8", "qdiff-w4a6")}
-    assert ran_stages(run(["dvc", "repro"], repo)) == {"les@qdiff-w4", "recon@qdiff-w4", *rows, "report"}
+    assert ran_stages(run(["dvc", "repro"], repo)) == {"les@qdiff-w4", "recon@qdiff-w4", *rows, "report"} | ALWAYS
 
 
 def test_les_params_rerun_the_methods_with_les_only(repo):
@@ -95,7 +98,7 @@ def test_les_params_rerun_the_methods_with_les_only(repo):
     set_params(repo, {"les": {"iters": 6}})
     # DVC reruns les for every entry (it declares the les section), but γ = 1 of qdiff comes out
     # byte-identical, so nothing downstream of it reruns
-    assert ran_stages(run(["dvc", "repro"], repo)) == {
+    assert ran_stages(run(["dvc", "repro"], repo)) == ALWAYS | {
         "les@qdiff-w4",
         "les@dmq-w4a6",
         "recon@dmq-w4a6",
@@ -109,7 +112,7 @@ def test_les_params_rerun_the_methods_with_les_only(repo):
 def test_sample_seeds_rerun_sampling_and_metrics_not_quantization(repo):
     repo, _ = repo
     set_params(repo, {"sample": {"seeds": [1, 3]}})
-    assert stale_stages(repo) == {
+    assert stale_stages(repo) == ALWAYS | {
         "sample_fp",
         "sample@qdiff-w4a8",
         "sample@qdiff-w4a6",
@@ -117,7 +120,7 @@ def test_sample_seeds_rerun_sampling_and_metrics_not_quantization(repo):
         "peer@quanto-w4a8",
     }
     ran = ran_stages(run(["dvc", "repro"], repo))
-    assert ran == {"sample_fp", "fid_fp", "peer@quanto-w4a8", "report"} | {
+    assert ran == ALWAYS | {"sample_fp", "fid_fp", "peer@quanto-w4a8", "report"} | {
         f"{s}@{r}" for s in ("sample", "fid") for r in ("qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6")
     }
     assert set(json.loads((repo / "metrics/dmq-w4a6.json").read_text())["seeds"]) == {"1", "3"}

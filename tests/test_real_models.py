@@ -20,6 +20,7 @@ from helpers import ROOT, init_repo, reduced_params, run
 from pipeline.calibration.dump import dump_calibration, open_calibration, random_records, step_records
 from pipeline.config import parse_config
 from pipeline.deploy.export import export_checkpoint, load_checkpoint, pack_nibbles, read_checkpoint, unpack_nibbles
+from pipeline.deploy.integer import int8_kernels_available, to_integer
 from pipeline.eval.sampling import generate, read_samples
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import ArtifactError, atomic_store, read_tensors, write_tensors
@@ -35,7 +36,7 @@ from pipeline.models.quantized import load_quantized_unet
 from pipeline.quant import QuantSpec, quantizable_layers, quantize
 from pipeline.quant.artifacts import act_tensors, load_gamma, weight_tensors
 from pipeline.quant.model import concat_splits, set_step
-from tiny_models import KINDS, PROMPTS, save_tiny_model, write_prompts
+from tiny_models import KINDS, PROMPTS, save_tiny_clip, save_tiny_model, write_prompts
 
 CPU = torch.device("cpu")
 STEPS, SAMPLES, SEED, GUIDANCE = 4, 4, 7, {"class": 3.0, "text": 7.5}
@@ -296,6 +297,37 @@ def test_checkpoint_round_trip_samples_like_the_pipeline_artifacts(quantized):
     )
 
 
+@pytest.mark.skipif(not int8_kernels_available(), reason="oneDNN int8 kernels need an x86 build of torch")
+def test_int8_backend_samples_the_checkpoint_like_the_fake_model(quantized, tmp_path):
+    """The pipeline's own W4A8 artifacts (LES γ, AdaRound integers, PTS votes, splits) on every model class,
+    sampled on int8 kernels, library call and CLI: within float rounding of the fake samples, which here
+    means above 30 dB PSNR and 15 dB nearer to them than FP is (the figure is printed)."""
+    path, run = export(quantized, 4)
+    unet, *_ = load_checkpoint(path, quantized.model)
+    assert to_integer(unet)
+    images = generate(
+        quantized.fp.with_unet(unet), quantized.scheduler, SAMPLES, SAMPLES, 0.0, SEED, CPU, "int8", quantized.guidance
+    )
+    fake = run["quant"]
+
+    def psnr(a):
+        return float(10 * torch.log10((fake.max() - fake.min()) ** 2 / ((a - fake) ** 2).mean()))
+
+    print(f"\n{quantized.kind}: PSNR vs fake W4A8 samples: int8 {psnr(images):.1f} dB, FP {psnr(run['fp']):.1f} dB")
+    assert psnr(images) > 30 and psnr(images) > psnr(run["fp"]) + 15, (psnr(images), psnr(run["fp"]))
+    if quantized.kind != "latent":
+        return
+    out = tmp_path / "int8.safetensors"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "sample", "--quantized", str(path), "--model", str(quantized.model)]
+    args = ["--out", str(out), "--num-samples", str(SAMPLES), "--batch-size", str(SAMPLES), "--backend", "int8"]
+    done = subprocess.run(cmd + args, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    decoded = Decoder(find_layout(quantized.model))(images)
+    torch.testing.assert_close(read_tensors(out)[0]["images"], decoded, atol=1e-5, rtol=1e-5)
+    refused = subprocess.run([*cmd, *args[:-1], "int4"], cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode == 1 and "--backend 'int4': expected fake or int8" in refused.stderr
+
+
 def test_checkpoint_for_another_model_is_refused(quantized, tmp_path):
     path, _ = export(quantized, 4)
     other = "latent" if quantized.kind == "pixel" else "pixel"
@@ -332,26 +364,6 @@ def test_cli_samples_from_the_checkpoint_and_the_users_own_model_folder(quantize
     assert out.with_suffix(".png").exists()
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory) -> Path:
-    """A weights file of torch-fidelity's inception-v3-compat architecture with random values (the real
-    ones are not shipped): built without its download by standing in an empty state dict."""
-    from unittest import mock
-
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"), mock.patch("torch.load", return_value={}):
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
-    torch.manual_seed(0)
-    with torch.no_grad():  # batch-norm statistics of a plausible scale, so features are not all zero
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_var.uniform_(0.5, 2.0)
-    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05.pth"
-    torch.save(model.state_dict(), path)
-    return path
-
-
 def test_fid_with_local_inception_weights(inception_weights, tmp_path):
     from pipeline.eval.metrics import INCEPTION, evaluate_runs, feature_space, reference_set
 
@@ -372,6 +384,7 @@ def test_fid_with_local_inception_weights(inception_weights, tmp_path):
     assert same["features"] == "Inception-v3 features" and "confident_share" not in same["mean"]
     assert all(torch.isfinite(torch.tensor(v)) for v in same["mean"].values())
     assert abs(same["mean"]["fid"]) < 1e-3 * apart["mean"]["fid"]  # the samples are the reference images
+    assert abs(same["mean"]["sfid"]) < 1e-3 * apart["mean"]["sfid"]  # sFID beside FID, with Inception
     with pytest.raises(FileNotFoundError, match="eval.inception_weights: .* not found"):
         feature_space("unused", str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="eval.reference_images: required for the metrics of a local model"):
@@ -389,17 +402,99 @@ def test_params_of_a_local_text_model_name_what_is_missing(tmp_path):
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError) as error:
         load_config(path)
-    for key in (
-        "calib.prompts: required for the text-to-image model",
-        "sample.prompts: required",
-        "eval.inception_weights: required for a local model",
-        "eval.reference_images: required for a local model",
-    ):
+    for key in ("calib.prompts: required for the text-to-image model", "sample.prompts: required"):
         assert key in str(error.value)
+    assert "eval.inception_weights" not in str(error.value)  # optional: without it, the paired metrics
     params["calib"]["prompts"] = str(tmp_path / "missing.txt")
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match=r"calib\.prompts: prompts file .*missing\.txt not found"):
         load_config(path)
+
+
+def test_bad_evaluation_files_are_refused_at_load_time_naming_the_key(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.preflight import load_config
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    prompts = str(write_prompts(tmp_path / "prompts.txt"))
+    params["model"].update(source="local", path=str(save_tiny_model("text", tmp_path / "sd")))
+    params["calib"]["prompts"] = params["sample"]["prompts"] = prompts
+    (empty := tmp_path / "empty").mkdir()
+    clip = save_tiny_clip(tmp_path / "clip")
+    (clip / "model.safetensors").unlink()
+    params["eval"].update(reference_images=str(empty), clip_model=str(clip))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert re.search(r"eval\.reference_images: .*empty is not a folder of images", str(error.value))
+    assert re.search(r"eval\.clip_model: .*clip is not a CLIP model folder: it lacks model weights", str(error.value))
+    params["model"]["path"] = str(save_tiny_model("pixel", tmp_path / "pixel"))
+    params["eval"].update(reference_images=None, clip_model=str(save_tiny_clip(tmp_path / "clip2")))
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"eval\.clip_model: the CLIP score is for text-to-image models"):
+        load_config(path)
+
+
+def test_check_params_accepts_a_local_model_without_inception_with_a_notice(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(source="local", path=str(save_tiny_model("pixel", tmp_path / "pixel")))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "check-params", str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == f"{path}: ok" and len(lines) == 2
+    assert "FID / sFID will not be computed (no eval.inception_weights and eval.reference_images)" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_local_model_without_inception_weights_runs_every_stage_and_says_fid_was_not_computed(tmp_path):
+    """The stage scripts on a tiny pixel-space model folder with neither eval.inception_weights nor
+    eval.reference_images: the metrics are the paired error against FP, and the tables say FID / sFID
+    were not computed, naming the keys; with protocol_samples the header says the sample count is short."""
+    repo = init_repo(tmp_path / "repo", reduced_params())
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update(source="local", path=str(save_tiny_model("pixel", tmp_path / "pixel")))
+    params["calib"].update(num_samples=4, layer_records_per_step=4, batch_size=4)
+    params["sample"].update(num_samples=6, batch_size=6, seeds=[1, 2])
+    params["weights"] = {"qdiff-w4": {"method": "qdiff", "w_bits": 4}}
+    params["rows"] = {"qdiff-w4a8": {"weights": "qdiff-w4", "a_bits": 8}}
+    params["peers"] = {}
+    params["report"] = {
+        "table": ["qdiff-w4a8"],
+        "ablation": ["qdiff-w4a8"],
+        "grid_bits": "W4A8",
+        "protocol_samples": 50000,
+    }
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in (
+        "fp_model",
+        "classifier",
+        "dump",
+        "stats",
+        "les qdiff-w4",
+        "recon qdiff-w4",
+        "pts qdiff-w4a8",
+        "sample fp",
+        "sample qdiff-w4a8",
+        "eval_files",
+        "reference",
+        "fid fp",
+        "fid qdiff-w4a8",
+        "report",
+    ):
+        run([sys.executable, "-m", *f"stages.{stage}".split()], repo)
+    metrics = json.loads((repo / "metrics/qdiff-w4a8.json").read_text())
+    assert set(metrics["mean"]) == {"num_samples", "paired_mse", "paired_psnr_db"} and metrics["mean"]["paired_mse"] > 0
+    assert "not computed" in metrics["features"]
+    for name in ("paper_table", "ablation"):
+        text = (repo / f"reports/{name}.md").read_text()
+        assert "FID and sFID were not computed" in text and "`eval.inception_weights`" in text, name
+        assert "| MSE vs FP ↓ | PSNR vs FP (dB) ↑ |" in text and "FID ↓" not in text, name
+        assert "Samples (protocol: 50000)" in text and "fewer than the protocol's 50000" in text, name
 
 
 @pytest.mark.slow
@@ -420,7 +515,13 @@ def test_every_stage_runs_on_a_local_text_to_image_model(tmp_path, inception_wei
     params["model"].update(source="local", path=str(source))
     params["calib"].update(prompts=str(prompts), num_samples=4, layer_records_per_step=4, batch_size=4)
     params["sample"].update(prompts=str(prompts), num_samples=6, batch_size=6, seeds=[1])
-    params["eval"].update(inception_weights=str(inception_weights), reference_images=str(references), kid_subset_size=6)
+    clip = save_tiny_clip(tmp_path / "clip")
+    params["eval"].update(
+        inception_weights=str(inception_weights),
+        reference_images=str(references),
+        kid_subset_size=6,
+        clip_model=str(clip),
+    )
     params["weights"] = {"dmq-w4a8": {"method": "dmq", "w_bits": 4, "a_bits": 8}}
     params["rows"] = {"dmq-w4a8": {"weights": "dmq-w4a8", "a_bits": 8}}
     params["peers"], params["report"] = {}, {"table": ["dmq-w4a8"], "ablation": ["dmq-w4a8"]}
@@ -435,12 +536,18 @@ def test_every_stage_runs_on_a_local_text_to_image_model(tmp_path, inception_wei
         "pts dmq-w4a8",
         "sample fp",
         "sample dmq-w4a8",
+        "eval_files",
+        "reference",
         "fid fp",
         "fid dmq-w4a8",
+        "report",
     ):
         run([sys.executable, "-m", *f"stages.{stage}".split()], repo)
     metrics = json.loads((repo / "metrics/dmq-w4a8.json").read_text())
     assert metrics["features"] == "Inception-v3 features" and metrics["mean"]["paired_mse"] > 0
+    assert metrics["mean"]["sfid"] >= 0 and 0 <= metrics["mean"]["clip_score"] <= 100
+    table = (repo / "reports/paper_table.md").read_text()
+    assert "| sFID ↓ |" in table and "| CLIP score ↑ |" in table
     root = open_calibration(repo / "artifacts/calib.zarr")
     assert root.attrs["guided"] and root.attrs["prompts"] == PROMPTS
     # the row as a portable checkpoint, sampled outside the repository on the user's own model folder

@@ -137,6 +137,33 @@ def save_tiny_model(kind: str, folder: Path) -> Path:
     return folder
 
 
+def save_tiny_clip(folder: Path) -> Path:
+    """A tiny random transformers CLIPModel with its processor (the letter tokenizer above and a 32x32
+    image processor), saved with ``save_pretrained`` as eval.clip_model reads it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(14)  # a model whose cosines on the test images take both signs
+    tokenizer, vocab_size = _tokenizer(folder / "vocab", max_length=16)
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 def write_prompts(path: Path) -> Path:
     path.write_text("\n".join(PROMPTS) + "\n")
     return path

@@ -3,29 +3,62 @@
 * the digit classifier, registered as a torch-fidelity feature extractor, for the embedded default:
   its numbers are "digit-classifier features", not Inception features; say so wherever they are shown;
 * the standard InceptionV3 (torch-fidelity's ``inception-v3-compat``) from a local weights file
-  (``eval.inception_weights``), for real models: nothing is downloaded.
+  (``eval.inception_weights``), for real models: nothing is downloaded. Its features also give sFID.
+
+A local model without Inception weights or reference images has no feature space: it gets the paired
+metrics only (MSE / PSNR against the FP samples of the same seed), and its record says so.
+
+The reference set is featurized once (:func:`featurize`, ``reference=True``) and its features are
+what every row's metrics read; the generated samples' features and the metrics computed from both are
+those torch-fidelity's ``calculate_metrics`` computes (the same extractor, batches and functions).
+
+sFID is FID on spatial features, as the ADM evaluation suite defines it (openai/guided-diffusion,
+evaluations/evaluator.py: ``FID_SPATIAL_NAME = "mixed_6/conv:0"`` and ``spatial = spatial[..., :7]``,
+flattened per image): the first 7 channels of the ``mixed_6/conv`` map of the TF Inception graph, 17×17
+at the 299×299 input, so 7·17·17 = 2023 dimensions. ``mixed_6`` is the seventh mixed block (mixed,
+mixed_1, … follow Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d), so in torch-fidelity's port the map is the output
+(after batch norm and ReLU) of ``Mixed_6d.branch1x1``, the block's 1×1 branch; its channels are
+flattened in TF's (H, W, C) order.
+
+CLIP score (text-to-image rows, ``eval.clip_model``): 100 · max(cos(image embedding, text embedding), 0)
+of each sample with its own prompt, averaged over samples.
 """
 
 from __future__ import annotations
 
+import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from pipeline.infra.storage import read_tensors
+from pipeline.infra.listing import reference_files
+from pipeline.infra.storage import ArtifactError, read_tensors
 from pipeline.models.digits import load_digits_images, to_uint8_rgb
 from pipeline.models.embedded import DigitClassifier
 
 FEATURE_EXTRACTOR = "digit-classifier"
 FEATURE_NOTE = "digit-classifier features"
 INCEPTION = "inception-v3-compat"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+INCEPTION_NOTE = "Inception-v3 features"
+SPATIAL = "spatial"  # the sFID features' name in a features dict
+SPATIAL_MODULE = "Mixed_6d.branch1x1"  # TF's mixed_6/conv (see the module docstring)
+SPATIAL_CHANNELS = 7
+NO_FEATURES_NOTE = (  # a record's "features" when nothing was featurized; tables print it as their caption
+    "the paired error against FP only (FID / sFID / KID / ISC / precision-recall not computed: set "
+    "eval.inception_weights and eval.reference_images to compute them)"
+)
+BATCH_SIZE = 256  # torch-fidelity's feature batches
 
 
 @dataclass(frozen=True)
@@ -38,14 +71,36 @@ class FeatureSpace:
     def digits(self) -> bool:
         return self.extractor == FEATURE_EXTRACTOR
 
+    @property
+    def distance_layer(self) -> str:
+        """The features FID, KID and precision / recall use."""
+        return "features" if self.digits else "2048"
+
+    @property
+    def score_layer(self) -> str:
+        """The features the Inception score uses (the extractor's default for ISC)."""
+        return "logits" if self.digits else "logits_unbiased"
+
 
 def feature_space(classifier_path: str, inception_weights: str | None) -> FeatureSpace:
     """Inception features when local Inception weights are given, else the digit classifier's."""
     if inception_weights is not None:
         if not Path(inception_weights).is_file():
             raise FileNotFoundError(f"eval.inception_weights: {inception_weights} not found")
-        return FeatureSpace(INCEPTION, str(inception_weights), "Inception-v3 features")
+        return FeatureSpace(INCEPTION, str(inception_weights), INCEPTION_NOTE)
     return FeatureSpace(FEATURE_EXTRACTOR, classifier_path, FEATURE_NOTE)
+
+
+def measured_features(
+    source: str, classifier_path: str, inception_weights: str | None, reference_images: str | None
+) -> FeatureSpace | None:
+    """The feature space of the distribution metrics, or None for a local model that lacks Inception
+    weights or reference images (it gets the paired metrics only)."""
+    if source == "embedded":
+        return feature_space(classifier_path, inception_weights)
+    if inception_weights is None or reference_images is None:
+        return None
+    return feature_space(classifier_path, inception_weights)
 
 
 class DigitClassifierFeatures(FeatureExtractorBase):
@@ -119,35 +174,96 @@ class ImageTensors(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def fidelity_metrics(
-    generated_uint8: torch.Tensor,
-    reference_uint8: torch.Tensor,
+def _extractor(features: FeatureSpace, layers: list[str]):
+    """torch-fidelity's extractor for ``layers``, as ``calculate_metrics`` creates it; a wrong weights
+    file for Inception fails here, naming the key."""
+    try:
+        return create_feature_extractor(
+            features.extractor,
+            layers,
+            cuda=torch.cuda.is_available(),
+            feature_extractor_weights_path=features.weights,
+            verbose=False,
+        )
+    except (RuntimeError, KeyError, AttributeError, pickle.UnpicklingError) as error:
+        if features.digits:
+            raise
+        raise ValueError(
+            f"eval.inception_weights: {features.weights} is not a state dict of torch-fidelity's {INCEPTION} "
+            f"(InceptionV3, pt_inception-2015-12-05 format): {str(error).splitlines()[0][:300]}"
+        ) from None
+
+
+@torch.no_grad()
+def featurize(images_uint8: torch.Tensor, features: FeatureSpace, reference: bool = False) -> dict[str, torch.Tensor]:
+    """Features of uint8 RGB images (N, 3, H, W), float32 on the CPU: every layer the metrics use for a
+    generated set, the distance (and spatial) features only for the reference set. With Inception,
+    ``spatial`` (N, 2023) holds sFID's features (see the module docstring)."""
+    layers = [features.distance_layer] if reference else [features.distance_layer, features.score_layer]
+    extractor = _extractor(features, layers)
+    spatial = []
+    hook = None
+    if not features.digits:  # sFID's features, taken on the way to the pool features
+
+        def keep(module, args, output):  # (B, 192, 17, 17) -> (B, 17, 17, 7) -> (B, 2023), TF's order
+            spatial.append(output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float().cpu())
+
+        hook = extractor.get_submodule(SPATIAL_MODULE).register_forward_hook(keep)
+    try:
+        found = get_featuresdict_from_dataset(
+            ImageTensors(images_uint8),
+            extractor,
+            BATCH_SIZE,
+            torch.cuda.is_available(),
+            True,  # save_cpu_ram: no DataLoader worker processes on a 2-core machine
+            False,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    found = {name: found[name] for name in layers}
+    if hook is not None:
+        found[SPATIAL] = torch.cat(spatial)
+    return found
+
+
+def fidelity_from_features(
+    generated: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
     features: FeatureSpace,
     kid_subset_size: int,
     isc_splits: int,
     prc_neighborhood: int,
 ) -> dict[str, float]:
-    """FID, KID, ISC and precision/recall of ``generated`` against ``reference`` (uint8 RGB)."""
-    result = torch_fidelity.calculate_metrics(
-        input1=ImageTensors(generated_uint8),
-        input2=ImageTensors(reference_uint8),
+    """FID (and sFID with Inception), KID, ISC and precision / recall of the generated features against
+    the reference features, by torch-fidelity's own functions with the arguments ``calculate_metrics``
+    passes them."""
+    count = len(next(iter(generated.values())))
+    kwargs = dict(
         cuda=torch.cuda.is_available(),
-        fid=True,
-        kid=True,
-        isc=True,
-        prc=True,
-        feature_extractor=features.extractor,
-        feature_extractor_weights_path=features.weights,
-        kid_subset_size=min(kid_subset_size, len(generated_uint8), len(reference_uint8)),
+        kid_subset_size=min(kid_subset_size, count, len(reference[features.distance_layer])),
         isc_splits=isc_splits,
         prc_neighborhood=prc_neighborhood,
-        cache=False,
         verbose=False,
-        batch_size=256,
-        save_cpu_ram=True,  # no DataLoader worker processes on a 2-core machine
+        batch_size=BATCH_SIZE,
+        save_cpu_ram=True,
     )
+    layer = features.distance_layer
+    result = {}
+    result.update(isc_featuresdict_to_metric(generated, features.score_layer, **kwargs))
+
+    def frechet(name: str) -> float:
+        stats = [fid_featuresdict_to_statistics(found, name) for found in (generated, reference)]
+        return fid_statistics_to_metric(*stats, False)["frechet_inception_distance"]
+
+    result["frechet_inception_distance"] = frechet(layer)
+    if SPATIAL in generated:
+        result["sfid"] = frechet(SPATIAL)
+    result.update(kid_featuresdict_to_metric(generated, reference, layer, **kwargs))
+    result.update(prc_featuresdict_to_metric(generated, reference, layer, **kwargs))
     names = {
         "frechet_inception_distance": "fid",
+        "sfid": "sfid",
         "kernel_inception_distance_mean": "kid",
         "kernel_inception_distance_std": "kid_std",
         "inception_score_mean": "isc",
@@ -158,24 +274,58 @@ def fidelity_metrics(
     return {short: float(result[long]) for long, short in names.items() if long in result}
 
 
-def evaluate_runs(
-    runs: dict[int, torch.Tensor],
+def fidelity_metrics(
+    generated_uint8: torch.Tensor,
     reference_uint8: torch.Tensor,
     features: FeatureSpace,
     kid_subset_size: int,
     isc_splits: int,
     prc_neighborhood: int,
+) -> dict[str, float]:
+    """FID (sFID), KID, ISC and precision/recall of ``generated`` against ``reference`` (uint8 RGB)."""
+    return fidelity_from_features(
+        featurize(generated_uint8, features),
+        featurize(reference_uint8, features, reference=True),
+        features,
+        kid_subset_size,
+        isc_splits,
+        prc_neighborhood,
+    )
+
+
+def evaluate_runs(
+    runs: dict[int, torch.Tensor],
+    reference: dict[str, torch.Tensor] | torch.Tensor | None,
+    features: FeatureSpace | None,
+    kid_subset_size: int,
+    isc_splits: int,
+    prc_neighborhood: int,
     fp_runs: dict[int, torch.Tensor] | None = None,
+    clip: "ClipScorer | None" = None,
+    prompts: list[str] | None = None,
 ) -> dict:
-    """Metrics of each seed's samples ([-1, 1]), plus the paired error against the FP samples of the
-    same seed when given, and their mean over seeds ("mean"; the spread is in "seeds"). The share of
-    confidently classified digits only in the digit classifier's feature space."""
+    """Metrics of each seed's samples ([-1, 1]) against the reference set (its features from
+    :func:`featurize`, or its uint8 images), plus the paired error against the FP samples of the same
+    seed when given, the CLIP score when ``clip`` is given (sample i with prompt i mod len(prompts)),
+    and their mean over seeds ("mean"; the spread is in "seeds"). The share of confidently classified
+    digits only in the digit classifier's feature space. Without a feature space (``features`` None)
+    only the paired error and the CLIP score."""
+    if features is not None and isinstance(reference, torch.Tensor):
+        reference = featurize(reference, features, reference=True)
     per_seed = {}
     for seed, images in runs.items():
         uint8 = to_uint8_rgb(images)
-        found = fidelity_metrics(uint8, reference_uint8, features, kid_subset_size, isc_splits, prc_neighborhood)
-        if features.digits:
-            found["confident_share"] = confident_share(uint8, features.weights)
+        found = {}
+        if features is not None:
+            found = fidelity_from_features(
+                featurize(uint8, features), reference, features, kid_subset_size, isc_splits, prc_neighborhood
+            )
+            if features.digits:
+                found["confident_share"] = confident_share(uint8, features.weights)
+        if clip is not None:
+            if not prompts:
+                raise ValueError("the CLIP score needs the samples' prompts (sample.prompts)")
+            found["clip_score"] = clip(uint8, [prompts[i % len(prompts)] for i in range(len(uint8))])
         found["num_samples"] = len(images)
         if fp_runs is not None:
             if seed not in fp_runs:
@@ -185,7 +335,7 @@ def evaluate_runs(
         per_seed[str(seed)] = found
     keys = next(iter(per_seed.values())).keys()
     mean = {key: sum(found[key] for found in per_seed.values()) / len(per_seed) for key in keys}
-    return {"features": features.note, "seeds": per_seed, "mean": mean}
+    return {"features": features.note if features is not None else NO_FEATURES_NOTE, "seeds": per_seed, "mean": mean}
 
 
 def reference_digits(image_size: int) -> torch.Tensor:
@@ -193,26 +343,117 @@ def reference_digits(image_size: int) -> torch.Tensor:
     return to_uint8_rgb(load_digits_images(image_size)[0])
 
 
+def read_reference(tensors: dict[str, torch.Tensor], header: dict, samples: torch.Tensor, source: str) -> dict:
+    """The reference features of ``artifacts/reference.safetensors`` (its tensors and header), checked
+    against the samples they are compared with: they must come from images of the samples' size."""
+    if header.get("features") is not None and header.get("size") != list(samples.shape[-2:]):
+        raise ArtifactError(
+            f"{source} holds features of {header.get('size')} images, but the samples are "
+            f"{list(samples.shape[-2:])}; rerun the reference stage"
+        )
+    return tensors
+
+
 def reference_images(folder: str | Path, size: tuple[int, int]) -> torch.Tensor:
     """The images of a local folder as uint8 RGB (N, 3, H, W), resized to the samples' ``size``: the
-    reference distribution for a real model."""
+    reference distribution for a real model. The images must share one size (a reference set is one
+    resolution; a mix is a folder assembled by mistake)."""
     from PIL import Image
 
-    folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    if not files:
-        raise FileNotFoundError(
-            f"eval.reference_images: {folder} is not a folder of images ({', '.join(IMAGE_SUFFIXES)})"
-        )
+    files = reference_files(folder)
+    sizes: dict[tuple[int, int], str] = {}
+    for f in files:
+        with Image.open(f) as image:
+            sizes.setdefault(image.size, f.name)
+    if len(sizes) > 1:
+        found = ", ".join(f"{w}x{h} ({name})" for (w, h), name in list(sizes.items())[:3])
+        raise ValueError(f"eval.reference_images: {folder} holds images of mixed sizes: {found}; use one size")
     images = [np.asarray(Image.open(f).convert("RGB").resize((size[1], size[0]), Image.BICUBIC)) for f in files]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def reference_set(source: str, image_size: int, folder: str | None, samples: torch.Tensor) -> torch.Tensor:
+def reference_set(
+    source: str, image_size: int, folder: str | None, samples: torch.Tensor | tuple[int, int]
+) -> torch.Tensor:
     """The real images the samples are measured against: the digits for the embedded default, the
-    folder ``eval.reference_images`` (at the samples' size) for a local model."""
+    folder ``eval.reference_images`` (at the samples' size: a samples tensor or (H, W)) for a local
+    model."""
     if source == "embedded":
         return reference_digits(image_size)
     if folder is None:
         raise ValueError("eval.reference_images: required for the metrics of a local model (a folder of real images)")
-    return reference_images(folder, tuple(samples.shape[-2:]))
+    size = tuple(samples.shape[-2:]) if isinstance(samples, torch.Tensor) else tuple(samples)
+    return reference_images(folder, size)
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # older and newer transformers
+
+
+def clip_folder_problem(folder: str | Path) -> str | None:
+    """Why ``eval.clip_model`` cannot be read as a CLIP model and processor (None when it can): a
+    transformers ``CLIPModel`` with its processor, both saved with ``save_pretrained``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} not found (a folder with a transformers CLIPModel and its processor)"
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        missing.append("a processor (preprocessor_config.json or processor_config.json)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("model weights (*.safetensors or *.bin)")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        missing.append("a tokenizer (tokenizer.json or vocab.json + merges.txt)")
+    if missing:
+        return f"{folder} is not a CLIP model folder: it lacks {', '.join(missing)} (save_pretrained writes them)"
+    kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    if kind != "clip":
+        return f"{folder}/config.json is a {kind!r} model, not a CLIPModel (model_type 'clip')"
+    return None
+
+
+class ClipScorer:
+    """CLIP score of images against their prompts with a CLIP model read from a local folder."""
+
+    def __init__(self, folder: str | Path, batch_size: int = 64) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        problem = clip_folder_problem(folder)
+        if problem is not None:
+            raise ValueError(f"eval.clip_model: {problem}")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = CLIPModel.from_pretrained(str(folder)).eval().to(self.device)
+        self.processor = CLIPProcessor.from_pretrained(str(folder))
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def similarities(self, images_uint8: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """cos(image embedding, text embedding) of each image with its own prompt, shape (N,)."""
+        if len(prompts) != len(images_uint8):
+            raise ValueError(f"{len(images_uint8)} images but {len(prompts)} prompts")
+        found = []
+        for start in range(0, len(images_uint8), self.batch_size):
+            images = list(images_uint8[start : start + self.batch_size].permute(0, 2, 3, 1).numpy())
+            inputs = self.processor(
+                text=prompts[start : start + self.batch_size],
+                images=images,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,  # long captions: the text model's positions (CLIP: 77 tokens)
+                max_length=self.model.config.text_config.max_position_embeddings,
+            ).to(self.device)
+            image = _embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+            text = _embedding(
+                self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            )
+            found.append(F.cosine_similarity(image.float(), text.float(), dim=-1).cpu())
+        return torch.cat(found)
+
+    def __call__(self, images_uint8: torch.Tensor, prompts: list[str]) -> float:
+        """100 · max(cos, 0), averaged over the images."""
+        return float((100 * self.similarities(images_uint8, prompts).clamp_min(0)).mean())
+
+
+def _embedding(output) -> torch.Tensor:
+    """The projected embedding, whether transformers returns it as a tensor or inside a model output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.pooler_output

@@ -16,9 +16,11 @@ import torch
 from pipeline.config import Variant
 from pipeline.infra.figures import plt, save_figure
 
-COLUMNS = (  # (metric key, header, digits)
+COLUMNS = (  # (metric key, header, digits); a column no row has a value for is left out
     ("fid", "FID ↓", 2),
     ("fid_vs_fp", "ΔFID vs FP ↓", 2),
+    ("sfid", "sFID ↓", 2),
+    ("clip_score", "CLIP score ↑", 2),
     ("kid", "KID ↓", 1),
     ("isc", "ISC ↑", 2),
     ("precision", "Precision ↑", 3),
@@ -27,11 +29,22 @@ COLUMNS = (  # (metric key, header, digits)
 ABLATION_COLUMNS = (
     ("fid", "FID ↓", 2),
     ("fid_vs_fp", "ΔFID vs FP ↓", 2),
+    ("sfid", "sFID ↓", 2),
+    ("clip_score", "CLIP score ↑", 2),
     ("paired_mse", "MSE vs FP ↓", 5),
     ("paired_psnr_db", "PSNR vs FP (dB) ↑", 2),
     ("confident_share", "Confident ↑", 3),
 )
+PAIRED_COLUMNS = (  # what a table without distribution metrics shows
+    ("paired_mse", "MSE vs FP ↓", 5),
+    ("paired_psnr_db", "PSNR vs FP (dB) ↑", 2),
+)
 FP_VARIANT = Variant("FP", 32, 32)
+NOT_COMPUTED = (
+    "FID and sFID were not computed: there are no Inception features. Set `eval.inception_weights` (InceptionV3 "
+    "weights for torch-fidelity's inception-v3-compat) and `eval.reference_images` (a folder of real images) to "
+    "compute them; the table shows the paired error against FP on the same seeds."
+)
 
 
 def metrics_record(label: str, variant: Variant | None, steps: int, found: dict, provenance: dict) -> dict:
@@ -72,7 +85,7 @@ def rows_against_fp(records: list[dict]) -> list[Row]:
     for record in others:
         row = Row.from_record(record)
         row.runs = [
-            {**run, "fid_vs_fp": run["fid"] - fp["seeds"][seed]["fid"]}
+            {**run, "fid_vs_fp": run["fid"] - fp["seeds"][seed]["fid"]} if "fid" in run else run
             for seed, run in record["seeds"].items()
             if seed in fp["seeds"]
         ]
@@ -94,9 +107,28 @@ def cell(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown_table(rows: list[Row], steps: int, feature_note: str, columns=COLUMNS) -> str:
-    """Rows in the given order; the caption says which features the metrics use."""
-    header = ["Method", "Bits", *(h for _, h, _ in columns), "Steps", "Samples"]
+OPTIONAL = {"sfid", "clip_score", "confident_share"}  # shown only where some row has them
+
+
+def shown_columns(rows: list[Row], columns) -> list:
+    """The columns of the table: the optional ones (sFID with Inception features, the CLIP score of a
+    text-to-image model, the digits' confident share) where some row has them; without FID (a model
+    measured without a feature extractor) only the columns with values, and the paired error."""
+    has = {key for row in rows for run in row.runs for key in run}
+    if "fid" in has:
+        return [c for c in columns if c[0] in has or c[0] not in OPTIONAL]
+    present = [c for c in columns if c[0] in has]
+    return present + [c for c in PAIRED_COLUMNS if c not in present]
+
+
+def markdown_table(
+    rows: list[Row], steps: int, feature_note: str, columns=COLUMNS, protocol_samples: int | None = None
+) -> str:
+    """Rows in the given order; the caption says which features the metrics use. With the protocol's
+    sample count, the Samples header names it."""
+    columns = shown_columns(rows, columns)
+    samples_header = "Samples" if protocol_samples is None else f"Samples (protocol: {protocol_samples})"
+    header = ["Method", "Bits", *(h for _, h, _ in columns), "Steps", samples_header]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         values = [cell([run[key] for run in row.runs if key in run], digits) for key, _, digits in columns]
@@ -109,13 +141,48 @@ def markdown_table(rows: list[Row], steps: int, feature_note: str, columns=COLUM
     return "\n".join(lines) + "\n"
 
 
+def protocol_warning(records: list[dict], protocol_samples: int | None) -> str | None:
+    """A sentence for the header of a table computed on fewer samples than the paper's protocol."""
+    if protocol_samples is None:
+        return None
+    fewest = min(run.get("num_samples", 0) for record in records for run in record["seeds"].values())
+    if fewest >= protocol_samples:
+        return None
+    return (
+        f"**Computed on {fewest:g} samples per seed, fewer than the protocol's {protocol_samples}**: FID and sFID "
+        "are biased upward at small sample counts, so these values are not comparable with the paper's."
+    )
+
+
 def report_document(
-    title: str, records: list[dict], feature_note: str, notes: list[str], configuration: list[str], columns=COLUMNS
+    title: str,
+    records: list[dict],
+    feature_note: str,
+    notes: list[str],
+    configuration: list[str],
+    columns=COLUMNS,
+    protocol_samples: int | None = None,
 ) -> str:
-    """A Markdown report: the table (FP first), notes under it, and the configuration that produced it
-    (so a committed copy says what it shows)."""
-    table = markdown_table(rows_against_fp(records), records[0]["steps"], feature_note, columns)
-    lines = [f"# {title}", "", table, *notes, "", "## Configuration", "", *(f"- {item}" for item in configuration), ""]
+    """A Markdown report: a warning when the table has fewer samples than the protocol, the table (FP
+    first), notes under it (with the metrics that were not computed), and the configuration that
+    produced it (so a committed copy says what it shows)."""
+    rows = rows_against_fp(records)
+    table = markdown_table(rows, records[0]["steps"], feature_note, columns, protocol_samples)
+    warning = protocol_warning(records, protocol_samples)
+    missing = [] if any("fid" in run for row in rows for run in row.runs) else [NOT_COMPUTED, ""]
+    lines = [
+        f"# {title}",
+        "",
+        *([warning, ""] if warning else []),
+        table,
+        *missing,
+        *notes,
+        "",
+        "## Configuration",
+        "",
+        *(f"- {item}" for item in configuration),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -126,6 +193,11 @@ def plot_fid_against_activation_bits(records: list[dict], path: str | Path) -> N
     fp, *others = records
     fp_row, *rows = rows_against_fp(records)
     fig, ax = plt.subplots(figsize=(7.5, 4), dpi=100)
+    if not any("fid" in run for run in fp_row.runs):
+        ax.text(0.5, 0.5, NOT_COMPUTED.split(":")[0] + " (no Inception features)", ha="center", va="center")
+        ax.axis("off")
+        save_figure(fig, path)
+        return
     mean, std = mean_std([run["fid"] for run in fp_row.runs])
     ax.axhline(0, color="grey", linewidth=1, label=f"FP (FID {mean:.1f} ± {std:.1f})")
     groups: dict[tuple[str, int], list[tuple[int, Row]]] = {}
