@@ -4,10 +4,10 @@ features with Inception). The real digits for the embedded default; the images o
 eval.reference_images, at the size of the model's samples, for a local model; no features (an empty
 file that says so) for a local model without Inception weights or reference images."""
 
-from pipeline.eval.metrics import featurize, measured_features, reference_set
+from pipeline.eval.metrics import featurize, measured_features, reference_set, sample_pixel_size
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import read_tensors, write_tensors
-from pipeline.models.local import find_layout, image_size
+from pipeline.models.local import find_layout
 from pipeline.preflight import load_config
 from stages.layout import CLASSIFIER, FP_MODEL, REFERENCE
 from stages.lineage import check_input, stage_provenance
@@ -23,7 +23,7 @@ def main() -> None:
         write_tensors(REFERENCE, {}, {**header, "features": None})
         return
     images = reference_set(
-        cfg.model.source, cfg.model.image_size, e.reference_images, image_size(find_layout(FP_MODEL))
+        cfg.model.source, cfg.model.image_size, e.reference_images, sample_pixel_size(find_layout(FP_MODEL))
     )
     found = featurize(images, features, reference=True)
     write_tensors(

@@ -46,6 +46,7 @@ from pipeline.infra.listing import reference_files
 from pipeline.infra.storage import ArtifactError, read_tensors
 from pipeline.models.digits import load_digits_images, to_uint8_rgb
 from pipeline.models.embedded import DigitClassifier
+from pipeline.models.local import Layout
 
 FEATURE_EXTRACTOR = "digit-classifier"
 FEATURE_NOTE = "digit-classifier features"
@@ -341,6 +342,17 @@ def evaluate_runs(
 def reference_digits(image_size: int) -> torch.Tensor:
     """The real digits, as uint8 RGB at the model's size: the reference distribution of every metric."""
     return to_uint8_rgb(load_digits_images(image_size)[0])
+
+
+def sample_pixel_size(layout: Layout) -> tuple[int, int]:
+    """(height, width) of a model's samples in pixels: the UNet's sample size, times the autoencoder's
+    downscaling (2 per down block after the first) for a latent model."""
+    size = json.loads((layout.unet / "config.json").read_text())["sample_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    if layout.autoencoder is not None:
+        blocks = json.loads((layout.autoencoder / "config.json").read_text())["block_out_channels"]
+        height, width = height * 2 ** (len(blocks) - 1), width * 2 ** (len(blocks) - 1)
+    return height, width
 
 
 def read_reference(tensors: dict[str, torch.Tensor], header: dict, samples: torch.Tensor, source: str) -> dict:

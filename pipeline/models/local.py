@@ -98,17 +98,6 @@ def find_layout(folder: str | Path) -> Layout:
     return Layout(unet, scheduler, autoencoder, text_encoder, tokenizer)
 
 
-def image_size(layout: Layout) -> tuple[int, int]:
-    """(height, width) of the model's samples in pixels: the UNet's sample size, times the autoencoder's
-    downscaling (2 per down block after the first) for a latent model."""
-    size = _read_config(layout.unet / "config.json")["sample_size"]
-    height, width = (size, size) if isinstance(size, int) else size
-    if layout.autoencoder is not None:
-        factor = 2 ** (len(_read_config(layout.autoencoder / "config.json")["block_out_channels"]) - 1)
-        height, width = height * factor, width * factor
-    return height, width
-
-
 def unet_class(layout: Layout) -> type:
     return UNET_CLASSES[_read_config(layout.unet / "config.json")["_class_name"]]
 
