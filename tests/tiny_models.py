@@ -16,6 +16,19 @@ KINDS = ("pixel", "latent", "class", "text")
 PROMPTS = ["a red cat", "a blue dog on a hill", "an old tree", "two green birds"]
 
 
+# the tiny CLIP text transformer of the text-to-image model and of the CLIP-score model
+TINY_TEXT = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+
+
 def _unet2d(in_channels: int, **extra) -> UNet2DModel:
     return UNet2DModel(
         sample_size=8,
@@ -88,19 +101,7 @@ def save_tiny_model(kind: str, folder: Path) -> Path:
 
         tokenizer, vocab_size = _tokenizer(folder / "tokenizer", max_length=16)
         tokenizer.save_pretrained(folder / "tokenizer")
-        CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                max_position_embeddings=16,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        ).save_pretrained(folder / "text_encoder")
+        CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **TINY_TEXT)).save_pretrained(folder / "text_encoder")
         UNet2DConditionModel(
             sample_size=8,
             in_channels=4,
@@ -144,17 +145,7 @@ def save_tiny_clip(folder: Path) -> Path:
 
     torch.manual_seed(14)  # a model whose cosines on the test images take both signs
     tokenizer, vocab_size = _tokenizer(folder / "vocab", max_length=16)
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    text = dict(vocab_size=vocab_size, **TINY_TEXT)
     vision = dict(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
     )
