@@ -238,6 +238,9 @@ def _number(value: float | None) -> str:
 def export(
     out: Path = typer.Argument(..., help="the checkpoint to write (.safetensors)"),
     row: str = typer.Option(..., help="a row of params.yaml, e.g. dmq-w4a8: its weights and activation parameters"),
+    quant_seed: int | None = typer.Option(
+        None, help="which quantization seed's artifacts (default: the first of quant.seeds)"
+    ),
     params: Path = typer.Option(
         Path("params.yaml"), help="the params the artifacts were made with (stored in the header)"
     ),
@@ -254,9 +257,12 @@ def export(
         cfg = load_config(params)
         if row not in cfg.rows:
             raise ValueError(f"no row {row!r} in {params}; rows: {', '.join(cfg.rows)}")
-        weights = weights_path(cfg.rows[row].weights)
+        seed = cfg.quant.seeds[0] if quant_seed is None else quant_seed
+        if seed not in cfg.quant.seeds:
+            raise ValueError(f"--quant-seed {seed}: not one of quant.seeds ({', '.join(map(str, cfg.quant.seeds))})")
+        weights = weights_path(cfg.rows[row].weights, seed)
         header = export_checkpoint(
-            out, weights, act_params_path(row), FP_MODEL, model_hash(FP_MODEL), cfg.model_dump(mode="json")
+            out, weights, act_params_path(row, seed), FP_MODEL, model_hash(FP_MODEL), cfg.model_dump(mode="json")
         )
     except (ConfigError, FileNotFoundError, ValueError) as error:
         _fail(error)

@@ -82,10 +82,23 @@ class CalibConfig(Section):
 
 
 class QuantConfig(Section):
-    """Weight-quantizer settings shared by every entry of ``weights``."""
+    """Settings shared by every entry of ``weights`` and every row."""
 
+    seeds: list[int] = Field(
+        [0, 1, 2],
+        min_length=1,
+        description="quantization seeds: each drives the calibration draw and the LES and AdaRound batch orders; "
+        "every entry and row is quantized once per seed, and the tables' ± is the spread over them",
+    )
     weight_clip_grid: int = Field(80, ge=1, description="clipping ratios 1 - 0.01 i searched for weight scales")
     weight_clip_p: float = Field(2.4, gt=0)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("each quantization seed once: a repeated seed repeats a run, it adds no spread")
+        return seeds
 
 
 Bits = Annotated[int, Field(ge=2, le=16)]
@@ -186,7 +199,6 @@ class LESConfig(Section):
     focal_r: float = Field(20.0, ge=0, description="r: exponent of focal weights, slope of linear weights")
     focal_momentum: float = Field(0.95, ge=0, lt=1)
     workers: int = Field(1, ge=1, description="parallel worker processes (layers are independent)")
-    seed: int = 0
 
 
 class ReconConfig(Section):
@@ -201,7 +213,6 @@ class ReconConfig(Section):
     weighting: Literal["none", "method"] = Field(
         "none", description="timestep-weight the loss as LES does (reference: none)"
     )
-    seed: int = 0
 
 
 class PTSConfig(Section):
@@ -212,18 +223,46 @@ class PTSConfig(Section):
     calib_records: int = Field(64, ge=1, description="records per step for activation calibration")
     batch_size: int = Field(16, ge=1)
     momentum: float = Field(0.95, ge=0, lt=1)
+    shared_clip_grid: int = Field(
+        50, ge=1, le=99, description="clipping ratios 1 - 0.01 i searched for shared activation ranges (Q-Diffusion)"
+    )
 
 
 class SampleConfig(Section):
     num_samples: int = Field(1000, ge=1, description="per seed")
     batch_size: int = Field(250, ge=1)
     seeds: list[int] = Field(
-        [2024, 2025, 2026], min_length=1, description="one set of samples per seed: the ± of the table"
+        [2024],
+        min_length=1,
+        description="noise seeds: every row and quantization seed is sampled from the same noise as FP, so rows "
+        "are compared sample by sample",
     )
     eta: float = Field(0.0, ge=0, le=1)
     grid_size: int = Field(8, ge=1)
     guidance_scale: float = Field(7.5, ge=1, description="classifier-free guidance scale (conditional models)")
     prompts: str | None = Field(None, description="text-to-image models: prompts file (.txt, .csv or .json)")
+    backend: Literal["fake", "int8"] = Field(
+        "fake",
+        description="fake: float32 on dequantized values; int8: the quantized rows on oneDNN's int8 kernels "
+        "(x86 CPU, W4 rows; see pipeline/deploy/integer.py)",
+    )
+
+
+class GuardConfig(Section):
+    """The held-out noise on which a guard compares LES with γ = 1."""
+
+    seed: int = Field(4242, description="noise seed of the held-out samples; never one of sample.seeds")
+    num_samples: int = Field(250, ge=1, description="held-out samples per candidate and quantization seed")
+    batch_size: int = Field(250, ge=1)
+
+
+class GuardEntry(Section):
+    """A row of the tables that keeps LES only where it helps: per quantization seed, the model with
+    learned γ (row ``les``) or the one with γ = 1 (row ``no_les``), whichever is closer to FP on
+    held-out noise."""
+
+    les: str
+    no_les: str
 
 
 class EvalConfig(Section):
@@ -259,6 +298,8 @@ class Config(Section):
     weights: dict[str, WeightsEntry] = {}
     rows: dict[str, RowEntry] = {}
     peers: dict[str, PeerEntry] = {}
+    guards: dict[str, GuardEntry] = {}
+    guard: GuardConfig = GuardConfig()
     stats: StatsConfig = StatsConfig()
     les: LESConfig = LESConfig()
     recon: ReconConfig = ReconConfig()
@@ -270,17 +311,21 @@ class Config(Section):
     @model_validator(mode="after")
     def _entries_fit_together(self) -> "Config":
         problems = []
-        for section in ("weights", "rows", "peers"):
+        for section in ("weights", "rows", "peers", "guards"):
             problems += [
                 f"{section}.{name}: use lower-case letters, digits, '.' and '-'"
                 for name in getattr(self, section)
                 if not ENTRY_NAME.match(name)
             ]
-        problems += [f"rows.{name} and peers.{name}: a name names one row" for name in set(self.rows) & set(self.peers)]
+        for first, second in (("rows", "peers"), ("rows", "guards"), ("peers", "guards")):
+            problems += [
+                f"{first}.{name} and {second}.{name}: a name names one row"
+                for name in set(getattr(self, first)) & set(getattr(self, second))
+            ]
         problems += [
             f"rows.{name}: 'fp' names the FP model's samples"
             for name in ("fp",)
-            if name in self.rows or name in self.peers
+            if name in self.rows or name in self.peers or name in self.guards
         ]
         chains: dict[tuple, str] = {}
         for name in self.weights:
@@ -306,15 +351,51 @@ class Config(Section):
                 problems.append(
                     f"rows.{name}.a_bits: {row.a_bits}, but weights.{row.weights} learned γ for a_bits {weights.a_bits}"
                 )
+        problems += self._guard_problems()
+        if self.sample.backend == "int8":
+            if self.device == "cuda":
+                problems.append(
+                    "sample.backend: int8 runs on the CPU's int8 kernels; set device: cpu, or backend: fake"
+                )
+            problems += [
+                f"sample.backend: int8 cannot run rows.{name} (W{self.weights[row.weights].w_bits}): its integer "
+                "weights with PTS exponents do not fit int8; use backend fake or drop the row"
+                for name, row in self.rows.items()
+                if row.weights in self.weights and self.weights[row.weights].w_bits > 4
+            ]
         for key in ("table", "ablation"):
             problems += [
-                f"report.{key}: {name!r} is neither a row nor a peer"
+                f"report.{key}: {name!r} is neither a row, a guard nor a peer"
                 for name in getattr(self.report, key)
-                if name not in self.rows and name not in self.peers
+                if name not in self.rows and name not in self.peers and name not in self.guards
             ]
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
+
+    def _guard_problems(self) -> list[str]:
+        problems = []
+        if self.guards and self.guard.seed in self.sample.seeds:
+            problems.append(
+                f"guard.seed: {self.guard.seed} is one of sample.seeds; the guard's held-out samples must come from "
+                "noise that no figure of the tables uses"
+            )
+        for name, guard in self.guards.items():
+            missing = [f"guards.{name}.{key}: no row {row!r}" for key, row in guard if row not in self.rows]
+            if missing:
+                problems += missing
+                continue
+            if any(self.rows[row].weights not in self.weights for _, row in guard):
+                continue  # reported with the rows
+            les, no_les = self.row_variant(guard.les), self.row_variant(guard.no_les)
+            if not METHODS[les.method].les or METHODS[no_les.method].les:
+                problems.append(
+                    f"guards.{name}: {guard.les} must learn γ and {guard.no_les} must not (got {les.method} and "
+                    f"{no_les.method})"
+                )
+            elif (les.w_bits, les.a_bits) != (no_les.w_bits, no_les.a_bits):
+                problems.append(f"guards.{name}: {guard.les} is {les.label} but {guard.no_les} is {no_les.label}")
+        return problems
 
     def entry(self, section: str, name: str):
         """An entry by name, with a message that lists the defined ones (stage scripts take names)."""
@@ -337,7 +418,9 @@ class Config(Section):
         return Variant(entry.method, entry.w_bits, entry.a_bits)
 
     def row_variant(self, name: str) -> Variant:
-        """What a row or a peer quantizes."""
+        """What a row, a guard (its LES row's) or a peer quantizes."""
+        if name in self.guards and name not in self.rows:
+            return self.row_variant(self.guards[name].les)
         if name in self.peers:
             peer = self.peers[name]
             return Variant(peer.library, peer.w_bits, peer.a_bits)

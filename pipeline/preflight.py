@@ -195,7 +195,8 @@ def store_sizes(cfg: Config) -> dict[str, int]:
     votes = (
         20 * steps * sum(channels[name] for name in pts)
     )  # k_mode (int64), agreement (float32), k (int64) per layer, step, channel
-    samples = len(cfg.sample.seeds) * cfg.sample.num_samples * 4 * sample  # float32 images per seed
+    samples = len(cfg.sample.seeds) * cfg.sample.num_samples * 4 * sample  # float32 images per noise seed
+    quant_seeds = cfg.quant.seeds
     return {
         # float32 x_t and x0, int64 t, int32 step and sample; float16 layer inputs and outputs
         "calib.zarr": steps * n * (4 * sample + 16)
@@ -203,8 +204,13 @@ def store_sizes(cfg: Config) -> dict[str, int]:
         + steps * per_step * 2 * sum(a + b for a, b in io.values()),
         # float32 min / max / absmax / percentile per channel and two per-step numbers, per layer and step
         "stats.zarr": 4 * steps * sum(4 * ch + 2 for ch in channels.values()),
-        **{f"votes/{row}.zarr": votes if METHODS[cfg.row_variant(row).method].pts else 0 for row in cfg.rows},
-        **{f"samples/{name}.zarr": samples for name in ["fp", *cfg.rows, *cfg.peers]},
+        **{
+            f"votes/{row}/q{seed}.zarr": votes if METHODS[cfg.row_variant(row).method].pts else 0
+            for row in cfg.rows
+            for seed in quant_seeds
+        },
+        "samples/fp.zarr": samples,
+        **{f"samples/{name}/q{seed}.zarr": samples for name in [*cfg.rows, *cfg.peers] for seed in quant_seeds},
     }
 
 

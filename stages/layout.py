@@ -1,5 +1,7 @@
 """Where each artifact lives; dvc.yaml names the same paths. Per-entry artifacts are named after their
-``weights`` entry (les, recon) or their row (pts, sample, fid, peer); "fp" names the FP model's."""
+``weights`` entry (les, recon) or their row (pts, sample, fid, guard, peer); "fp" names the FP model's.
+An entry's quantized artifacts are a folder (its stage's DVC output) with one file per quantization
+seed, ``q<seed>``."""
 
 import sys
 from pathlib import Path
@@ -26,44 +28,55 @@ PAPER_TABLE = REPORTS / "paper_table.md"
 ABLATION = REPORTS / "ablation.md"
 FID_FIG = FIGURES / "fid_vs_activation_bits.png"
 GRIDS_FIG = FIGURES / "samples_by_method.png"
+LES_EFFECT_FIG = FIGURES / "les_effect_vs_outlier_ratio.png"
+COMPARISONS = REPORTS / "comparisons.md"
 FP = "fp"
 
 
-def les_path(weights: str) -> Path:
-    return ARTIFACTS / "les" / f"{weights}.safetensors"
+def les_dir(weights: str) -> Path:
+    return ARTIFACTS / "les" / weights
 
 
-def weights_path(weights: str) -> Path:
-    return ARTIFACTS / "weights" / f"{weights}.safetensors"
+def les_path(weights: str, seed: int) -> Path:
+    return les_dir(weights) / f"q{seed}.safetensors"
 
 
-def act_params_path(row: str) -> Path:
-    return ARTIFACTS / "act_params" / f"{row}.safetensors"
+def weights_dir(weights: str) -> Path:
+    return ARTIFACTS / "weights" / weights
 
 
-def votes_path(row: str) -> Path:
-    return ARTIFACTS / "votes" / f"{row}.zarr"
+def weights_path(weights: str, seed: int) -> Path:
+    return weights_dir(weights) / f"q{seed}.safetensors"
 
 
-def samples_path(row: str) -> Path:
-    return SAMPLES / f"{row}.zarr"
+def act_params_path(row: str, seed: int) -> Path:
+    return ARTIFACTS / "act_params" / row / f"q{seed}.safetensors"
+
+
+def votes_path(row: str, seed: int) -> Path:
+    return ARTIFACTS / "votes" / row / f"q{seed}.zarr"
+
+
+def samples_path(row: str, seed: int | None = None) -> Path:
+    """FP's samples store, or a row's for one quantization seed."""
+    return SAMPLES / f"{row}.zarr" if seed is None else SAMPLES / row / f"q{seed}.zarr"
 
 
 def metrics_path(row: str) -> Path:
     return METRICS / f"{row}.json"
 
 
-def report_path(stage: str, name: str) -> Path:
-    return REPORTS / stage / f"{name}.json"
+def report_path(stage: str, name: str, seed: int | None = None) -> Path:
+    return REPORTS / stage / (f"{name}.json" if seed is None else f"{name}/q{seed}.json")
 
 
 def grid_path(row: str) -> Path:
     return REPORTS / "samples" / f"{row}.png"
 
 
-def checkpoints_path(stage: str, name: str) -> Path:
+def checkpoints_path(stage: str, name: str, seed: int) -> Path:
     """Per-unit checkpoints of an unfinished les / recon stage (removed when it completes)."""
-    return ARTIFACTS / f".{stage}.ckpt" / name
+    return ARTIFACTS / f".{stage}.ckpt" / name / f"q{seed}"
 
 
 def entry_argument() -> str:

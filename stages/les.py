@@ -1,6 +1,6 @@
-"""Stage les@<weights entry>: learned equivalent scaling γ per quantized layer -> artifacts/les/<entry>.safetensors
-(γ = 1 everywhere for methods without LES, so later stages always read one artifact). Each finished
-layer is checkpointed, so a rerun after a kill resumes."""
+"""Stage les@<weights entry>: learned equivalent scaling γ per quantized layer, once per quantization
+seed -> artifacts/les/<entry>/q<seed>.safetensors (γ = 1 everywhere for methods without LES, so later
+stages always read one artifact). Each finished layer is checkpointed, so a rerun after a kill resumes."""
 
 import time
 
@@ -27,47 +27,70 @@ def main(name: str) -> None:
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
     fp_hash = model_hash(FP_MODEL)
-    provenance = stage_provenance(cfg, "les", fp_hash, variant)
-    unet, _ = load_fp_model(FP_MODEL)
-    layers = quantize(unet, QuantSpec(w_bits=variant.w_bits, a_bits=variant.a_bits, num_steps=1, split=method.split))
-    start = time.perf_counter()
-    checkpoints = None
     if method.les:
         check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
-        with world.main_first():  # rank 0 removes stale checkpoints before any rank saves new ones
-            checkpoints = Checkpoints(checkpoints_path("les", name), checkpoint_key(provenance))
-        gammas, losses = learn_all(
-            layers,
-            CALIB,
-            weighting=method.weighting,
-            iters=les.iters,
-            lr=les.lr,
-            batch_size=les.batch_size,
-            r=les.focal_r,
-            momentum=les.focal_momentum,
-            seed=les.seed,
-            workers=les.workers,
-            checkpoints=checkpoints,
-            device=device,
-            world=world,
-        )
-    else:
-        gammas, losses = {name: torch.ones_like(layer.gamma) for name, layer in layers.items()}, {}
-    if not world.main:
-        return
-    header = {**provenance, **variant._asdict(), "weighting": method.weighting, "iters": les.iters if method.les else 0}
-    write_tensors(les_path(name), {f"{layer}.gamma": gamma for layer, gamma in gammas.items()}, header)
-    if checkpoints:
-        checkpoints.remove()
+    reports = {}
+    for seed in cfg.quant.seeds:
+        provenance = stage_provenance(cfg, "les", fp_hash, variant, seed)
+        unet, _ = load_fp_model(FP_MODEL)
+        spec = QuantSpec(w_bits=variant.w_bits, a_bits=variant.a_bits, num_steps=1, split=method.split)
+        layers = quantize(unet, spec)
+        start = time.perf_counter()
+        checkpoints = None
+        if method.les:
+            with world.main_first():  # rank 0 removes stale checkpoints before any rank saves new ones
+                checkpoints = Checkpoints(checkpoints_path("les", name, seed), checkpoint_key(provenance))
+            gammas, losses = learn_all(
+                layers,
+                CALIB,
+                weighting=method.weighting,
+                iters=les.iters,
+                lr=les.lr,
+                batch_size=les.batch_size,
+                r=les.focal_r,
+                momentum=les.focal_momentum,
+                seed=seed,
+                workers=les.workers,
+                checkpoints=checkpoints,
+                device=device,
+                world=world,
+            )
+        else:
+            gammas, losses = {name: torch.ones_like(layer.gamma) for name, layer in layers.items()}, {}
+        if not world.main:
+            continue
+        header = {
+            **provenance,
+            **variant._asdict(),
+            "weighting": method.weighting,
+            "iters": les.iters if method.les else 0,
+        }
+        write_tensors(les_path(name, seed), {f"{layer}.gamma": gamma for layer, gamma in gammas.items()}, header)
+        if checkpoints:
+            checkpoints.remove()
+        reports[str(seed)] = seed_report(losses, time.perf_counter() - start, gammas)
+    if world.main:
+        write_json(report_path("les", name), {"les": method.les, "quant_seeds": reports})
+
+
+def seed_report(losses: dict[str, tuple[float, float]], seconds: float, gammas: dict[str, torch.Tensor]) -> dict:
+    """Per layer the LES loss with γ = 1 and with the learned γ, and γ's range; their means."""
     report = {
-        "les": method.les,
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "layers": {layer: {"loss_before": before, "loss_after": after} for layer, (before, after) in losses.items()},
+        "wall_seconds": round(seconds, 1),
+        "layers": {
+            layer: {
+                "loss_before": before,
+                "loss_after": after,
+                "gamma_min": float(gammas[layer].min()),
+                "gamma_max": float(gammas[layer].max()),
+            }
+            for layer, (before, after) in losses.items()
+        },
     }
     if losses:
         report["mean_loss_before"] = sum(b for b, _ in losses.values()) / len(losses)
         report["mean_loss_after"] = sum(a for _, a in losses.values()) / len(losses)
-    write_json(report_path("les", name), report)
+    return report
 
 
 if __name__ == "__main__":

@@ -15,16 +15,17 @@ PARAMS = {
     "classifier": ("classifier", "model.image_size"),
     "dump": ("device", "diffusion", "calib"),
     "stats": ("stats",),
-    "les": ("device", "les"),
+    "les": ("device", "les", "quant.seeds"),
     "recon": ("device", "autocast", "quant", "recon", "les.focal_r", "les.focal_momentum"),
-    "pts": ("device", "pts"),
+    "pts": ("device", "pts", "quant.seeds"),
     "sample_fp": ("device", "autocast", "diffusion.steps", "sample"),
-    "sample": ("device", "autocast", "diffusion.steps", "sample"),
+    "sample": ("device", "autocast", "diffusion.steps", "sample", "quant.seeds"),
     "eval_files": ("eval.reference_images", "eval.inception_weights", "eval.clip_model"),
     "reference": ("eval.reference_images", "eval.inception_weights", "model.image_size"),
     "fid_fp": ("eval", "model.image_size", "sample.prompts"),
-    "fid": ("eval", "model.image_size", "sample.prompts"),
-    "peer": ("device", "diffusion.steps", "sample", "eval", "model.image_size"),
+    "fid": ("eval", "model.image_size", "sample.prompts", "quant.seeds"),
+    "guard": ("device", "autocast", "diffusion.steps", "sample.eta", "guard", "quant.seeds"),
+    "peer": ("device", "diffusion.steps", "sample", "eval", "model.image_size", "quant.seeds"),
     "report": ("report",),
 }
 
@@ -33,6 +34,7 @@ ENTRY_PARAMS = {
     "les": ("weights.${key}",),
     "recon": ("weights.${key}",),
     "pts": ("rows.${key}", "weights.${item.weights}"),
+    "guard": ("guards.${key}",),
     "peer": ("peers.${key}",),
 }
 
@@ -50,8 +52,9 @@ INPUTS = {
     "reference": ("fp_model", "classifier", "eval_files"),
     "fid_fp": ("sample_fp", "classifier", "reference", "eval_files"),
     "fid": ("sample", "sample_fp", "classifier", "reference", "eval_files"),
+    "guard": ("fp_model", "pts", "fid"),  # pts's inputs (recon among them) stand for the weights
     "peer": ("fp_model", "dump", "sample_fp", "classifier", "reference", "eval_files"),
-    "report": ("fid_fp", "fid", "peer", "sample_fp", "sample"),
+    "report": ("les", "stats", "fid_fp", "fid", "guard", "peer", "sample_fp", "sample"),
 }
 
 
@@ -67,18 +70,23 @@ def lineage_params(stage: str, variant: Variant | None = None) -> set[str]:
 
 
 # Params that change how a stage runs, not what it writes (γ are bit-identical for any number of LES
-# workers): left out of provenance, so changing them neither makes downstream artifacts stale nor
-# discards checkpoints.
-RESULT_INDEPENDENT = {"les.workers"}
+# workers; the seed list says which artifacts there are, each depends on its own seed): left out of
+# provenance, so changing them neither makes other artifacts stale nor discards checkpoints.
+RESULT_INDEPENDENT = {"les.workers", "quant.seeds"}
 
 
-def stage_provenance(cfg: Config, stage: str, model: str | None, variant: Variant | None = None) -> dict:
+def stage_provenance(
+    cfg: Config, stage: str, model: str | None, variant: Variant | None = None, quant_seed: int | None = None
+) -> dict:
     """The provenance header of an artifact that ``stage`` writes under the parameters ``cfg`` for an
-    entry that quantizes ``variant`` (None for the stages that quantize nothing)."""
+    entry that quantizes ``variant`` (None for the stages that quantize nothing) with quantization seed
+    ``quant_seed`` (None for the artifacts of all seeds, or of none)."""
     values = config_values(cfg.model_dump(mode="json"), sorted(lineage_params(stage, variant)))
     values = {key: value for key, value in values.items() if key not in RESULT_INDEPENDENT}
     if variant is not None:
         values.update({f"variant.{key}": value for key, value in variant._asdict().items() if value is not None})
+    if quant_seed is not None:
+        values["quant.seed"] = quant_seed
     return provenance(values, model)
 
 
@@ -87,6 +95,15 @@ def checkpoint_key(provenance: dict) -> str:
     return f"{provenance['model_hash']}-{provenance['params_hash']}"
 
 
-def check_input(header: dict, cfg: Config, stage: str, model: str | None, path, variant: Variant | None = None) -> None:
-    """Refuse an artifact of ``stage`` that another model or other parameters than ``cfg`` made."""
-    check_provenance(header, stage_provenance(cfg, stage, model, variant), str(path))
+def check_input(
+    header: dict,
+    cfg: Config,
+    stage: str,
+    model: str | None,
+    path,
+    variant: Variant | None = None,
+    quant_seed: int | None = None,
+) -> None:
+    """Refuse an artifact of ``stage`` that another model, other parameters than ``cfg`` or another
+    quantization seed made."""
+    check_provenance(header, stage_provenance(cfg, stage, model, variant, quant_seed), str(path))

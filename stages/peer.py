@@ -1,9 +1,9 @@
-"""Stage peer@<name>: the FP UNet quantized by another library (optimum-quanto), calibrated on the
-dumped trajectories, sampled from the same seeds and measured like every row ->
-artifacts/samples/<name>.zarr, reports/samples/<name>.png, metrics/<name>.json."""
+"""Stage peer@<name>: the FP UNet quantized by another library (optimum-quanto), calibrated on records
+of the dumped trajectories drawn by each quantization seed, sampled from the same noise and measured
+like every row -> artifacts/samples/<name>/q<seed>.zarr, reports/samples/<name>.png, metrics/<name>.json."""
 
 from pipeline.calibration.dump import open_calibration, random_records, record_denoiser
-from pipeline.eval.metrics import ClipScorer, evaluate_runs, measured_features, read_reference
+from pipeline.eval.metrics import ClipScorer, evaluate_quant_seeds, measured_features, read_reference
 from pipeline.eval.peers import quanto_quantize
 from pipeline.eval.report import metrics_record
 from pipeline.eval.sampling import read_samples, write_samples
@@ -44,43 +44,47 @@ def main(name: str) -> None:
     check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
     reference_tensors, reference_header = read_tensors(REFERENCE)
     check_input(reference_header, cfg, "reference", fp_hash, REFERENCE)
-    unet, train_scheduler = load_fp_model(FP_MODEL)
-    records, _ = random_records(calib, peer.calib_records, cfg.seed)
-    calibration = record_denoiser(FP_MODEL, unet, calib).to(device)
-    quanto_quantize(
-        calibration,
-        w_bits=variant.w_bits,
-        a_bits=variant.a_bits,
-        inputs=tuple(v.to(device) for v in records),
-        batch_size=sample.batch_size,
-    )
-    scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
     prompts = read_prompts(sample.prompts, sample.num_samples) if sample.prompts else None  # the rows' sampling prompts
-    model = load_denoiser(FP_MODEL, unet, prompts).to(device)
-    decode = Decoder(find_layout(FP_MODEL), device)
-    provenance = stage_provenance(cfg, "peer", fp_hash, variant)
-    attrs = {**provenance, "steps": cfg.diffusion.steps, "label": label}
-    write_samples(
-        samples_path(name),
-        model,
-        scheduler,
-        seeds=sample.seeds,
-        num_samples=sample.num_samples,
-        batch_size=sample.batch_size,
-        eta=sample.eta,
-        device=device,
-        attrs=attrs,
-        desc=f"sample {name}",
-        guidance_scale=sample.guidance_scale,
-        decode=decode,
-    )
-    runs, _ = read_samples(samples_path(name))
-    save_grid(runs[sample.seeds[0]], grid_path(name), sample.grid_size, label)
-    reference = read_reference(reference_tensors, reference_header, next(iter(runs.values())), str(REFERENCE))
-    found = evaluate_runs(
+    runs = {}
+    for seed in cfg.quant.seeds:  # the seed draws the calibration records
+        unet, train_scheduler = load_fp_model(FP_MODEL)
+        records, _ = random_records(calib, peer.calib_records, seed)
+        calibration = record_denoiser(FP_MODEL, unet, calib).to(device)
+        quanto_quantize(
+            calibration,
+            w_bits=variant.w_bits,
+            a_bits=variant.a_bits,
+            inputs=tuple(v.to(device) for v in records),
+            batch_size=sample.batch_size,
+        )
+        scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
+        model = load_denoiser(FP_MODEL, unet, prompts).to(device)
+        write_samples(
+            samples_path(name, seed),
+            model,
+            scheduler,
+            seeds=sample.seeds,
+            num_samples=sample.num_samples,
+            batch_size=sample.batch_size,
+            eta=sample.eta,
+            device=device,
+            attrs={
+                **stage_provenance(cfg, "peer", fp_hash, variant, seed),
+                "steps": cfg.diffusion.steps,
+                "label": label,
+            },
+            desc=f"sample {name} q{seed}",
+            guidance_scale=sample.guidance_scale,
+            decode=Decoder(find_layout(FP_MODEL), device),
+        )
+        runs[seed], _ = read_samples(samples_path(name, seed))
+    save_grid(runs[cfg.quant.seeds[0]][sample.seeds[0]], grid_path(name), sample.grid_size, label)
+    found = evaluate_quant_seeds(
         runs,
-        reference,
-        measured_features(cfg.model.source, str(CLASSIFIER), evaluation.inception_weights, evaluation.reference_images),
+        reference=read_reference(reference_tensors, reference_header, fp_runs[sample.seeds[0]], str(REFERENCE)),
+        features=measured_features(
+            cfg.model.source, str(CLASSIFIER), evaluation.inception_weights, evaluation.reference_images
+        ),
         kid_subset_size=evaluation.kid_subset_size,
         isc_splits=evaluation.isc_splits,
         prc_neighborhood=evaluation.prc_neighborhood,
@@ -88,6 +92,7 @@ def main(name: str) -> None:
         clip=ClipScorer(evaluation.clip_model) if evaluation.clip_model else None,
         prompts=prompts,
     )
+    provenance = stage_provenance(cfg, "peer", fp_hash, variant)
     write_json(metrics_path(name), metrics_record(label, variant, cfg.diffusion.steps, found, provenance))
 
 

@@ -30,7 +30,7 @@ def stale_stages(repo: Path) -> set[str]:
     return set(json.loads(run(["dvc", "status", "--json"], repo)))
 
 
-ENTRY_SECTIONS = ("weights", "rows", "peers")  # a config's own matrix replaces the shipped one
+ENTRY_SECTIONS = ("weights", "rows", "peers", "guards")  # a config's own matrix replaces the shipped one
 
 
 def merge(base: dict, override: dict, replace: tuple[str, ...] = ()) -> dict:
@@ -57,7 +57,10 @@ def init_repo(repo: Path, overrides: dict | None = None) -> Path:
     for item in REPO_ITEMS:
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    set_params(repo, overrides or {}, replace=ENTRY_SECTIONS)
+    overrides = dict(overrides or {})
+    if "rows" in overrides:  # guards name rows: a matrix of its own brings its own guards, or none
+        overrides.setdefault("guards", {})
+    set_params(repo, overrides, replace=ENTRY_SECTIONS)
     run(["dvc", "init", "--no-scm", "-q"], repo)
     run(["dvc", "config", "core.analytics", "false"], repo)
     return repo

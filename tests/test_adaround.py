@@ -16,7 +16,7 @@ def test_learned_rounding_beats_nearest_and_ends_on_the_grid():
     torch.manual_seed(0)
     fp = TwoConvs().eval()
     q = copy.deepcopy(fp)
-    layers = quantize(q, QuantSpec(w_bits=3, split=False))
+    layers = quantize(q, QuantSpec(w_bits=3, split=()))
     init_weight_quantizers(layers, grid=20, p=2.4)
     x = torch.randn(96, 4, 8, 8)
     t = torch.zeros(96, dtype=torch.long)
@@ -65,7 +65,7 @@ def test_resumed_reconstruction_equals_an_uninterrupted_one(tmp_path, monkeypatc
 
     def fresh():
         q = copy.deepcopy(fp)
-        layers = quantize(q, QuantSpec(w_bits=3, split=False))
+        layers = quantize(q, QuantSpec(w_bits=3, split=()))
         init_weight_quantizers(layers, grid=20, p=2.4)
         return q, layers
 

@@ -23,7 +23,8 @@ def test_rows_whose_weights_match_share_one_chain():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.rows["dmq-no-pts-w4a6"].weights == "dmq-w4a6" and cfg.rows["dmq-no-les-w4a6"].weights == "qdiff-w4"
     assert cfg.row_variant("dmq-no-pts-w4a6") == ("dmq-no-pts", 4, 6)
-    assert len({cfg.weights_signature(name) for name in cfg.weights}) == len(cfg.weights) == 9
+    assert {cfg.rows[f"qdiff-steps-w4a{a}"].weights for a in (8, 6, 4)} == {"qdiff-w4"}  # per-step ranges: acts only
+    assert len({cfg.weights_signature(name) for name in cfg.weights}) == len(cfg.weights) == 5
 
 
 def test_timestep_weighted_reconstruction_separates_the_no_les_weights_from_qdiff():
@@ -32,7 +33,8 @@ def test_timestep_weighted_reconstruction_separates_the_no_les_weights_from_qdif
     with pytest.raises(ConfigError, match=r"rows\.dmq-no-les-w4a6\.method: dmq-no-les's weights differ"):
         parse_config(data)
     data["weights"]["dmq-no-les-w4"] = {"method": "dmq-no-les", "w_bits": 4}
-    data["rows"]["dmq-no-les-w4a6"] = {"weights": "dmq-no-les-w4", "a_bits": 6}
+    for a_bits in (8, 6, 4):
+        data["rows"][f"dmq-no-les-w4a{a_bits}"] = {"weights": "dmq-no-les-w4", "a_bits": a_bits}
     assert parse_config(data).row_variant("dmq-no-les-w4a6") == ("dmq-no-les", 4, 6)
 
 
@@ -46,7 +48,7 @@ def test_timestep_weighted_reconstruction_separates_the_no_les_weights_from_qdif
             "weights.qdiff-w4",
             "method",
             "awq",
-            "weights.qdiff-w4.method: unknown method 'awq'; allowed: minmax, qdiff, dmq",
+            "weights.qdiff-w4.method: unknown method 'awq'; allowed: minmax, qdiff, qdiff-steps",
         ),
         ("quant", "weight_clip_grid", 0, "quant.weight_clip_grid: .* (got 0); allowed: [1, inf)"),
         ("pts", "ratio_threshold", 0.0, "pts.ratio_threshold: .* (got 0.0); allowed: (0, 1]"),
@@ -86,7 +88,7 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
         ),
         (
             lambda d: d["rows"]["qdiff-w4a6"].update(weights="qdiff-w3"),
-            r"rows\.qdiff-w4a6\.weights: no weights entry 'qdiff-w3'; defined: minmax-w8, ",
+            r"rows\.qdiff-w4a6\.weights: no weights entry 'qdiff-w3'; defined: minmax-w4, ",
         ),
         (
             lambda d: d["weights"].update({"dmq-no-pts-w4a6": {"method": "dmq-no-pts", "w_bits": 4, "a_bits": 6}}),
@@ -97,9 +99,9 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
             r"weights\.qdiff-w4 and weights\.no-les-w4 make the same weights",
         ),
         (
-            lambda d: d["rows"]["dmq-no-pts-w4a6"].update(weights="dmq-linear-w4a6"),
-            r"rows\.dmq-no-pts-w4a6\.method: dmq-no-pts's weights differ from those of weights\.dmq-linear-w4a6 "
-            r"\(dmq-linear\); name a weights entry of dmq-no-pts",
+            lambda d: d["rows"]["dmq-no-pts-w4a6"].update(weights="minmax-w4"),
+            r"rows\.dmq-no-pts-w4a6\.method: dmq-no-pts's weights differ from those of weights\.minmax-w4 "
+            r"\(minmax\); name a weights entry of dmq-no-pts",
         ),
         (
             lambda d: d["rows"]["dmq-no-pts-w4a6"].update(method="awq"),
@@ -113,7 +115,32 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
             lambda d: d["rows"].update({"fp": {"weights": "qdiff-w4", "a_bits": 8}}),
             r"rows\.fp: 'fp' names the FP model's samples",
         ),
-        (lambda d: d["report"]["table"].append("dmq-w2a2"), r"report\.table: 'dmq-w2a2' is neither a row nor a peer"),
+        (
+            lambda d: d["report"]["table"].append("dmq-w2a2"),
+            r"report\.table: 'dmq-w2a2' is neither a row, a guard nor a peer",
+        ),
+        (lambda d: d["quant"].update(seeds=[]), r"quant\.seeds: List should have at least 1 item"),
+        (lambda d: d["quant"].update(seeds=[0, 1, 0]), r"quant\.seeds: each quantization seed once"),
+        (
+            lambda d: d["guard"].update(seed=d["sample"]["seeds"][0]),
+            r"guard\.seed: 2024 is one of sample\.seeds; the guard's held-out samples must come from noise",
+        ),
+        (
+            lambda d: d["guards"]["dmq-guard-w4a6"].update(no_les="dmq-no-les-w4a5"),
+            r"guards\.dmq-guard-w4a6\.no_les: no row 'dmq-no-les-w4a5'",
+        ),
+        (
+            lambda d: d["guards"]["dmq-guard-w4a6"].update(les="qdiff-w4a6"),
+            r"guards\.dmq-guard-w4a6: qdiff-w4a6 must learn γ and dmq-no-les-w4a6 must not",
+        ),
+        (
+            lambda d: d["guards"]["dmq-guard-w4a6"].update(no_les="dmq-no-les-w4a4"),
+            r"guards\.dmq-guard-w4a6: dmq-w4a6 is W4A6 but dmq-no-les-w4a4 is W4A4",
+        ),
+        (
+            lambda d: d["guards"].update({"dmq-w4a6": {"les": "dmq-w4a6", "no_les": "dmq-no-les-w4a6"}}),
+            r"rows\.dmq-w4a6 and guards\.dmq-w4a6: a name names one row",
+        ),
         (lambda d: d["peers"]["quanto-w4a8"].update(a_bits=4), r"peers\.quanto-w4a8\.a_bits: Input should be 8"),
     ],
     ids=[
@@ -128,6 +155,13 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
         "bad-name",
         "fp-is-reserved",
         "unknown-report-row",
+        "no-quant-seeds",
+        "repeated-quant-seed",
+        "guard-without-held-out-noise",
+        "guard-unknown-row",
+        "guard-les-row-without-les",
+        "guard-rows-of-other-bits",
+        "guard-named-like-a-row",
         "peer-bits",
     ],
 )
@@ -176,6 +210,7 @@ def test_pts_patterns_matter_only_for_methods_with_pts(tmp_path):
     data = default()
     data["weights"] = {"qdiff-w4": {"method": "qdiff", "w_bits": 4}}
     data["rows"] = {"qdiff-w4a8": {"weights": "qdiff-w4", "a_bits": 8}}
+    data["guards"] = {}
     data["report"] = {"table": ["qdiff-w4a8"], "ablation": []}
     data["pts"]["layers"] = ["*shortcut_conv"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))

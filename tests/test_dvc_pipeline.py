@@ -1,4 +1,4 @@
-"""``dvc repro`` of a reduced configuration (tests/reduced.yaml: three rows, one peer) in a temporary
+"""``dvc repro`` of a reduced configuration (tests/reduced.yaml: four rows, a guard, one peer) in a temporary
 copy of the repository: the matrix expands to one stage per entry, and a change to one entry reruns
 that entry's stages only."""
 
@@ -11,8 +11,10 @@ from helpers import copy_repo, ran_stages, run, set_params, stale_stages
 SHARED = {"fp_model", "classifier", "reference", "dump", "stats", "sample_fp", "fid_fp", "report"}
 ALWAYS = {"eval_files"}  # lists the files outside the repository that the metrics read, on every run
 PER_WEIGHTS = {f"{stage}@{name}" for stage in ("les", "recon") for name in ("qdiff-w4", "dmq-w4a6")}
-PER_ROW = {f"{stage}@{row}" for stage in ("pts", "sample", "fid") for row in ("qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6")}
-ALL = SHARED | PER_WEIGHTS | PER_ROW | {"peer@quanto-w4a8"} | ALWAYS
+ROWS = ("qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6", "dmq-no-les-w4a6")
+PER_ROW = {f"{stage}@{row}" for stage in ("pts", "sample", "fid") for row in ROWS}
+GUARD = "guard@dmq-guard-w4a6"
+ALL = SHARED | PER_WEIGHTS | PER_ROW | {GUARD, "peer@quanto-w4a8"} | ALWAYS
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +33,37 @@ def test_matrix_expands_to_one_stage_per_entry(repo):
 def test_repro_runs_every_stage_and_writes_metrics_and_report(repo):
     repo, output = repo
     assert ran_stages(output) == ALL
-    for row in ("fp", "qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6", "quanto-w4a8"):
+    for row in ("fp", *ROWS, "dmq-guard-w4a6", "quanto-w4a8"):
         metrics = json.loads((repo / f"metrics/{row}.json").read_text())
-        assert set(metrics["seeds"]) == {"1", "2"}, row
-        for found in metrics["seeds"].values():
+        # FP: one run per noise seed; a row: one per quantization seed, each on every noise seed
+        runs = [metrics] if row == "fp" else list(metrics["quant_seeds"].values())
+        assert row == "fp" or set(metrics["quant_seeds"]) == {"0", "1"}, row
+        for found in (one for per_seed in runs for one in per_seed["seeds"].values()):
             assert set(found) >= {"fid", "kid", "isc", "precision", "recall"} and found["num_samples"] == 48, row
             assert found["fid"] >= 0 and (row == "fp" or found["paired_mse"] > 0), row
+        assert set(runs[0]["seeds"]) == {"1"}, row
+    quant_runs = [json.loads((repo / f"metrics/{row}.json").read_text())["quant_seeds"] for row in ROWS]
+    assert all(runs["0"]["mean"]["fid"] != runs["1"]["mean"]["fid"] for runs in quant_runs)  # seeds quantize anew
+    guard = json.loads((repo / "reports/guard/dmq-guard-w4a6.json").read_text())
+    guarded = json.loads((repo / "metrics/dmq-guard-w4a6.json").read_text())["quant_seeds"]
+    for seed, decision in guard["quant_seeds"].items():
+        errors = decision["held_out_mse"]
+        assert decision["kept"] == min(errors, key=errors.get)  # the one closer to FP on held-out noise
+        kept = json.loads((repo / f"metrics/{decision['row']}.json").read_text())["quant_seeds"][seed]
+        assert guarded[seed]["mean"] == kept["mean"] and guarded[seed]["row"] == decision["row"]
     table = (repo / "reports/paper_table.md").read_text().splitlines()
-    assert [line.split(" | ")[:2] for line in table[4:9]] == [
+    assert [line.split(" | ")[:2] for line in table[4:10]] == [
         ["| FP", "32/32"],
         ["| qdiff", "W4A8"],
         ["| optimum-quanto", "W4A8"],
         ["| qdiff", "W4A6"],
         ["| dmq", "W4A6"],
+        ["| dmq+guard", "W4A6"],
     ]
-    for name in ("fid_vs_activation_bits", "samples_by_method", "stats_outlier_heatmap"):
+    comparisons = (repo / "reports/comparisons.md").read_text()
+    assert "| dmq-w4a6 | qdiff-w4a6 |" in comparisons and "| dmq-guard-w4a6 | qdiff-w4a6 |" in comparisons
+    assert "| dmq-no-les-w4a6 | dmq-w4a6 |" in comparisons
+    for name in ("fid_vs_activation_bits", "samples_by_method", "stats_outlier_heatmap", "les_effect_vs_outlier_ratio"):
         assert (repo / f"reports/figures/{name}.png").stat().st_size > 0
 
 
@@ -88,9 +106,11 @@ def test_a_rows_activation_bits_rerun_that_row_only_not_its_shared_weights(repo)
 def test_a_weights_entry_reruns_the_rows_that_share_it(repo):
     repo, _ = repo
     set_params(repo, {"weights": {"qdiff-w4": {"w_bits": 5}}})
-    assert stale_stages(repo) == {"les@qdiff-w4", "recon@qdiff-w4", "pts@qdiff-w4a8", "pts@qdiff-w4a6"} | ALWAYS
-    rows = {f"{stage}@{row}" for stage in ("pts", "sample", "fid") for row in ("qdiff-w4a8", "qdiff-w4a6")}
-    assert ran_stages(run(["dvc", "repro"], repo)) == {"les@qdiff-w4", "recon@qdiff-w4", *rows, "report"} | ALWAYS
+    sharing = ("qdiff-w4a8", "qdiff-w4a6", "dmq-no-les-w4a6")
+    assert stale_stages(repo) == {"les@qdiff-w4", "recon@qdiff-w4", *(f"pts@{row}" for row in sharing)} | ALWAYS
+    rows = {f"{stage}@{row}" for stage in ("pts", "sample", "fid") for row in sharing}
+    ran = ran_stages(run(["dvc", "repro"], repo))
+    assert ran == {"les@qdiff-w4", "recon@qdiff-w4", *rows, GUARD, "report"} | ALWAYS  # the guard's γ = 1 row moved
 
 
 def test_les_params_rerun_the_methods_with_les_only(repo):
@@ -105,6 +125,7 @@ def test_les_params_rerun_the_methods_with_les_only(repo):
         "pts@dmq-w4a6",
         "sample@dmq-w4a6",
         "fid@dmq-w4a6",
+        GUARD,
         "report",
     }
 
@@ -112,15 +133,11 @@ def test_les_params_rerun_the_methods_with_les_only(repo):
 def test_sample_seeds_rerun_sampling_and_metrics_not_quantization(repo):
     repo, _ = repo
     set_params(repo, {"sample": {"seeds": [1, 3]}})
-    assert stale_stages(repo) == ALWAYS | {
-        "sample_fp",
-        "sample@qdiff-w4a8",
-        "sample@qdiff-w4a6",
-        "sample@dmq-w4a6",
-        "peer@quanto-w4a8",
-    }
+    assert stale_stages(repo) == ALWAYS | {"sample_fp", "peer@quanto-w4a8", *(f"sample@{row}" for row in ROWS)}
     ran = ran_stages(run(["dvc", "repro"], repo))
-    assert ran == ALWAYS | {"sample_fp", "fid_fp", "peer@quanto-w4a8", "report"} | {
-        f"{s}@{r}" for s in ("sample", "fid") for r in ("qdiff-w4a8", "qdiff-w4a6", "dmq-w4a6")
+    # the guard reruns on its rows' new metrics; its held-out noise (guard.seed) is another
+    assert ran == ALWAYS | {"sample_fp", "fid_fp", "peer@quanto-w4a8", GUARD, "report"} | {
+        f"{s}@{r}" for s in ("sample", "fid") for r in ROWS
     }
-    assert set(json.loads((repo / "metrics/dmq-w4a6.json").read_text())["seeds"]) == {"1", "3"}
+    metrics = json.loads((repo / "metrics/dmq-w4a6.json").read_text())
+    assert all(set(found["seeds"]) == {"1", "3"} for found in metrics["quant_seeds"].values())

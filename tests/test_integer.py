@@ -4,13 +4,17 @@ independent float64 computation of a layer with planted PTS exponents and a spli
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from diffusers import DDPMScheduler
 
+from helpers import ROOT, run, set_params
+from pipeline.config import ConfigError, parse_config
 from pipeline.deploy.integer import (
     IntegerLayer,
     cpu_has_vnni,
@@ -19,6 +23,7 @@ from pipeline.deploy.integer import (
     to_integer,
     weight_bytes,
 )
+from pipeline.eval.sampling import read_samples
 from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.models.diffusion import ddim_sample, ddim_scheduler, sample_noise
 from pipeline.models.embedded import build_unet
@@ -42,7 +47,8 @@ def fake_quantized(fp: nn.Module, w_bits: int = 4, a_bits: int = 8, batch: int =
     """A W/A copy of ``fp`` as the sample stage runs it: random LES γ, stored integer weights, per-step
     activation parameters from one calibration run, random PTS exponents on the shortcut convs."""
     q = copy.deepcopy(fp)
-    layers = quantize(q, QuantSpec(w_bits=w_bits, a_bits=a_bits, num_steps=STEPS))
+    # both decoder splits, the case the bounds below were measured on (DESIGN.md §10: split parts are summed)
+    layers = quantize(q, QuantSpec(w_bits=w_bits, a_bits=a_bits, num_steps=STEPS, split=("conv1", "conv_shortcut")))
     g = torch.Generator().manual_seed(seed)
     for layer in layers.values():
         layer.gamma.copy_(torch.rand(layer.gamma.shape, generator=g) + 0.5)
@@ -278,3 +284,31 @@ def test_vnni_is_read_from_cpuinfo(tmp_path):
     (tmp_path / "no").write_text("flags\t\t: fpu avx2 avx512f\n")
     assert cpu_has_vnni(tmp_path / "yes") and not cpu_has_vnni(tmp_path / "no")
     assert not cpu_has_vnni(tmp_path / "missing")
+
+
+def test_the_sample_stage_runs_a_row_on_int8_kernels(pipeline_copy):
+    """sample.backend int8: the stage samples the reduced pipeline's dmq row on the integer backend, and
+    its samples agree with the fake-quantized ones of the same quantization seed and noise."""
+    fake, _ = read_samples(pipeline_copy / "artifacts/samples/dmq-w4a6/q0.zarr")
+    set_params(pipeline_copy, {"sample": {"backend": "int8"}})
+    run([sys.executable, "-m", "stages.sample", "dmq-w4a6"], pipeline_copy)
+    integer, attrs = read_samples(pipeline_copy / "artifacts/samples/dmq-w4a6/q0.zarr")
+    assert attrs["params"]["sample.backend"] == "int8"
+    for seed, images in fake.items():
+        mse = (integer[seed] - images).pow(2).mean()
+        assert 10 * torch.log10(4 / mse) > 20  # dB against the fake samples (peak-to-peak 2)
+        assert not torch.equal(integer[seed], images)  # another path, not the fake one again
+
+
+def test_int8_backend_is_refused_for_w8_rows_and_cuda_at_load_time():
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["sample"]["backend"] = "int8"
+    data["weights"]["qdiff-w8"] = {"method": "qdiff", "w_bits": 8}
+    data["rows"]["qdiff-w8a8"] = {"weights": "qdiff-w8", "a_bits": 8}
+    with pytest.raises(ConfigError, match=r"sample\.backend: int8 cannot run rows\.qdiff-w8a8 \(W8\)"):
+        parse_config(data)
+    del data["rows"]["qdiff-w8a8"]
+    parse_config(data)
+    data["device"] = "cuda"
+    with pytest.raises(ConfigError, match=r"sample\.backend: int8 runs on the CPU's int8 kernels"):
+        parse_config(data)

@@ -128,7 +128,9 @@ def quantized_artifacts(tiny_unet, tmp_path):
     layers = quantize(q, QuantSpec(w_bits=4, a_bits=8, num_steps=2))
     init_weight_quantizers(layers, grid=2, p=2.4)
     write_tensors(
-        tmp_path / "weights.safetensors", weight_tensors(layers), {"model_hash": fp_hash, "w_bits": 4, "split": True}
+        tmp_path / "weights.safetensors",
+        weight_tensors(layers),
+        {"model_hash": fp_hash, "w_bits": 4, "split": ["conv_shortcut"]},
     )
     header = {"model_hash": fp_hash, "a_bits": 8, "steps": 2}
     write_tensors(tmp_path / "act_params.safetensors", act_tensors(layers), header)
@@ -193,8 +195,11 @@ def paths(entries) -> set[str]:
 
 def resolved(path: str, foreach: str | None) -> str:
     """A path with its entry placeholder written as the params section the entry comes from: a
-    foreach stage's ${key} is an entry of its own section, ${item.weights} one of ``weights``."""
-    return path.replace("${key}", f"<{foreach}>").replace("${item.weights}", "<${weights}>")
+    foreach stage's ${key} is an entry of its own section, ${item.weights} one of ``weights``, a guard's
+    ${item.les} and ${item.no_les} ones of ``rows``."""
+    for placeholder, section in (("${key}", foreach), ("${item.weights}", "${weights}")):
+        path = path.replace(placeholder, f"<{section}>")
+    return path.replace("${item.les}", "<${rows}>").replace("${item.no_les}", "<${rows}>")
 
 
 def within(path: str, folder: str) -> bool:
@@ -209,7 +214,7 @@ def test_provenance_follows_dvc_yaml():
     raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     dvc = {stage: (spec.get("do", spec), spec.get("foreach")) for stage, spec in raw.items()}
     outputs = {
-        stage: {resolved(o, foreach) for o in paths(spec.get("outs", [])) | paths(spec.get("metrics", []))}
+        stage: {resolved(o, foreach) for kind in ("outs", "metrics", "plots") for o in paths(spec.get(kind, []))}
         for stage, (spec, foreach) in dvc.items()
     }
     assert set(PARAMS) == set(INPUTS) == set(dvc)
@@ -230,13 +235,13 @@ def test_provenance_follows_dvc_yaml():
         (
             {"diffusion": {"steps": 5}},
             "sample",
-            r"artifacts/act_params/dmq-w4a6\.safetensors holds activation parameters for 4 sampling steps, but the "
+            r"artifacts/act_params/dmq-w4a6/q0\.safetensors holds activation parameters for 4 sampling steps, but the "
             r"sampler runs 5 \(diffusion\.steps\)",
         ),
         (
             {"les": {"iters": 7}},
             "recon",
-            r"artifacts/les/dmq-w4a6\.safetensors was made with other parameters than the current ones: les\.iters "
+            r"artifacts/les/dmq-w4a6/q0\.safetensors was made with other parameters than the current ones: les\.iters "
             r"= 5 there, 7 now",
         ),
         ("truncate", "les", r"calibration store artifacts/calib\.zarr is damaged: .* \(truncated\?\)"),

@@ -148,16 +148,18 @@ def test_a_damaged_checkpoint_is_redone(three_layers, tmp_path):
     assert Checkpoints(tmp_path / "ckpt", "key").load("attn.to_q") is not None  # learned again and saved
 
 
-def test_checkpoint_key_ignores_the_number_of_workers_only():
+def test_checkpoint_key_ignores_the_number_of_workers_and_the_other_seeds_only():
     from pipeline.config import Variant, parse_config
     from stages.lineage import checkpoint_key, stage_provenance
 
     dmq = Variant("dmq", 4, 6)
 
-    def key(**les):
-        return checkpoint_key(stage_provenance(parse_config({"les": les}), "les", "model", dmq))
+    def key(quant_seed=0, seeds=(0, 1, 2), **les):
+        cfg = parse_config({"les": les, "quant": {"seeds": list(seeds)}})
+        return checkpoint_key(stage_provenance(cfg, "les", "model", dmq, quant_seed))
 
     assert key(workers=1) == key(workers=8)
-    assert key(iters=10) != key(iters=11) and key(seed=0) != key(seed=1)
+    assert key(seeds=(0, 1)) == key(seeds=(0, 1, 2, 3))  # the seed list says which runs there are
+    assert key(iters=10) != key(iters=11) and key(quant_seed=0) != key(quant_seed=1)
     assert key() != checkpoint_key(stage_provenance(parse_config({}), "les", "other-model", dmq))
     assert key() != checkpoint_key(stage_provenance(parse_config({}), "les", "model", dmq._replace(a_bits=8)))

@@ -106,7 +106,7 @@ def quantized_pair(zero_channel=False):
             fp.a.weight[3] = 0  # an output channel whose weights are all zero
             fp.b.weight[:, 5] = 0  # an input channel that no weight reads
     q = copy.deepcopy(fp)
-    layers = quantize(q, QuantSpec(w_bits=3, split=False))
+    layers = quantize(q, QuantSpec(w_bits=3, split=()))
     init_weight_quantizers(layers, grid=10, p=2.4)
     return fp, q, layers
 

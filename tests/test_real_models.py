@@ -91,17 +91,23 @@ class Quantized:
 
     def _run(self, w_bits: int, a_bits: int, out: Path) -> dict:
         out.mkdir()
-        header = {"model_hash": self.hash, "w_bits": w_bits, "a_bits": a_bits, "split": True, "steps": STEPS}
+        header = {
+            "model_hash": self.hash,
+            "w_bits": w_bits,
+            "a_bits": a_bits,
+            "split": ["conv1", "conv_shortcut"],
+            "steps": STEPS,
+        }
         # LES on the stored layer I/O
         les_unet, _ = load_fp_model(self.model)
-        layers = quantize(les_unet, QuantSpec(w_bits=w_bits, a_bits=a_bits, split=True))
+        layers = quantize(les_unet, QuantSpec(w_bits=w_bits, a_bits=a_bits, split=("conv1", "conv_shortcut")))
         gammas, _ = learn_all(
             layers, self.calib, weighting="focal", iters=4, lr=1e-2, batch_size=4, r=20, momentum=0.95, seed=0
         )
         write_tensors(out / "les.safetensors", {f"{n}.gamma": g for n, g in gammas.items()}, header)
         # weight reconstruction (AdaRound), block by block on records with their conditions
         q_unet = copy.deepcopy(self.fp.unet)
-        layers = quantize(q_unet, QuantSpec(w_bits=w_bits, split=True))
+        layers = quantize(q_unet, QuantSpec(w_bits=w_bits, split=("conv1", "conv_shortcut")))
         load_gamma(layers, read_tensors(out / "les.safetensors")[0], "les")
         init_weight_quantizers(layers, grid=20, p=2.4)
         inputs, _ = random_records(open_calibration(self.calib), 8, seed=0)

@@ -13,10 +13,10 @@ from pipeline.infra.storage import open_store, read_json, read_tensors
 def headers(repo):
     artifacts = repo / "artifacts"
     found = {"fp_model": read_json(artifacts / "fp_model/provenance.json")}
-    for pattern in ("*.safetensors", "*/*.safetensors"):
+    for pattern in ("*.safetensors", "*/*.safetensors", "*/*/*.safetensors"):
         for path in artifacts.glob(pattern):
             found[path.relative_to(artifacts).as_posix()] = read_tensors(path)[1]
-    for pattern in ("*.zarr", "*/*.zarr"):
+    for pattern in ("*.zarr", "*/*.zarr", "*/*/*.zarr"):
         for path in artifacts.glob(pattern):
             found[path.relative_to(artifacts).as_posix()] = dict(open_store(path).attrs)
     return found
@@ -59,19 +59,24 @@ def test_every_artifact_records_model_params_and_seeds(reproduced):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for name, header in found.items():
         assert len(header["params_hash"]) == 16, name
-        # the γ = 1 file of a method without LES depends on no params, so it has no seeds
-        assert header["seeds"] or name == "les/qdiff-w4.safetensors", name
+        # the γ = 1 files of a method without LES depend on no params: their seed is the quantization seed
+        assert header["seeds"], name
         assert all(header["params"][key] == value for key, value in header["seeds"].items()), name
         if name not in ("fp_model", "classifier.safetensors"):
             assert header["model_hash"] == found["calib.zarr"]["model_hash"], name
     assert found["calib.zarr"]["seeds"] == {"seed": params["seed"], "calib.seed": params["calib"]["seed"]}
-    assert found["les/dmq-w4a6.safetensors"]["seeds"]["les.seed"] == params["les"]["seed"]
-    assert "les.seed" not in found["les/qdiff-w4.safetensors"]["seeds"]  # γ = 1: no LES ran
-    assert found["samples/dmq-w4a6.zarr"]["seeds"]["sample.seeds"] == params["sample"]["seeds"]
-    assert found["samples/dmq-w4a6.zarr"]["params"]["variant.a_bits"] == 6
+    for seed in params["quant"]["seeds"]:  # one artifact per quantization seed, which its header names
+        assert found[f"les/dmq-w4a6/q{seed}.safetensors"]["seeds"]["quant.seed"] == seed
+        assert found[f"les/qdiff-w4/q{seed}.safetensors"]["seeds"] == {"quant.seed": seed}  # γ = 1: no LES ran
+        assert found[f"weights/dmq-w4a6/q{seed}.safetensors"]["seeds"]["quant.seed"] == seed
+        assert found[f"act_params/qdiff-w4a6/q{seed}.safetensors"]["seeds"]["quant.seed"] == seed
+        samples = found[f"samples/dmq-w4a6/q{seed}.zarr"]
+        assert samples["seeds"]["sample.seeds"] == params["sample"]["seeds"] and samples["quant_seed"] == seed
+        assert samples["params"]["variant.a_bits"] == 6
     assert found["classifier.safetensors"]["seeds"] == {"classifier.seed": params["classifier"]["seed"]}
     metrics = json.loads((repo / "metrics/dmq-w4a6.json").read_text())["provenance"]
     assert (
         f"sample.seeds={params['sample']['seeds']}" in metrics["seeds"]
         and metrics["model_hash"] == found["calib.zarr"]["model_hash"]
     )
+    assert "torch 2.14.1" in metrics["environment"] and "torch threads" in metrics["environment"]

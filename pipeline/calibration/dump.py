@@ -177,7 +177,7 @@ def dump_layer_io(
     batches = my_batches(plan_batches(n, batch_size, min(chunk_records, n), period=per_step), world)
     for a, b in tqdm(batches, desc="dump layer I/O", disable=not world.main):
         s, m = divmod(a, per_step)
-        inputs = _records(root, s * num_samples, num_samples, m + b - a)
+        inputs = _records(root, s, num_samples, m + b - a)
         with capture_io(layers) as captured:
             model(*(to_device(v[m:], device) for v in inputs))
         for name, (inp, out) in captured.items():
@@ -225,19 +225,26 @@ def _with_condition(
     return x.repeat_interleave(2, 0), t.repeat_interleave(2, 0), twins
 
 
-def _records(root: zarr.Group, first: int, num_samples: int, count: int) -> tuple[torch.Tensor, ...]:
-    """The first ``count`` records of the step whose trajectory rows start at ``first``."""
-    samples = -(-count // 2) if root.attrs.get("guided", False) else count
-    samples = min(samples, num_samples)
-    x = torch.from_numpy(root["trajectory/x_t"][first : first + samples])
-    t = torch.full((samples,), int(root["trajectory/t"][first]), dtype=torch.long)
-    return tuple(v[:count] for v in _with_condition(root, x, t, np.arange(samples)))
+def _records(
+    root: zarr.Group, step: int, n: int, count: int, order: np.ndarray | None = None
+) -> tuple[torch.Tensor, ...]:
+    """``count`` records of step ``step`` (of ``n`` trajectories): its first ones, or those of the
+    trajectories in ``order``."""
+    per_record = 2 if root.attrs.get("guided", False) else 1
+    samples = (np.arange(n) if order is None else order)[: min(-(-count // per_record), n)]
+    x = torch.from_numpy(root["trajectory/x_t"].get_orthogonal_selection((step * n + samples,)))
+    t = torch.full((len(samples),), int(root["trajectory/t"][step * n]), dtype=torch.long)
+    return tuple(v[:count] for v in _with_condition(root, x, t, samples))
 
 
-def step_records(root: zarr.Group, step: int, count: int) -> tuple[torch.Tensor, ...]:
-    """The first ``count`` records of step ``step``: (x_t, t) or (x_t, t, cond)."""
+def step_records(root: zarr.Group, step: int, count: int, seed: int | None = None) -> tuple[torch.Tensor, ...]:
+    """``count`` records of step ``step``: (x_t, t) or (x_t, t, cond); the first ones, or with ``seed``
+    a draw in random order (the order matters to the running ranges of activation calibration)."""
     n = root.attrs["num_samples"]
-    inputs = _records(root, step * n, n, count)
+    order = None
+    if seed is not None:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + step)).numpy()
+    inputs = _records(root, step, n, count, order)
     _finite_records(inputs[0], torch.full((len(inputs[0]),), step), store_name(root))
     return inputs
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.quant.layers import QuantLayer
-from pipeline.quant.model import quant_layers
+from pipeline.quant.model import quant_layers, replace_submodule
 
 INT8_MIN, INT8_MAX = -128, 127
 # Without VNNI (or AMX) x86 kernels sum pairs of u8 x s8 products in int16 with saturation; 7-bit codes
@@ -166,13 +166,6 @@ class IntegerLayer(QuantLayer):
         return out if self.is_conv else out.reshape(*lead, -1)
 
 
-# Copied from pipeline.quant.model._set_submodule
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 @torch.no_grad()
 def to_integer(model: nn.Module, vnni: bool | None = None) -> dict[str, IntegerLayer]:
     """Swap every QuantLayer of ``model`` (weights and activation parameters loaded) for an
@@ -191,7 +184,7 @@ def to_integer(model: nn.Module, vnni: bool | None = None) -> dict[str, IntegerL
         if not isinstance(layer, IntegerLayer)
     }
     for name, layer in converted.items():
-        _set_submodule(model, name, layer)
+        replace_submodule(model, name, layer)
     return converted
 
 

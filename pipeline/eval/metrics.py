@@ -156,10 +156,15 @@ def confident_share(images_uint8: torch.Tensor, classifier_path: str, threshold:
     return float((probabilities.max(1).values > threshold).float().mean())
 
 
+def per_sample_mse(reference: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean squared pixel error of each sample against the reference sample from the same noise, (N,)."""
+    return (images.float() - reference.float()).pow(2).flatten(1).mean(1)
+
+
 def paired_error(reference: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
     """Pixel error between samples drawn from the same noise (deterministic DDIM): a far less noisy
     comparison of quantizers than any distribution metric on a thousand samples."""
-    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
+    mse = per_sample_mse(reference, images)
     psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-12))  # images span [-1, 1]: peak-to-peak 2
     return {"mse": float(mse.mean()), "psnr_db": float(psnr.mean())}
 
@@ -337,6 +342,16 @@ def evaluate_runs(
     keys = next(iter(per_seed.values())).keys()
     mean = {key: sum(found[key] for found in per_seed.values()) / len(per_seed) for key in keys}
     return {"features": features.note if features is not None else NO_FEATURES_NOTE, "seeds": per_seed, "mean": mean}
+
+
+def evaluate_quant_seeds(runs: dict[int, dict[int, torch.Tensor]], **kwargs) -> dict:
+    """:func:`evaluate_runs` for the samples of each quantization seed (``runs[quant seed][noise seed]``),
+    and the mean over quantization seeds of each seed's mean ("mean"; the spread is in "quant_seeds")."""
+    per_seed = {str(seed): evaluate_runs(seed_runs, **kwargs) for seed, seed_runs in runs.items()}
+    first = next(iter(per_seed.values()))
+    means = [found["mean"] for found in per_seed.values()]
+    mean = {key: sum(m[key] for m in means) / len(means) for key in first["mean"]}
+    return {"features": first["features"], "quant_seeds": per_seed, "mean": mean}
 
 
 def reference_digits(image_size: int) -> torch.Tensor:

@@ -1,11 +1,14 @@
 """Paper-style Markdown tables and figures from the per-row metrics records: FP first, then one row
 per method and bit-width.
 
-A row holds one run per seed; each cell then shows ``mean ± std`` over them (sample standard
-deviation), which is the run-to-run spread a difference between rows has to beat."""
+A quantized row holds one run per quantization seed (its metrics averaged over the noise seeds, which
+every row shares with FP); each cell shows ``mean ± std`` over those runs (sample standard deviation),
+the spread that decides a ranking. FP's runs are its noise seeds. Row against row, the samples are
+compared one by one on the same noise (:func:`compare_rows`)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -60,37 +63,69 @@ def metrics_record(label: str, variant: Variant | None, steps: int, found: dict,
             "model_hash": provenance["model_hash"],
             "params_hash": provenance["params_hash"],
             "seeds": ", ".join(f"{key}={value}" for key, value in provenance["seeds"].items()),
+            "environment": environment(),
         },
     }
+
+
+def environment() -> str:
+    """The versions and torch thread count a result was computed with: the same code and params gave
+    another FP model under other package versions (README, results)."""
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("torch", "diffusers", "numpy"))
+    return f"{versions}; {torch.get_num_threads()} torch threads"
 
 
 @dataclass
 class Row:
     method: str
     bits: str  # "W4A6", or "32/32" for the FP model
-    runs: list[dict] = field(default_factory=list)  # one metrics dict per seed
+    runs: list[dict] = field(default_factory=list)  # one metrics dict per quantization seed (FP: per noise seed)
 
-    @classmethod
-    def from_record(cls, record: dict) -> "Row":
-        bits = "32/32" if record["method"] == FP_VARIANT.method else f"W{record['w_bits']}A{record['a_bits']}"
-        return cls(record["method"], bits, list(record["seeds"].values()))
+
+def _seed_mean(per_noise_seed: dict[str, dict], fp_seeds: dict[str, dict]) -> dict:
+    """One quantization seed's run: each metric averaged over the noise seeds, with ``fid_vs_fp``, the
+    FID minus FP's on the same noise seed."""
+    runs = [run for seed, run in per_noise_seed.items() if seed in fp_seeds]
+    keys = set.intersection(*(set(run) for run in runs))
+    mean = {key: statistics.fmean(run[key] for run in runs) for key in keys}
+    if "fid" in mean:
+        mean["fid_vs_fp"] = statistics.fmean(per_noise_seed[s]["fid"] - fp_seeds[s]["fid"] for s in per_noise_seed)
+    return mean
 
 
 def rows_against_fp(records: list[dict]) -> list[Row]:
-    """Table rows of the records, FP's first. Every row is sampled from FP's seeds, so the seed noise
-    of FID is shared: each run also gets ``fid_vs_fp``, its FID minus FP's on the same seed, whose
-    spread over seeds is far smaller than FID's own."""
+    """Table rows of the records, FP's first. Every row is sampled from FP's noise seeds, so the noise
+    of FID is shared: each run also gets ``fid_vs_fp``, its FID minus FP's on the same noise."""
     fp, *others = records
-    rows = [Row.from_record(fp)]
+    bits = "32/32"
+    rows = [Row(fp["method"], bits, list(fp["seeds"].values()))]
     for record in others:
-        row = Row.from_record(record)
-        row.runs = [
-            {**run, "fid_vs_fp": run["fid"] - fp["seeds"][seed]["fid"]} if "fid" in run else run
-            for seed, run in record["seeds"].items()
-            if seed in fp["seeds"]
-        ]
-        rows.append(row)
+        runs = [_seed_mean(found["seeds"], fp["seeds"]) for found in record["quant_seeds"].values()]
+        rows.append(Row(record["method"], f"W{record['w_bits']}A{record['a_bits']}", runs))
     return rows
+
+
+def guarded_record(records: dict[str, dict], decisions: dict[str, dict], provenance: dict) -> dict:
+    """The metrics record of a guard row: per quantization seed, the run of the row it kept
+    (``decisions[seed]["kept"]``: "les" or "no_les", keys of ``records``)."""
+    les = records["les"]
+    per_seed = {
+        seed: {**records[decision["kept"]]["quant_seeds"][seed], "kept": decision["kept"], "row": decision["row"]}
+        for seed, decision in decisions.items()
+    }
+    means = [found["mean"] for found in per_seed.values()]
+    record = metrics_record(
+        f"{les['label']} + guard",
+        Variant(f"{les['method']}+guard", les["w_bits"], les["a_bits"]),
+        les["steps"],
+        {
+            "features": les["features"],
+            "quant_seeds": per_seed,
+            "mean": {k: statistics.fmean(m[k] for m in means) for k in means[0]},
+        },
+        provenance,
+    )
+    return record
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -132,8 +167,9 @@ def markdown_table(
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         values = [cell([run[key] for run in row.runs if key in run], digits) for key, _, digits in columns]
-        samples = sorted({run.get("num_samples") for run in row.runs})
-        seeds = f" × {len(row.runs)} seeds" if len(row.runs) > 1 else ""
+        samples = sorted({round(run.get("num_samples", 0)) for run in row.runs})
+        kind = "noise" if row.method == FP_VARIANT.method else "quantization"
+        seeds = f" × {len(row.runs)} {kind} seeds" if len(row.runs) > 1 else ""
         sample_text = "/".join(str(s) for s in samples) + seeds
         lines.append("| " + " | ".join([row.method, row.bits, *values, str(steps), sample_text]) + " |")
     lines.append("")
@@ -238,3 +274,90 @@ def plot_sample_grids(panels: list[tuple[str, torch.Tensor]], path: str | Path, 
         ax.axis("off")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def compare_rows(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], fid_a: list[float], fid_b: list[float]
+) -> dict[str, float | str]:
+    """Row A against row B on the same noise: ``a[q]`` / ``b[q]`` are the per-sample errors against FP
+    (one value per sample, every noise seed) of each quantization seed; ``fid_a`` / ``fid_b`` their
+    ΔFID per quantization seed (empty without FID). Seeds are paired in order (independent draws).
+
+    The difference of means per seed gives the mean and its spread over quantization seeds; pooled
+    over seeds, the per-sample differences give the standard error of the paired mean, the median
+    (the tail of a few mode-changing trajectories dominates the mean) and the share of samples on
+    which A is closer to FP. A difference counts when it exceeds both the seed spread and twice the
+    standard error."""
+    pairs = list(zip(a.values(), b.values()))
+    per_seed = [float((x - y).mean()) for x, y in pairs]
+    pooled = torch.cat([x - y for x, y in pairs]).double()
+    mean, spread = mean_std(per_seed)
+    se = float(pooled.std() / math.sqrt(len(pooled))) if len(pooled) > 1 else 0.0
+    found = {
+        "mse_diff": mean,
+        "mse_diff_std": spread,
+        "mse_diff_se": se,
+        "mse_diff_median": float(pooled.median()),
+        "a_closer_share": float((pooled < 0).double().mean()),
+        "seeds": len(per_seed),
+    }
+    found["verdict"] = _verdict(mean, spread, se, len(per_seed))
+    if fid_a and fid_b:
+        diffs = [x - y for x, y in zip(fid_a, fid_b)]
+        fid_mean, fid_spread = mean_std(diffs)
+        found.update(
+            fid_diff=fid_mean, fid_diff_std=fid_spread, fid_verdict=_verdict(fid_mean, fid_spread, 0.0, len(diffs))
+        )
+    return found
+
+
+def _verdict(mean: float, spread: float, se: float, seeds: int) -> str:
+    if seeds < 2:
+        return "undecided (one quantization seed: no spread)"
+    if abs(mean) <= max(spread, 2 * se):
+        return "within the spread"
+    return "A closer to FP" if mean < 0 else "B closer to FP"
+
+
+def comparisons_document(pairs: list[tuple[str, str, dict]], note: str) -> str:
+    """A Markdown table of :func:`compare_rows` results, one line per (A, B) pair."""
+    header = (
+        "| A | B | ΔMSE (A − B) ± seed spread | SE (samples) | median | A closer on | MSE verdict | "
+        "ΔFID (A − B) ± seed spread | FID verdict |"
+    )
+    lines = ["# Row against row on the same noise", "", note, "", header, "|---|---|---:|---:|---:|---:|---|---:|---|"]
+    for a, b, c in pairs:
+        fid = f"{c['fid_diff']:+.2f} ± {c['fid_diff_std']:.2f}" if "fid_diff" in c else "–"
+        lines.append(
+            f"| {a} | {b} | {c['mse_diff']:+.5f} ± {c['mse_diff_std']:.5f} | {c['mse_diff_se']:.5f} | "
+            f"{c['mse_diff_median']:+.5f} | {100 * c['a_closer_share']:.0f} % | {c['verdict']} | {fid} | "
+            f"{c.get('fid_verdict', '–')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_les_effect(points: list[tuple[str, float, float]], path: str | Path) -> float:
+    """One point per (LES entry, layer): the layer's inter-channel outlier ratio (max over steps) against
+    the relative change of its LES loss from γ = 1 to the learned γ (mean over quantization seeds).
+    Returns Spearman's rank correlation of the two."""
+    ratios = torch.tensor([r for _, r, _ in points], dtype=torch.float64)
+    changes = torch.tensor([c for _, _, c in points], dtype=torch.float64)
+    rho = _spearman(ratios, changes) if len(points) > 2 else float("nan")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for entry in dict.fromkeys(e for e, _, _ in points):
+        chosen = [(r, c) for e, r, c in points if e == entry]
+        ax.scatter([r for r, _ in chosen], [100 * c for _, c in chosen], s=14, label=entry)
+    ax.axhline(0, color="grey", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("outlier ratio of the layer's input (max / median channel range, max over steps)")
+    ax.set_ylabel("LES loss change, learned γ vs γ = 1 (%)")
+    ax.set_title(f"Where LES lowers the layer error (Spearman ρ = {rho:.2f})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return rho
+
+
+def _spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    rank_x, rank_y = x.argsort().argsort().double(), y.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([rank_x, rank_y]))[0, 1])

@@ -32,7 +32,7 @@ class QuantSpec:
     w_bits: int
     a_bits: int | None = None  # None: activations stay in full precision (weight-only stages)
     num_steps: int = 1
-    split: bool = True
+    split: tuple[str, ...] = ("conv_shortcut",)  # decoder layers with one quantizer per half of concat(h, skip)
 
 
 def _keeps_full_precision(name: str) -> bool:
@@ -49,24 +49,25 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def concat_splits(model: nn.Module) -> dict[str, int]:
-    """Channel index where ``concat(h, skip)`` switches from ``h`` to ``skip``, for the first conv and
-    the shortcut of every decoder ResNet block. ``h`` comes from the previous ResNet (or the mid block
-    for the first one); upsamplers keep the channel count."""
+def concat_splits(model: nn.Module, kinds: tuple[str, ...] = ("conv1", "conv_shortcut")) -> dict[str, int]:
+    """Channel index where ``concat(h, skip)`` switches from ``h`` to ``skip``, for the layers of
+    ``kinds`` (the first conv, the shortcut) of every decoder ResNet block. ``h`` comes from the
+    previous ResNet (or the mid block for the first one); upsamplers keep the channel count."""
     if not hasattr(model, "up_blocks"):
         return {}
     h_channels = model.mid_block.resnets[-1].out_channels
     splits = {}
     for b, block in enumerate(model.up_blocks):
         for r, resnet in enumerate(block.resnets):
-            for layer in ("conv1", "conv_shortcut"):
+            for layer in kinds:
                 if getattr(resnet, layer, None) is not None:
                     splits[f"up_blocks.{b}.resnets.{r}.{layer}"] = h_channels
             h_channels = resnet.out_channels
     return splits
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -74,11 +75,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize(model: nn.Module, spec: QuantSpec) -> dict[str, QuantLayer]:
     """Wrap the quantizable layers in place (quantizers start disabled); return them by name."""
-    splits = concat_splits(model) if spec.split else {}
+    splits = concat_splits(model, tuple(spec.split))
     wrapped = {}
     for name, module in quantizable_layers(model).items():
         layer = QuantLayer(module, spec.w_bits, spec.a_bits, spec.num_steps, splits.get(name))
-        _set_submodule(model, name, layer)
+        replace_submodule(model, name, layer)
         wrapped[name] = layer
     return wrapped
 

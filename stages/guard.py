@@ -1,0 +1,79 @@
+"""Stage guard@<name>: LES that never hurts (DESIGN.md §9). For each quantization seed, the row with
+learned γ and the row with γ = 1 (same bits, same activation method) are sampled on held-out noise
+(guard.seed, never a noise seed of the tables) and compared with FP sample by sample; the one closer to
+FP is kept, and its metrics become the guard row's -> metrics/<name>.json, reports/guard/<name>.json."""
+
+import time
+
+from pipeline.eval.metrics import per_sample_mse
+from pipeline.eval.report import guarded_record
+from pipeline.eval.sampling import generate
+from pipeline.infra.device import resolve_device
+from pipeline.infra.fingerprint import model_hash
+from pipeline.infra.storage import read_json, write_json
+from pipeline.models.denoiser import load_denoiser, read_prompts
+from pipeline.models.diffusion import ddim_scheduler, load_fp_model
+from pipeline.models.quantized import load_quantized_unet
+from pipeline.preflight import load_config
+from stages.layout import FP_MODEL, act_params_path, entry_argument, metrics_path, report_path, weights_path
+from stages.lineage import check_input, stage_provenance
+
+
+def main(name: str) -> None:
+    cfg = load_config()
+    guard, sample = cfg.guard, cfg.sample
+    entry = cfg.entry("guards", name)
+    device = resolve_device(cfg.device)
+    fp_hash = model_hash(FP_MODEL)
+    prompts = read_prompts(sample.prompts, guard.num_samples) if sample.prompts else None
+
+    def held_out(unet, train_scheduler, desc):
+        model = load_denoiser(FP_MODEL, unet, prompts).to(device)
+        scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
+        return generate(
+            model,
+            scheduler,
+            num_samples=guard.num_samples,
+            batch_size=guard.batch_size,
+            eta=sample.eta,
+            seed=guard.seed,
+            device=device,
+            desc=desc,
+            guidance_scale=sample.guidance_scale,
+            precision=cfg.autocast,
+        )
+
+    start = time.perf_counter()
+    fp = held_out(*load_fp_model(FP_MODEL), "guard: FP held-out")
+    decisions = {}
+    for seed in cfg.quant.seeds:
+        errors = {}
+        for role, row in (("les", entry.les), ("no_les", entry.no_les)):
+            weights = cfg.rows[row].weights
+            paths = weights_path(weights, seed), act_params_path(row, seed)
+            quantized = load_quantized_unet(FP_MODEL, *paths, fp_hash, cfg.diffusion.steps)
+            check_input(
+                quantized.headers["weights"], cfg, "recon", fp_hash, paths[0], cfg.weights_variant(weights), seed
+            )
+            check_input(quantized.headers["act"], cfg, "pts", fp_hash, paths[1], cfg.row_variant(row), seed)
+            images = held_out(quantized.unet, quantized.scheduler, f"guard: {row} q{seed} held-out")
+            errors[role] = float(per_sample_mse(fp, images).mean())
+        kept = "les" if errors["les"] <= errors["no_les"] else "no_les"
+        decisions[str(seed)] = {"held_out_mse": errors, "kept": kept, "row": getattr(entry, kept)}
+    records = {role: read_json(metrics_path(row)) for role, row in (("les", entry.les), ("no_les", entry.no_les))}
+    for role, row in (("les", entry.les), ("no_les", entry.no_les)):
+        check_input(records[role]["provenance"], cfg, "fid", fp_hash, metrics_path(row), cfg.row_variant(row))
+    provenance = stage_provenance(cfg, "guard", fp_hash, cfg.row_variant(name))
+    write_json(metrics_path(name), guarded_record(records, decisions, provenance))
+    report = {
+        "rule": "per quantization seed, keep learned γ unless γ = 1 is closer to FP on the held-out samples",
+        "held_out": {"seed": guard.seed, "num_samples": guard.num_samples},
+        "quant_seeds": decisions,
+        "kept_les": sum(d["kept"] == "les" for d in decisions.values()),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json(report_path("guard", name), report)
+
+
+if __name__ == "__main__":
+    main(entry_argument())
