@@ -105,7 +105,7 @@ def test_a_rows_activation_bits_rerun_that_row_only_not_its_shared_weights(repo)
 
 def test_a_weights_entry_reruns_the_rows_that_share_it(repo):
     repo, _ = repo
-    set_params(repo, {"weights": {"qdiff-w4": {"w_bits": 5}}})
+    set_params(repo, {"weights": {"qdiff-w4": {"method": "qdiff-steps"}}})  # w_bits would break the guard's pair
     sharing = ("qdiff-w4a8", "qdiff-w4a6", "dmq-no-les-w4a6")
     assert stale_stages(repo) == {"les@qdiff-w4", "recon@qdiff-w4", *(f"pts@{row}" for row in sharing)} | ALWAYS
     rows = {f"{stage}@{row}" for stage in ("pts", "sample", "fid") for row in sharing}

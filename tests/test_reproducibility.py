@@ -15,7 +15,8 @@ def headers(repo):
     found = {"fp_model": read_json(artifacts / "fp_model/provenance.json")}
     for pattern in ("*.safetensors", "*/*.safetensors", "*/*/*.safetensors"):
         for path in artifacts.glob(pattern):
-            found[path.relative_to(artifacts).as_posix()] = read_tensors(path)[1]
+            if path.parts[len(artifacts.parts)] != "fp_model":  # diffusers' files, with provenance.json beside
+                found[path.relative_to(artifacts).as_posix()] = read_tensors(path)[1]
     for pattern in ("*.zarr", "*/*.zarr", "*/*/*.zarr"):
         for path in artifacts.glob(pattern):
             found[path.relative_to(artifacts).as_posix()] = dict(open_store(path).attrs)
