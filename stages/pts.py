@@ -53,29 +53,12 @@ def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group)
         else:
             names = select_pts_layers(list(layers), pts.layers)
         voter = PTSVoter({n: layers[n] for n in names}, pts.num_candidates, pts.ratio_threshold)
+    drawn = dict(records=pts.calib_records, batch_size=pts.batch_size, device=device, seed=seed)
     if method.shared_acts:
-        calibrate_shared_activations(
-            model,
-            layers,
-            calib,
-            records=pts.calib_records,
-            batch_size=pts.batch_size,
-            grid=pts.shared_clip_grid,
-            device=device,
-            seed=seed,
-        )
+        calibrate_shared_activations(model, layers, calib, grid=pts.shared_clip_grid, **drawn)
     else:
-        calibrate_activations(
-            model,
-            layers,
-            calib,
-            records=pts.calib_records,
-            batch_size=pts.batch_size,
-            momentum=pts.momentum,
-            device=device,
-            after_step=None if voter is None else (lambda s, inputs: voter(model, s, inputs, pts.batch_size)),
-            seed=seed,
-        )
+        after_step = None if voter is None else (lambda s, inputs: voter(model, s, inputs, pts.batch_size))
+        calibrate_activations(model, layers, calib, momentum=pts.momentum, after_step=after_step, **drawn)
     provenance = stage_provenance(cfg, "pts", fp_hash, variant, seed)
     header = {**provenance, **variant._asdict(), "steps": steps, "pts": voter is not None}
     write_tensors(act_params_path(row, seed), act_tensors(layers), header)

@@ -136,28 +136,35 @@ def main() -> None:
     plot_fid_against_activation_bits(table, FID_FIG)
     seed = cfg.sample.seeds[0]
     at_grid_bits = [name for name in report.table if cfg.row_variant(name).label == report.grid_bits]
-    panels = [
-        (records[name]["label"], read_samples(samples_path(name), GRID_SIDE**2)[0][seed])
-        for name in [FP, *at_grid_bits]
+    panels = [(records[FP]["label"], read_samples(samples_path(FP), GRID_SIDE**2)[0][seed])]
+    first = str(cfg.quant.seeds[0])  # a row's samples of its first quantization seed (a guard's: the row it kept)
+    panels += [
+        (records[n]["label"], read_samples(grid_source(n, records[n], first), GRID_SIDE**2)[0][seed])
+        for n in at_grid_bits
     ]
     plot_sample_grids(panels, GRIDS_FIG, GRID_SIDE)
     write_text(COMPARISONS, comparisons(cfg, records))
     plot_les_effect(les_effect_points(cfg, report.table + report.ablation), LES_EFFECT_FIG)
 
 
+def grid_source(name: str, record: dict, seed: str):
+    """The samples store of row ``name``'s quantization seed ``seed`` (a guard's: the row it kept)."""
+    return samples_path(record["quant_seeds"][seed].get("row", name), int(seed))
+
+
 def sample_errors(cfg: Config, name: str, record: dict, fp: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per quantization seed, the per-sample error against FP of every noise seed's samples of row
     ``name`` (a guard's: those of the row it kept for that seed)."""
     errors = {}
-    for seed, found in record["quant_seeds"].items():
-        runs, _ = read_samples(samples_path(found.get("row", name), int(seed)))
+    for seed in record["quant_seeds"]:
+        runs, _ = read_samples(grid_source(name, record, seed))
         errors[seed] = torch.cat([per_sample_mse(fp[s], runs[s]) for s in cfg.sample.seeds])
     return errors
 
 
 def comparisons(cfg: Config, records: dict[str, dict]) -> str:
     """DMQ's rows against the best other row of their bit-width (lowest mean paired error), and each
-    ablation row against the ablation's first row."""
+    ablation row against the ablation's first row of its bit-width."""
     fp, _ = read_samples(samples_path(FP))
     names = [name for name in dict.fromkeys(cfg.report.table + cfg.report.ablation)]
     errors = {name: sample_errors(cfg, name, records[name], fp) for name in names}
@@ -174,14 +181,17 @@ def comparisons(cfg: Config, records: dict[str, dict]) -> str:
             continue
         best = min(others, key=lambda n: records[n]["mean"]["paired_mse"])
         pairs += [(n, best, compare_rows(errors[n], errors[best], fid[n], fid[best])) for n in ours]
-    first, *rest = cfg.report.ablation or [None]
-    pairs += [(n, first, compare_rows(errors[n], errors[first], fid[n], fid[first])) for n in rest]
+    reference: dict[str, str] = {}  # per bit-width, the ablation's first row of it
+    for n in cfg.report.ablation:
+        first = reference.setdefault(cfg.row_variant(n).label, n)
+        if n != first:
+            pairs.append((n, first, compare_rows(errors[n], errors[first], fid[n], fid[first])))
     note = (
         "Per-sample error = mean squared pixel difference from the FP sample of the same noise. Seed spread: the "
         "standard deviation over quantization seeds of the per-seed difference of means; SE: the standard error "
         "of the mean over all paired samples. A difference counts (a verdict other than 'within the spread') "
         "only when it exceeds both. At each bit-width, DMQ's rows face the best other row by mean error; the "
-        "ablation rows face the ablation's first row."
+        "ablation rows face the ablation's first row of their bit-width."
     )
     return comparisons_document(pairs, note)
 

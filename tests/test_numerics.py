@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 
 from helpers import TwoConvs
 from pipeline.calibration.dump import dump_calibration, random_records, step_records
-from pipeline.method.activation_ranges import calibrate_activations
+from pipeline.method.activation_ranges import calibrate_activations, calibrate_shared_activations
 from pipeline.method.adaround import AdaRoundSettings, adaround
 from pipeline.method.les import learn_gamma, load_layer_io
 from pipeline.method.pts import vote
@@ -23,6 +23,7 @@ from pipeline.quant.layers import QuantLayer
 from pipeline.quant.quantizers import ActQuantizer, affine_params, search_weight_params
 
 STEPS, PER_STEP = 4, 3
+CPU = torch.device("cpu")
 SETTINGS = AdaRoundSettings(
     iters=20, lr=1e-2, batch_size=8, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
 )
@@ -119,7 +120,15 @@ def test_non_finite_adaround_loss_names_unit_and_iteration():
         adaround(q, fp, (x, t), SETTINGS)
 
 
-def test_non_finite_activation_range_names_layer_and_step(tiny_unet, tmp_path):
+@pytest.mark.parametrize(
+    "calibrate",
+    [
+        lambda unet, layers, root: calibrate_activations(unet, layers, root, PER_STEP, PER_STEP, 0.95, CPU),
+        lambda unet, layers, root: calibrate_shared_activations(unet, layers, root, PER_STEP, PER_STEP, 5, CPU),
+    ],
+    ids=["per-step", "shared"],
+)
+def test_non_finite_activation_range_names_layer_and_step(tiny_unet, tmp_path, calibrate):
     layers = quantize(tiny_unet, QuantSpec(w_bits=8, a_bits=8, num_steps=STEPS))
     root = trajectory_store(
         tmp_path / "calib.zarr",
@@ -132,7 +141,7 @@ def test_non_finite_activation_range_names_layer_and_step(tiny_unet, tmp_path):
         match=r"activation calibration: the input range of down_blocks\.0\.resnets\.0\.conv1 "
         r"is not finite \(NaN or Inf\) at step 0",
     ):
-        calibrate_activations(tiny_unet, layers, root, PER_STEP, PER_STEP, 0.95, torch.device("cpu"))
+        calibrate(tiny_unet, layers, root)
 
 
 def test_zero_range_channels_and_layers_divide_nothing_by_zero():

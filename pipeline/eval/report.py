@@ -348,8 +348,7 @@ def plot_les_effect(points: list[tuple[str, float, float]], path: str | Path) ->
         chosen = [(r, c) for e, r, c in points if e == entry]
         ax.scatter([r for r, _ in chosen], [100 * c for _, c in chosen], s=14, label=entry)
     ax.axhline(0, color="grey", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("outlier ratio of the layer's input (max / median channel range, max over steps)")
+    ax.set_xlabel("outlier ratio of the input (max / median channel range, max over steps)")
     ax.set_ylabel("LES loss change, learned γ vs γ = 1 (%)")
     ax.set_title(f"Where LES lowers the layer error (Spearman ρ = {rho:.2f})", fontsize=9)
     ax.legend(fontsize=7)
