@@ -4,6 +4,7 @@ of a text-to-image model with eval.clip_model, and the paired error against the 
 noise seed, for every quantization seed of the row -> metrics/<row>.json. A local model without
 Inception weights gets the paired error only."""
 
+from pipeline.config import Config
 from pipeline.eval.metrics import ClipScorer, evaluate_quant_seeds, evaluate_runs, measured_features, read_reference
 from pipeline.eval.report import metrics_record
 from pipeline.eval.sampling import read_samples
@@ -16,7 +17,6 @@ from stages.lineage import check_input, stage_provenance
 
 def main(row: str) -> None:
     cfg = load_config()
-    evaluation, sample = cfg.eval, cfg.sample
     variant = None if row == FP else cfg.row_variant(row)
     fp_runs, fp_attrs = read_samples(samples_path(FP))
     check_input(fp_attrs, cfg, "sample_fp", None, samples_path(FP))
@@ -26,12 +26,24 @@ def main(row: str) -> None:
         path = samples_path(row, seed)
         runs[seed], attrs = read_samples(path)
         check_input(attrs, cfg, "sample_fp" if row == FP else "sample", model, path, variant, seed)
+    measure = metric_settings(cfg, model, next(iter(fp_runs.values())))
+    if row == FP:
+        found = evaluate_runs(fp_runs, **measure)
+    else:
+        found = evaluate_quant_seeds(runs, fp_runs=fp_runs, **measure)
+    provenance = stage_provenance(cfg, "fid_fp" if row == FP else "fid", model, variant)
+    write_json(metrics_path(row), metrics_record(attrs["label"], variant, attrs["steps"], found, provenance))
+
+
+def metric_settings(cfg: Config, fp_hash: str, fp_samples) -> dict:
+    """The settings of :func:`evaluate_runs` that the ``eval`` section and the reference stage give,
+    for samples like ``fp_samples`` (the reference features must be of their size), inputs checked."""
+    evaluation, sample = cfg.eval, cfg.sample
     check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
     tensors, header = read_tensors(REFERENCE)
-    check_input(header, cfg, "reference", model, REFERENCE)
-    reference = read_reference(tensors, header, next(iter(fp_runs.values())), str(REFERENCE))
-    measure = dict(
-        reference=reference,
+    check_input(header, cfg, "reference", fp_hash, REFERENCE)
+    return dict(
+        reference=read_reference(tensors, header, fp_samples, str(REFERENCE)),
         features=measured_features(
             cfg.model.source, str(CLASSIFIER), evaluation.inception_weights, evaluation.reference_images
         ),
@@ -41,12 +53,6 @@ def main(row: str) -> None:
         clip=ClipScorer(evaluation.clip_model) if evaluation.clip_model else None,
         prompts=read_prompts(sample.prompts, sample.num_samples) if sample.prompts else None,
     )
-    if row == FP:
-        found = evaluate_runs(fp_runs, **measure)
-    else:
-        found = evaluate_quant_seeds(runs, fp_runs=fp_runs, **measure)
-    provenance = stage_provenance(cfg, "fid_fp" if row == FP else "fid", model, variant)
-    write_json(metrics_path(row), metrics_record(attrs["label"], variant, attrs["steps"], found, provenance))
 
 
 if __name__ == "__main__":

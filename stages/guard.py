@@ -43,12 +43,16 @@ def main(name: str) -> None:
             precision=cfg.autocast,
         )
 
+    candidates = {"les": entry.les, "no_les": entry.no_les}
+    records = {role: read_json(metrics_path(row)) for role, row in candidates.items()}
+    for role, row in candidates.items():  # before the sampling: a stale metrics file fails at once
+        check_input(records[role]["provenance"], cfg, "fid", fp_hash, metrics_path(row), cfg.row_variant(row))
     start = time.perf_counter()
     fp = held_out(*load_fp_model(FP_MODEL), "guard: FP held-out")
     decisions = {}
     for seed in cfg.quant.seeds:
         errors = {}
-        for role, row in (("les", entry.les), ("no_les", entry.no_les)):
+        for role, row in candidates.items():
             weights = cfg.rows[row].weights
             paths = weights_path(weights, seed), act_params_path(row, seed)
             quantized = load_quantized_unet(FP_MODEL, *paths, fp_hash, cfg.diffusion.steps)
@@ -59,10 +63,7 @@ def main(name: str) -> None:
             images = held_out(quantized.unet, quantized.scheduler, f"guard: {row} q{seed} held-out")
             errors[role] = float(per_sample_mse(fp, images).mean())
         kept = "les" if errors["les"] <= errors["no_les"] else "no_les"
-        decisions[str(seed)] = {"held_out_mse": errors, "kept": kept, "row": getattr(entry, kept)}
-    records = {role: read_json(metrics_path(row)) for role, row in (("les", entry.les), ("no_les", entry.no_les))}
-    for role, row in (("les", entry.les), ("no_les", entry.no_les)):
-        check_input(records[role]["provenance"], cfg, "fid", fp_hash, metrics_path(row), cfg.row_variant(row))
+        decisions[str(seed)] = {"held_out_mse": errors, "kept": kept, "row": candidates[kept]}
     provenance = stage_provenance(cfg, "guard", fp_hash, cfg.row_variant(name))
     write_json(metrics_path(name), guarded_record(records, decisions, provenance))
     report = {

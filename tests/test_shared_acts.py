@@ -124,3 +124,20 @@ def test_a_scaled_input_that_overflows_names_the_layer_and_step(tmp_path):
     root = trajectory_store(tmp_path / "overflow.zarr", x)
     with pytest.raises(FloatingPointError, match=r"the input range of conv is not finite \(NaN or Inf\) at step 2"):
         calibrate_shared_activations(model, {"conv": model.conv}, root, PER_STEP, PER_STEP, GRID, CPU)
+
+
+def test_the_ratio_chunks_do_not_change_the_choice(tiny_unet, tmp_path, monkeypatch):
+    """All ratios in one chunk, or a few ratios per chunk (a large input's case, forced here with a
+    small chunk budget): the same parameters, bit for bit."""
+    layers = quantize(tiny_unet, QuantSpec(w_bits=8, a_bits=A_BITS, num_steps=STEPS))
+    init_weight_quantizers(layers, grid=10, p=2.4)
+    x = np.random.default_rng(3).standard_normal((STEPS * PER_STEP, 1, 16, 16), dtype=np.float32)
+    root = trajectory_store(tmp_path / "calib.zarr", x)
+    calibrate_shared_activations(tiny_unet, layers, root, PER_STEP, 2, GRID, CPU)
+    whole = {name: copy.deepcopy(layer.act_quantizer.state_dict()) for name, layer in layers.items()}
+    smallest_input = 2 * 16 * 8 * 8  # a batch of 2 with the tiny UNet's narrowest inputs, or more
+    monkeypatch.setattr("pipeline.method.activation_ranges.RATIO_CHUNK_ELEMENTS", 7 * smallest_input)
+    calibrate_shared_activations(tiny_unet, layers, root, PER_STEP, 2, GRID, CPU)
+    for name, layer in layers.items():
+        for key, value in layer.act_quantizer.state_dict().items():
+            assert torch.equal(value, whole[name][key]), (name, key)

@@ -18,6 +18,8 @@ from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import calibrating, quantization, set_step
 from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema
 
+RATIO_CHUNK_ELEMENTS = 1 << 23  # quantized copies of a layer input held at once by the shared-range search
+
 
 @torch.no_grad()
 def calibrate_activations(
@@ -113,8 +115,9 @@ def calibrate_shared_activations(
     1. Pass 1: min and max of every layer's input x / γ per part, activations in full precision
        (the weights as the caller set them).
     2. Pass 2, the same records: per layer, part and ratio, the summed squared error of fake-quantizing
-       x / γ with that ratio's range. Vectorised over channels and parts; the ratios are a loop, since
-       holding ``grid`` quantized copies of an input at once would cost ``grid`` times its memory.
+       x / γ with that ratio's range. Vectorised over channels, parts and ratios, the ratios in chunks of
+       at most ``RATIO_CHUNK_ELEMENTS`` quantized values: all ``grid`` copies of a large input at once
+       would cost ``grid`` times its memory.
     3. Every step slot gets the best range's scale and zero point, PTS exponents 0, running min / max
        the clipped range; the layers then quantize their activations. ``unet`` may be a Denoiser."""
     # 1. min / max per part, over all steps
@@ -156,14 +159,19 @@ def calibrate_shared_activations(
         layer = layers[name]
         aq = layer.act_quantizer
         _, _, scale, zero_point = candidates[name]
-        channel_dim = layer.channel_dim % x.ndim
-        others = tuple(d for d in range(x.ndim) if d != channel_dim)
-        shape = [1] * x.ndim
+        channel_dim = layer.channel_dim % x.ndim + 1  # of x with a leading ratio dimension
+        others = tuple(d for d in range(1, x.ndim + 1) if d != channel_dim)
+        shape = [1] * (x.ndim + 1)
         shape[channel_dim] = -1
-        for i in range(grid):
-            x_hat = fake_quantize(x, scale[i, aq.parts].view(shape), zero_point[i, aq.parts].view(shape), aq.bits)
-            channel_errors = x_hat.sub_(x).square_().sum(others)  # (C,)
-            errors[name][i].index_add_(0, aq.parts, channel_errors.double())
+        chunk = max(1, RATIO_CHUNK_ELEMENTS // x.numel())
+        for start in range(0, grid, chunk):
+            ratios = slice(start, min(start + chunk, grid))
+            shape[0] = ratios.stop - ratios.start
+            x_hat = fake_quantize(
+                x.unsqueeze(0), scale[ratios, aq.parts].view(shape), zero_point[ratios, aq.parts].view(shape), aq.bits
+            )
+            channel_errors = x_hat.sub_(x).square_().sum(others)  # (ratios, C)
+            errors[name][ratios].index_add_(1, aq.parts, channel_errors.double())
 
     with quantization(layers.values(), acts=False), _scaled_inputs(layers, squared_errors):
         _run_every_step(unet, calib, records, batch_size, device, "shared activation ranges (2/2)", seed=seed)
