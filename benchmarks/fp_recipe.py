@@ -35,7 +35,14 @@ from pipeline.models.embedded import build_unet, seed_everything, train_unet
 from pipeline.preflight import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_KEYS = {"train_steps": int, "batch_size": int, "lr": float, "ema_decay": float, "image_size": int}
+TRAIN_KEYS = {
+    "train_steps": int,
+    "batch_size": int,
+    "lr": float,
+    "ema_decay": float,
+    "image_size": int,
+    "block_out_channels": lambda text: [int(c) for c in text.split("-")],  # e.g. 16-32-32
+}
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
@@ -56,7 +63,8 @@ def train(cfg, recipe: dict, steps: int):
     generator = seed_everything(cfg.seed)
     size = recipe.get("image_size", model.image_size)
     images, _ = load_digits_images(size)
-    unet = build_unet(size, model.block_out_channels, model.layers_per_block, model.norm_num_groups)
+    channels = recipe.get("block_out_channels", model.block_out_channels)
+    unet = build_unet(size, channels, model.layers_per_block, model.norm_num_groups)
     scheduler = DDPMScheduler(num_train_timesteps=model.num_train_timesteps, beta_schedule="linear")
     start = time.perf_counter()
     ema, losses = train_unet(
