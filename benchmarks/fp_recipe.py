@@ -1,18 +1,19 @@
 """Training recipes of the embedded FP model, side by side in one run: training time and FP FID.
 
-Each recipe trains the embedded UNet of params.yaml's architecture from the same seed, then samples
-``--samples`` images per noise seed with DDIM (``diffusion.steps``) and measures FID in the digit
-classifier's feature space against the real digits, like the ``fid_fp`` stage (the samples of a
-recipe with another ``image_size`` are resized to params.yaml's first, as the digits themselves are).
-The table gives each recipe's training time as a ratio to the first recipe's, measured in this run, and its FID's mean ±
-spread over the noise seeds. ``--old-model FOLDER`` takes the first recipe's weights from a model
-folder it already trained (e.g. ``artifacts/fp_model`` of an earlier repro) and times only
-``--timing-steps`` of its training, scaled to its full length, so the long reference recipe need not
-be retrained to be compared.
+Each recipe trains the embedded UNet from the same seed, with params.yaml's ``model.*`` except what
+the recipe sets (steps, batch, lr, EMA, ``image_size``, ``block_out_channels``), then samples
+``--samples`` images per noise seed with DDIM (``diffusion.steps``, ``sample.batch_size`` and
+``sample.eta``) and measures FID in the digit classifier's feature space against the real digits, like
+the ``fid_fp`` stage (the samples of a recipe with another ``image_size`` are resized to params.yaml's
+first, as the digits themselves are). The table gives each recipe's training time as a ratio to the
+first recipe's, measured in this run, and its FID's mean ± spread over the noise seeds.
+``--old-model FOLDER`` takes the first recipe's weights from a model folder it already trained (e.g.
+``artifacts/fp_model`` of an earlier repro) and times only ``--timing-steps`` of its training, scaled
+to its full length, so the long reference recipe need not be retrained to be compared.
 
-    python benchmarks/fp_recipe.py --classifier artifacts/classifier.safetensors \\
-        --recipe old=train_steps:2500,batch_size:128,lr:0.002,ema_decay:0.995 \\
-        --recipe native=train_steps:2000,batch_size:128,lr:0.002,ema_decay:0.995,image_size:8
+    python benchmarks/fp_recipe.py --classifier artifacts/classifier.safetensors --old-model artifacts/fp_model \\
+        --recipe today=train_steps:2500,batch_size:128,lr:0.002,ema_decay:0.995 \\
+        --recipe narrow=train_steps:1200,batch_size:128,lr:0.003,ema_decay:0.995,block_out_channels:16-32-32
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def train(cfg, recipe: dict, steps: int):
     unet = build_unet(size, channels, model.layers_per_block, model.norm_num_groups)
     scheduler = DDPMScheduler(num_train_timesteps=model.num_train_timesteps, beta_schedule="linear")
     start = time.perf_counter()
-    ema, losses = train_unet(
+    ema, _ = train_unet(
         unet,
         scheduler,
         images,
@@ -77,7 +78,7 @@ def train(cfg, recipe: dict, steps: int):
         ema_decay=recipe.get("ema_decay", model.ema_decay),
         generator=generator,
     )
-    return ema, scheduler, time.perf_counter() - start, losses
+    return ema, scheduler, time.perf_counter() - start
 
 
 def at_size(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,21 +103,23 @@ def main() -> None:
     recipes = [parse_recipe(text) for text in args.recipe]
     features = feature_space(str(args.classifier), None)
     reference = featurize(reference_digits(cfg.model.image_size), features, reference=True)
-    e = cfg.eval
+    e, sample = cfg.eval, cfg.sample
     rows = []
     for index, (name, recipe) in enumerate(recipes):
         if index == 0 and args.old_model is not None:
-            _, _, seconds, _ = train(cfg, recipe, args.timing_steps)
+            _, _, seconds = train(cfg, recipe, args.timing_steps)
             seconds *= recipe["train_steps"] / args.timing_steps
             unet, scheduler = load_fp_model(args.old_model)
             timed = f"{args.timing_steps} steps timed, scaled"
         else:
-            unet, scheduler, seconds, losses = train(cfg, recipe, recipe["train_steps"])
+            unet, scheduler, seconds = train(cfg, recipe, recipe["train_steps"])
             timed = "trained in full"
         ddim = ddim_scheduler(scheduler, cfg.diffusion.steps)
         runs = {
             seed: at_size(
-                generate(unet, ddim, args.samples, 250, 0.0, seed, torch.device("cpu"), f"{name} seed {seed}"),
+                generate(
+                    unet, ddim, args.samples, sample.batch_size, sample.eta, seed, torch.device("cpu"), f"{name} {seed}"
+                ),
                 cfg.model.image_size,
             )
             for seed in args.seeds
