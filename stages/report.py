@@ -139,7 +139,7 @@ def main() -> None:
     panels = [(records[FP]["label"], read_samples(samples_path(FP), GRID_SIDE**2)[0][seed])]
     first = str(cfg.quant.seeds[0])  # a row's samples of its first quantization seed (a guard's: the row it kept)
     panels += [
-        (records[n]["label"], read_samples(grid_source(n, records[n], first), GRID_SIDE**2)[0][seed])
+        (records[n]["label"], read_samples(quant_seed_samples(n, records[n], first), GRID_SIDE**2)[0][seed])
         for n in at_grid_bits
     ]
     plot_sample_grids(panels, GRIDS_FIG, GRID_SIDE)
@@ -147,7 +147,7 @@ def main() -> None:
     plot_les_effect(les_effect_points(cfg, report.table + report.ablation), LES_EFFECT_FIG)
 
 
-def grid_source(name: str, record: dict, seed: str):
+def quant_seed_samples(name: str, record: dict, seed: str):
     """The samples store of row ``name``'s quantization seed ``seed`` (a guard's: the row it kept)."""
     return samples_path(record["quant_seeds"][seed].get("row", name), int(seed))
 
@@ -157,7 +157,7 @@ def sample_errors(cfg: Config, name: str, record: dict, fp: dict[int, torch.Tens
     ``name`` (a guard's: those of the row it kept for that seed)."""
     errors = {}
     for seed in record["quant_seeds"]:
-        runs, _ = read_samples(grid_source(name, record, seed))
+        runs, _ = read_samples(quant_seed_samples(name, record, seed))
         errors[seed] = torch.cat([per_sample_mse(fp[s], runs[s]) for s in cfg.sample.seeds])
     return errors
 
