@@ -1,8 +1,8 @@
 """Training recipes of the embedded FP model, side by side in one run: training time and FP FID.
 
 Each recipe trains the embedded UNet from the same seed, with params.yaml's ``model.*`` except what
-the recipe sets (steps, batch, lr, EMA, ``image_size``, ``block_out_channels``), then samples
-``--samples`` images per noise seed with DDIM (``diffusion.steps``, ``sample.batch_size`` and
+the recipe sets (steps, batch, lr, EMA, ``image_size``, ``block_out_channels``), then
+samples ``--samples`` images per noise seed with DDIM (``diffusion.steps``, ``sample.batch_size`` and
 ``sample.eta``) and measures FID in the digit classifier's feature space against the real digits, like
 the ``fid_fp`` stage (the samples of a recipe with another ``image_size`` are resized to params.yaml's
 first, as the digits themselves are). The table gives each recipe's training time as a ratio to the
@@ -26,13 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from pipeline.eval.metrics import evaluate_runs, feature_space, featurize, reference_digits
 from pipeline.eval.sampling import generate
 from pipeline.models.diffusion import ddim_scheduler, load_fp_model
-from pipeline.models.digits import load_digits_images
-from pipeline.models.embedded import build_unet, seed_everything, train_unet
+from pipeline.models.training import train_embedded
 from pipeline.preflight import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,24 +58,9 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 
 
 def train(cfg, recipe: dict, steps: int):
-    model = cfg.model
-    generator = seed_everything(cfg.seed)
-    size = recipe.get("image_size", model.image_size)
-    images, _ = load_digits_images(size)
-    channels = recipe.get("block_out_channels", model.block_out_channels)
-    unet = build_unet(size, channels, model.layers_per_block, model.norm_num_groups)
-    scheduler = DDPMScheduler(num_train_timesteps=model.num_train_timesteps, beta_schedule="linear")
+    model = cfg.model.model_validate({**cfg.model.model_dump(), **recipe, "train_steps": steps})
     start = time.perf_counter()
-    ema, _ = train_unet(
-        unet,
-        scheduler,
-        images,
-        steps=steps,
-        batch_size=recipe.get("batch_size", model.batch_size),
-        lr=recipe.get("lr", model.lr),
-        ema_decay=recipe.get("ema_decay", model.ema_decay),
-        generator=generator,
-    )
+    ema, scheduler, _ = train_embedded(model, cfg.seed)
     return ema, scheduler, time.perf_counter() - start
 
 

@@ -29,13 +29,13 @@ class ModelConfig(Section):
         None, validate_default=True, description="local diffusers folder (see docs/real-models.md)"
     )
     image_size: int = Field(16, ge=8, le=64)
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
     layers_per_block: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1)
     num_train_timesteps: int = Field(1000, ge=10)
-    train_steps: int = Field(3000, ge=1)
+    train_steps: int = Field(2600, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
 
     @field_validator("path")

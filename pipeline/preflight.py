@@ -20,16 +20,20 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from pipeline.config import Config, ConfigError, read_params
-from pipeline.eval.metrics import clip_folder_problem
-from pipeline.infra.listing import reference_files
+from pipeline.infra.listing import clip_folder_problem, reference_files
 from pipeline.method.pts import select_pts_layers
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import probe_kwargs, read_prompts
-from pipeline.models.diffusion import unet_skeleton
 from pipeline.models.local import find_layout
 from pipeline.quant import quantizable_layers
 
 DISTRIBUTION = "dmq-pipeline"
+
+
+def _skeleton(model) -> torch.nn.Module:
+    from pipeline.models.diffusion import unet_skeleton  # imports diffusers (seconds): only where a check needs it
+
+    return unet_skeleton(model)
 
 
 def check_against_model(cfg: Config, source: str = "params") -> None:
@@ -37,17 +41,21 @@ def check_against_model(cfg: Config, source: str = "params") -> None:
     in milliseconds): a local folder without a UNet, or a PTS layer pattern that matches no quantized
     layer, fails before the first stage instead of in the stage that first uses it."""
     try:
-        unet = unet_skeleton(cfg.model)
+        unet = _skeleton(cfg.model)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"invalid parameters in {source}:\n  model.path: {error}") from None
-    problems = _file_problems(cfg)
-    if problems:
-        raise ConfigError("\n  ".join([f"invalid parameters in {source}:", *problems]))
+    _raise_file_problems(cfg, source)
     if any(METHODS[cfg.row_variant(row).method].pts for row in cfg.rows) and cfg.pts.layers != "auto":
         try:
             select_pts_layers(list(quantizable_layers(unet)), cfg.pts.layers)
         except ValueError as error:
             raise ConfigError(f"invalid parameters in {source}:\n  {error}") from None
+
+
+def _raise_file_problems(cfg: Config, source: str) -> None:
+    problems = _file_problems(cfg)
+    if problems:
+        raise ConfigError("\n  ".join([f"invalid parameters in {source}:", *problems]))
 
 
 def _file_problems(cfg: Config) -> list[str]:
@@ -102,10 +110,15 @@ def notices(cfg: Config) -> list[str]:
     ]
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
-    """``params.yaml`` checked against the schema, the model and the files it names."""
+def load_config(path: str | Path = "params.yaml", model_checks: bool = True) -> Config:
+    """``params.yaml`` checked against the schema, the files it names and (``model_checks``) the model.
+    The stages that never build the model (metrics, report) skip the model checks: every stage before
+    them made them, and they cost the import of diffusers."""
     cfg = read_params(path)
-    check_against_model(cfg, str(path))
+    if model_checks:
+        check_against_model(cfg, str(path))
+    else:
+        _raise_file_problems(cfg, str(path))
     return cfg
 
 
@@ -184,7 +197,7 @@ def layer_io_numel(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 def store_sizes(cfg: Config) -> dict[str, int]:
     """Uncompressed bytes of the Zarr stores the parameters imply (an upper bound: stores compress)."""
-    unet = unet_skeleton(cfg.model)
+    unet = _skeleton(cfg.model)
     c = unet.config
     sample = c.in_channels * c.sample_size**2
     steps, n = cfg.diffusion.steps, cfg.calib.num_samples
@@ -243,7 +256,7 @@ def device(cfg: Config) -> Finding:
 def model(cfg: Config) -> Finding:
     if cfg.model.source == "embedded":
         return Finding("model", True, "embedded default (the fp_model stage trains it)")
-    unet = unet_skeleton(cfg.model)
+    unet = _skeleton(cfg.model)
     return Finding(
         "model", True, f"{cfg.model.path}: {type(unet).__name__}, {len(quantizable_layers(unet))} quantizable layers"
     )

@@ -1,15 +1,15 @@
 """Stage classifier: train the digit classifier whose features FID uses (digit-classifier features)."""
 
 from pipeline.infra.storage import write_json, write_tensors
-from pipeline.models.digits import load_digits_images
-from pipeline.models.embedded import seed_everything, train_classifier
+from pipeline.models.classifier import train_classifier
+from pipeline.models.digits import load_digits_images, seed_everything
 from pipeline.preflight import load_config
 from stages.layout import CLASSIFIER, REPORTS
 from stages.lineage import stage_provenance
 
 
 def main() -> None:
-    cfg = load_config()
+    cfg = load_config(model_checks=False)
     generator = seed_everything(cfg.classifier.seed)
     images, labels = load_digits_images(cfg.model.image_size)
     model, accuracy = train_classifier(

@@ -3,13 +3,10 @@ import a local diffusers model (model.source: local) into the pipeline's layout.
 
 import time
 
-from diffusers import DDPMScheduler
-
 from pipeline.infra.storage import atomic_path, write_json
 from pipeline.models.diffusion import save_fp_model
-from pipeline.models.digits import load_digits_images
-from pipeline.models.embedded import build_unet, seed_everything, train_unet
 from pipeline.models.local import import_model
+from pipeline.models.training import train_embedded
 from pipeline.preflight import load_config
 from stages.layout import FP_MODEL, FP_PROVENANCE, REPORTS
 from stages.lineage import stage_provenance
@@ -32,26 +29,8 @@ def main() -> None:
             },
         )
         return
-    generator = seed_everything(cfg.seed)
-    images, _ = load_digits_images(model.image_size)
-    unet = build_unet(
-        image_size=model.image_size,
-        block_out_channels=model.block_out_channels,
-        layers_per_block=model.layers_per_block,
-        norm_num_groups=model.norm_num_groups,
-    )
-    scheduler = DDPMScheduler(num_train_timesteps=model.num_train_timesteps, beta_schedule="linear")
     start = time.perf_counter()
-    ema, losses = train_unet(
-        unet,
-        scheduler,
-        images,
-        steps=model.train_steps,
-        batch_size=model.batch_size,
-        lr=model.lr,
-        ema_decay=model.ema_decay,
-        generator=generator,
-    )
+    ema, scheduler, losses = train_embedded(model, cfg.seed)
     with atomic_path(FP_MODEL) as tmp:
         save_fp_model(ema, scheduler, tmp)
         write_json(tmp / FP_PROVENANCE.name, stage_provenance(cfg, "fp_model", None))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -135,3 +137,19 @@ def test_every_stage_declares_the_modules_its_script_imports():
             if not any(file == d or file.startswith(d + "/") for d in deps):
                 missing.append(f"{stage}: {file}")
     assert not missing, "stages import modules their deps do not list:\n" + "\n".join(missing)
+
+
+def _imported_packages(module: str) -> set[str]:
+    code = f"import sys, {module}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(found.stdout.split())
+
+
+def test_the_always_run_stage_imports_no_torch():
+    # eval_files runs on every `dvc repro`, so a no-op repro costs its imports
+    assert not {"torch", "zarr", "diffusers"} & _imported_packages("stages.eval_files")
+
+
+def test_the_metrics_stages_import_no_diffusers():
+    # a dozen fid stages per repro: diffusers' import is seconds each, and they never build a model
+    assert "diffusers" not in _imported_packages("stages.fid") | _imported_packages("stages.report")

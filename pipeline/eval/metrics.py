@@ -42,10 +42,10 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from pipeline.infra.listing import reference_files
+from pipeline.infra.listing import clip_folder_problem, reference_files
 from pipeline.infra.storage import ArtifactError, read_tensors
+from pipeline.models.classifier import DigitClassifier
 from pipeline.models.digits import load_digits_images, to_uint8_rgb
-from pipeline.models.embedded import DigitClassifier
 from pipeline.models.local import Layout
 
 FEATURE_EXTRACTOR = "digit-classifier"
@@ -411,30 +411,6 @@ def reference_set(
         raise ValueError("eval.reference_images: required for the metrics of a local model (a folder of real images)")
     size = tuple(samples.shape[-2:]) if isinstance(samples, torch.Tensor) else tuple(samples)
     return reference_images(folder, size)
-
-
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # older and newer transformers
-
-
-def clip_folder_problem(folder: str | Path) -> str | None:
-    """Why ``eval.clip_model`` cannot be read as a CLIP model and processor (None when it can): a
-    transformers ``CLIPModel`` with its processor, both saved with ``save_pretrained``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return f"{folder} not found (a folder with a transformers CLIPModel and its processor)"
-    missing = [] if (folder / "config.json").is_file() else ["config.json"]
-    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
-        missing.append("a processor (preprocessor_config.json or processor_config.json)")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        missing.append("model weights (*.safetensors or *.bin)")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
-        missing.append("a tokenizer (tokenizer.json or vocab.json + merges.txt)")
-    if missing:
-        return f"{folder} is not a CLIP model folder: it lacks {', '.join(missing)} (save_pretrained writes them)"
-    kind = json.loads((folder / "config.json").read_text()).get("model_type")
-    if kind != "clip":
-        return f"{folder}/config.json is a {kind!r} model, not a CLIPModel (model_type 'clip')"
-    return None
 
 
 class ClipScorer:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def file_hash(path: str | Path) -> str:
@@ -26,6 +27,8 @@ def file_hash(path: str | Path) -> str:
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     """Hash of names, dtypes, shapes and bytes: a safetensors file's own checksum."""
+    import torch  # here, not at the top: the storage module's JSON writers must not import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()

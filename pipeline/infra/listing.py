@@ -1,9 +1,10 @@
 """The files the metrics read from outside the repository (reference images, Inception weights, a CLIP
-folder), listed by name, size and modification time: the ``eval_files`` stage runs on every ``dvc
-repro`` and imports only this module (no torch), so a no-op run stays cheap."""
+folder), listed by name, size and modification time, and checked: the ``eval_files`` stage runs on every
+``dvc repro`` and the preflight of every stage checks these files, so this module imports no torch."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -39,3 +40,27 @@ def file_listing(path: str | Path | None) -> list[list]:
     return [
         [str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files
     ]
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # older and newer transformers
+
+
+def clip_folder_problem(folder: str | Path) -> str | None:
+    """Why ``eval.clip_model`` cannot be read as a CLIP model and processor (None when it can): a
+    transformers ``CLIPModel`` with its processor, both saved with ``save_pretrained``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} not found (a folder with a transformers CLIPModel and its processor)"
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        missing.append("a processor (preprocessor_config.json or processor_config.json)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("model weights (*.safetensors or *.bin)")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        missing.append("a tokenizer (tokenizer.json or vocab.json + merges.txt)")
+    if missing:
+        return f"{folder} is not a CLIP model folder: it lacks {', '.join(missing)} (save_pretrained writes them)"
+    kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    if kind != "clip":
+        return f"{folder}/config.json is a {kind!r} model, not a CLIPModel (model_type 'clip')"
+    return None

@@ -4,6 +4,10 @@ A stage killed mid-write leaves nothing at the output path (it writes a temporar
 it at the end; the next writer of the same path removes temporaries whose process is gone). A
 damaged artifact is refused with a message naming the file: safetensors files carry a checksum of
 their tensors, Zarr stores a manifest (size and hash of every file) that is checked when they open.
+
+torch, safetensors and zarr are imported by the functions that use them: the always-run
+``eval_files`` stage writes JSON through this module, and a no-op ``dvc repro`` should not spend
+1.5 s importing torch.
 """
 
 from __future__ import annotations
@@ -14,14 +18,13 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-import torch
-import zarr
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Iterator
 
 from pipeline.infra.fingerprint import file_hash, tensors_hash
+
+if TYPE_CHECKING:
+    import torch
+    import zarr
 
 HEADER_KEY = "dmq"  # the one safetensors metadata entry: several entries are written in random order
 CHECKSUM_KEY = "tensors_sha256"
@@ -99,6 +102,8 @@ def read_json(path: str | Path) -> dict:
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """safetensors with a JSON header (``metadata`` plus a checksum of the tensors)."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     header = {**(metadata or {}), CHECKSUM_KEY: tensors_hash(tensors)}
     with atomic_path(path) as tmp:
@@ -106,6 +111,8 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"artifact {path} not found; run the stage that writes it first")
@@ -137,6 +144,8 @@ def _store_files(store: Path) -> dict[str, Path]:
 def seal_store(store: str | Path) -> None:
     """Record the size and hash of every file of a finished store in its root attributes."""
     store = Path(store)
+    import zarr
+
     manifest = {name: [p.stat().st_size, file_hash(p)] for name, p in _store_files(store).items()}
     zarr.open_group(str(store), mode="r+").attrs[MANIFEST_KEY] = manifest
 
@@ -172,6 +181,8 @@ def store_name(group: zarr.Group) -> str:
 def open_store(path: str | Path, what: str = "Zarr store", sealed: bool = True) -> zarr.Group:
     """Open a Zarr store read-only after checking it against its manifest. ``sealed=False`` also
     accepts a store without a manifest (one not written by this pipeline)."""
+    import zarr
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} {path} not found; run the stage that writes it first")

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from pipeline.models.denoiser import as_denoiser
 from pipeline.models.embedded import build_unet
-from pipeline.models.local import find_layout, load_scheduler, load_unet, unet_skeleton_from
+from pipeline.models.local import diffusers_class, find_layout, load_scheduler, load_unet, unet_skeleton_from
 
 if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
     from pipeline.config import ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
@@ -39,7 +40,7 @@ def load_fp_model(folder: str | Path) -> tuple[torch.nn.Module, DDIMScheduler]:
 
 
 def ddim_scheduler(train_scheduler: DDPMScheduler, steps: int) -> DDIMScheduler:
-    scheduler = DDIMScheduler.from_config(train_scheduler.config)
+    scheduler = diffusers_class("DDIMScheduler").from_config(train_scheduler.config)
     scheduler.set_timesteps(steps)
     return scheduler
 

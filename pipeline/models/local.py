@@ -18,14 +18,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
 
-UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-AUTOENCODER_CLASSES = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
 AUTOENCODER_DIRS = ("vae", "vqvae")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
@@ -98,8 +101,16 @@ def find_layout(folder: str | Path) -> Layout:
     return Layout(unet, scheduler, autoencoder, text_encoder, tokenizer)
 
 
+def diffusers_class(name: str) -> type:
+    """A diffusers class by name, imported on first use: importing diffusers costs seconds, and the
+    stages that only read a folder's layout (metrics, report) never build a model."""
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
 def unet_class(layout: Layout) -> type:
-    return UNET_CLASSES[_read_config(layout.unet / "config.json")["_class_name"]]
+    return diffusers_class(_read_config(layout.unet / "config.json")["_class_name"])
 
 
 def unet_skeleton_from(folder: str | Path) -> torch.nn.Module:
@@ -117,7 +128,7 @@ def load_scheduler(layout: Layout) -> DDIMScheduler:
     """The model's noise schedule as a DDIM scheduler. Any diffusers scheduler config (DDPM, DDIM,
     PNDM, ...) carries the schedule; reading it straight into DDIM keeps DDIM-only keys such as Stable
     Diffusion's ``set_alpha_to_one: false`` that a DDPM scheduler would drop."""
-    return DDIMScheduler.from_config(_read_config(layout.scheduler))
+    return diffusers_class("DDIMScheduler").from_config(_read_config(layout.scheduler))
 
 
 def load_autoencoder(layout: Layout) -> torch.nn.Module | None:
@@ -125,10 +136,7 @@ def load_autoencoder(layout: Layout) -> torch.nn.Module | None:
         return None
     kind = _read_config(layout.autoencoder / "config.json")["_class_name"]
     return (
-        AUTOENCODER_CLASSES[kind]
-        .from_pretrained(layout.autoencoder, low_cpu_mem_usage=False)
-        .eval()
-        .requires_grad_(False)
+        diffusers_class(kind).from_pretrained(layout.autoencoder, low_cpu_mem_usage=False).eval().requires_grad_(False)
     )
 
 
