@@ -254,6 +254,11 @@ class GuardConfig(Section):
     seed: int = Field(4242, description="noise seed of the held-out samples; never one of sample.seeds")
     num_samples: int = Field(250, ge=1, description="held-out samples per candidate and quantization seed")
     batch_size: int = Field(250, ge=1)
+    criterion: Literal["features", "pixels"] = Field(
+        "features",
+        description="what 'closer to FP' means, sample by sample on the same noise: the squared distance of "
+        "FID's features (the digit classifier's, or Inception's with eval.inception_weights), or the pixel MSE",
+    )
 
 
 class GuardEntry(Section):
@@ -380,6 +385,12 @@ class Config(Section):
                 f"guard.seed: {self.guard.seed} is one of sample.seeds; the guard's held-out samples must come from "
                 "noise that no figure of the tables uses"
             )
+        if self.guards and self.guard.criterion == "features" and self.model.source == "local":
+            if self.eval.inception_weights is None:
+                problems.append(
+                    "guard.criterion: features needs eval.inception_weights for a local model (the digit "
+                    "classifier knows only the embedded digits); set it, or use pixels"
+                )
         for name, guard in self.guards.items():
             missing = [f"guards.{name}.{key}: no row {row!r}" for key, row in guard if row not in self.rows]
             if missing:

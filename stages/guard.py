@@ -1,21 +1,31 @@
 """Stage guard@<name>: LES that never hurts (DESIGN.md §9). For each quantization seed, the row with
 learned γ and the row with γ = 1 (same bits, same activation method) are sampled on held-out noise
-(guard.seed, never a noise seed of the tables) and compared with FP sample by sample; the one closer to
-FP is kept, and its metrics become the guard row's -> metrics/<name>.json, reports/guard/<name>.json."""
+(guard.seed, never a noise seed of the tables) and compared with FP sample by sample (guard.criterion:
+in FID's feature space, or by pixel MSE); the one closer to FP is kept, and its metrics become the
+guard row's -> metrics/<name>.json, reports/guard/<name>.json."""
 
 import time
+from functools import partial
 
-from pipeline.eval.metrics import per_sample_mse
+from pipeline.eval.metrics import distance_features, feature_space, per_sample_mse
 from pipeline.eval.report import guarded_record
 from pipeline.eval.sampling import generate
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import read_json, write_json
+from pipeline.infra.storage import read_json, read_tensors, write_json
 from pipeline.models.denoiser import load_denoiser, read_prompts
 from pipeline.models.diffusion import ddim_scheduler, load_fp_model
 from pipeline.models.quantized import load_quantized_unet
 from pipeline.preflight import load_config
-from stages.layout import FP_MODEL, act_params_path, entry_argument, metrics_path, report_path, weights_path
+from stages.layout import (
+    CLASSIFIER,
+    FP_MODEL,
+    act_params_path,
+    entry_argument,
+    metrics_path,
+    report_path,
+    weights_path,
+)
 from stages.lineage import check_input, stage_provenance
 
 
@@ -27,10 +37,16 @@ def main(name: str) -> None:
     fp_hash = model_hash(FP_MODEL)
     prompts = read_prompts(sample.prompts, guard.num_samples) if sample.prompts else None
 
+    represent = None  # guard.criterion pixels: the samples themselves
+    if guard.criterion == "features":
+        check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
+        represent = partial(distance_features, features=feature_space(str(CLASSIFIER), cfg.eval.inception_weights))
+
     def held_out(unet, train_scheduler, desc):
+        """The held-out samples, or their features under guard.criterion features."""
         model = load_denoiser(FP_MODEL, unet, prompts).to(device)
         scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
-        return generate(
+        images = generate(
             model,
             scheduler,
             num_samples=guard.num_samples,
@@ -42,6 +58,7 @@ def main(name: str) -> None:
             guidance_scale=sample.guidance_scale,
             precision=cfg.autocast,
         )
+        return images if represent is None else represent(images)
 
     candidates = {"les": entry.les, "no_les": entry.no_les}
     records = {role: read_json(metrics_path(row)) for role, row in candidates.items()}
@@ -60,14 +77,15 @@ def main(name: str) -> None:
                 quantized.headers["weights"], cfg, "recon", fp_hash, paths[0], cfg.weights_variant(weights), seed
             )
             check_input(quantized.headers["act"], cfg, "pts", fp_hash, paths[1], cfg.row_variant(row), seed)
-            images = held_out(quantized.unet, quantized.scheduler, f"guard: {row} q{seed} held-out")
-            errors[role] = float(per_sample_mse(fp, images).mean())
+            found = held_out(quantized.unet, quantized.scheduler, f"guard: {row} q{seed} held-out")
+            errors[role] = float(per_sample_mse(fp, found).mean())
         kept = "les" if errors["les"] <= errors["no_les"] else "no_les"
-        decisions[str(seed)] = {"held_out_mse": errors, "kept": kept, "row": candidates[kept]}
+        decisions[str(seed)] = {"held_out_error": errors, "kept": kept, "row": candidates[kept]}
     provenance = stage_provenance(cfg, "guard", fp_hash, cfg.row_variant(name))
     write_json(metrics_path(name), guarded_record(records, decisions, provenance))
     report = {
         "rule": "per quantization seed, keep learned γ unless γ = 1 is closer to FP on the held-out samples",
+        "criterion": guard.criterion,
         "held_out": {"seed": guard.seed, "num_samples": guard.num_samples},
         "quant_seeds": decisions,
         "kept_les": sum(d["kept"] == "les" for d in decisions.values()),

@@ -172,6 +172,18 @@ def test_matrix_entries_that_do_not_fit_together_are_named(change, expected):
         parse_config(data)
 
 
+@pytest.mark.parametrize("criterion, refused", [("features", True), ("pixels", False)])
+def test_a_local_model_guards_in_feature_space_only_with_inception_weights(criterion, refused):
+    data = default()  # it has guards
+    data["model"].update(source="local", path="some/folder")
+    data["guard"]["criterion"] = criterion
+    if refused:
+        with pytest.raises(ConfigError, match=r"guard\.criterion: features needs eval\.inception_weights"):
+            parse_config(data)
+    else:
+        parse_config(data)
+
+
 def test_local_model_needs_a_path():
     data = default()
     data["model"]["source"] = "local"
@@ -204,6 +216,17 @@ def test_model_dependent_checks_fail_at_load(tmp_path, section, values, expected
     parse_config(data)  # the values on their own are fine: only the model shows the problem
     with pytest.raises(ConfigError, match=expected):
         load_config(tmp_path / "params.yaml")
+
+
+def test_stages_without_a_model_skip_the_model_checks_but_not_the_file_checks(tmp_path):
+    data = default()
+    data["pts"]["layers"] = ["*shortcut_conv"]  # matches no layer: only the model shows it
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    assert load_config(tmp_path / "params.yaml", model_checks=False).pts.layers == ["*shortcut_conv"]
+    data["eval"]["inception_weights"] = str(tmp_path / "missing.pth")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"eval\.inception_weights: .*missing\.pth not found"):
+        load_config(tmp_path / "params.yaml", model_checks=False)
 
 
 def test_pts_patterns_matter_only_for_methods_with_pts(tmp_path):

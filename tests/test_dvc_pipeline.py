@@ -47,7 +47,7 @@ def test_repro_runs_every_stage_and_writes_metrics_and_report(repo):
     guard = json.loads((repo / "reports/guard/dmq-guard-w4a6.json").read_text())
     guarded = json.loads((repo / "metrics/dmq-guard-w4a6.json").read_text())["quant_seeds"]
     for seed, decision in guard["quant_seeds"].items():
-        errors = decision["held_out_mse"]
+        errors = decision["held_out_error"]
         assert decision["kept"] == min(errors, key=errors.get)  # the one closer to FP on held-out noise
         kept = json.loads((repo / f"metrics/{decision['row']}.json").read_text())["quant_seeds"][seed]
         assert guarded[seed]["mean"] == kept["mean"] and guarded[seed]["row"] == decision["row"]

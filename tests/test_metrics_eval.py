@@ -12,6 +12,7 @@ from PIL import Image
 from pipeline.eval.metrics import (
     INCEPTION,
     ClipScorer,
+    distance_features,
     evaluate_runs,
     feature_space,
     featurize,
@@ -19,6 +20,8 @@ from pipeline.eval.metrics import (
     reference_images,
 )
 from pipeline.infra.listing import reference_listing
+from pipeline.infra.storage import write_tensors
+from pipeline.models.classifier import DigitClassifier
 from tiny_models import save_tiny_clip
 
 
@@ -130,3 +133,16 @@ def test_a_local_model_without_inception_gets_the_paired_metrics_only():
     assert "not computed" in found["features"] and "eval.inception_weights" in found["features"]
     assert set(found["mean"]) == {"num_samples", "paired_mse", "paired_psnr_db"}
     assert found["mean"]["paired_mse"] == pytest.approx(0.01)
+
+
+@torch.no_grad()
+def test_the_guards_features_are_the_classifiers_penultimate_layer_of_each_sample(tmp_path):
+    torch.manual_seed(0)
+    classifier = DigitClassifier()
+    write_tensors(tmp_path / "classifier.safetensors", classifier.state_dict(), {"image_size": 16})
+    images = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    found = distance_features(images, feature_space(str(tmp_path / "classifier.safetensors"), None))
+    pixels = ((images + 1) * 127.5).round() / 127.5 - 1  # the uint8 codes torch-fidelity is fed
+    expected, _ = classifier(pixels)
+    assert found.shape == (5, DigitClassifier.feature_dim)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-5)

@@ -161,6 +161,11 @@ def per_sample_mse(reference: torch.Tensor, images: torch.Tensor) -> torch.Tenso
     return (images.float() - reference.float()).pow(2).flatten(1).mean(1)
 
 
+def distance_features(images: torch.Tensor, features: FeatureSpace) -> torch.Tensor:
+    """The features FID compares, of each image in [-1, 1], (N, D) float32."""
+    return featurize(to_uint8_rgb(images), features, reference=True)[features.distance_layer]
+
+
 def paired_error(reference: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
     """Pixel error between samples drawn from the same noise (deterministic DDIM): a far less noisy
     comparison of quantizers than any distribution metric on a thousand samples."""
