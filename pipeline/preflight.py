@@ -24,16 +24,11 @@ from pipeline.infra.listing import clip_folder_problem, reference_files
 from pipeline.method.pts import select_pts_layers
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import probe_kwargs, read_prompts
+from pipeline.models.diffusion import unet_skeleton
 from pipeline.models.local import find_layout
 from pipeline.quant import quantizable_layers
 
 DISTRIBUTION = "dmq-pipeline"
-
-
-def _skeleton(model) -> torch.nn.Module:
-    from pipeline.models.diffusion import unet_skeleton  # imports diffusers (seconds): only where a check needs it
-
-    return unet_skeleton(model)
 
 
 def check_against_model(cfg: Config, source: str = "params") -> None:
@@ -41,7 +36,7 @@ def check_against_model(cfg: Config, source: str = "params") -> None:
     in milliseconds): a local folder without a UNet, or a PTS layer pattern that matches no quantized
     layer, fails before the first stage instead of in the stage that first uses it."""
     try:
-        unet = _skeleton(cfg.model)
+        unet = unet_skeleton(cfg.model)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"invalid parameters in {source}:\n  model.path: {error}") from None
     _raise_file_problems(cfg, source)
@@ -197,7 +192,7 @@ def layer_io_numel(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 def store_sizes(cfg: Config) -> dict[str, int]:
     """Uncompressed bytes of the Zarr stores the parameters imply (an upper bound: stores compress)."""
-    unet = _skeleton(cfg.model)
+    unet = unet_skeleton(cfg.model)
     c = unet.config
     sample = c.in_channels * c.sample_size**2
     steps, n = cfg.diffusion.steps, cfg.calib.num_samples
@@ -256,7 +251,7 @@ def device(cfg: Config) -> Finding:
 def model(cfg: Config) -> Finding:
     if cfg.model.source == "embedded":
         return Finding("model", True, "embedded default (the fp_model stage trains it)")
-    unet = _skeleton(cfg.model)
+    unet = unet_skeleton(cfg.model)
     return Finding(
         "model", True, f"{cfg.model.path}: {type(unet).__name__}, {len(quantizable_layers(unet))} quantizable layers"
     )

@@ -143,9 +143,9 @@ def _store_files(store: Path) -> dict[str, Path]:
 
 def seal_store(store: str | Path) -> None:
     """Record the size and hash of every file of a finished store in its root attributes."""
-    store = Path(store)
     import zarr
 
+    store = Path(store)
     manifest = {name: [p.stat().st_size, file_hash(p)] for name, p in _store_files(store).items()}
     zarr.open_group(str(store), mode="r+").attrs[MANIFEST_KEY] = manifest
 
