@@ -385,12 +385,6 @@ class Config(Section):
                 f"guard.seed: {self.guard.seed} is one of sample.seeds; the guard's held-out samples must come from "
                 "noise that no figure of the tables uses"
             )
-        if self.guards and self.guard.criterion == "features" and self.model.source == "local":
-            if self.eval.inception_weights is None:
-                problems.append(
-                    "guard.criterion: features needs eval.inception_weights for a local model (the digit "
-                    "classifier knows only the embedded digits); set it, or use pixels"
-                )
         for name, guard in self.guards.items():
             missing = [f"guards.{name}.{key}: no row {row!r}" for key, row in guard if row not in self.rows]
             if missing:
@@ -407,6 +401,13 @@ class Config(Section):
             elif (les.w_bits, les.a_bits) != (no_les.w_bits, no_les.a_bits):
                 problems.append(f"guards.{name}: {guard.les} is {les.label} but {guard.no_les} is {no_les.label}")
         return problems
+
+    def guard_criterion(self) -> str:
+        """The guards' criterion as they apply it: a local model without Inception weights has no
+        feature space (the digit classifier knows only the embedded digits), so features fall back
+        to pixels there (``notices`` says so)."""
+        local_without_features = self.model.source == "local" and self.eval.inception_weights is None
+        return "pixels" if local_without_features else self.guard.criterion
 
     def entry(self, section: str, name: str):
         """An entry by name, with a message that lists the defined ones (stage scripts take names)."""

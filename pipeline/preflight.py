@@ -87,22 +87,30 @@ def _file_problems(cfg: Config) -> list[str]:
 
 def notices(cfg: Config) -> list[str]:
     """What valid params leave out, one line each: a local model without Inception weights or reference
-    images gets the paired metrics only."""
+    images gets the paired metrics only, and its guards compare pixels."""
     e = cfg.eval
-    if cfg.model.source != "local" or (e.inception_weights is not None and e.reference_images is not None):
+    if cfg.model.source != "local":
         return []
-    keys = " and ".join(
+    found = []
+    missing = [
         key
         for key, value in (
             ("eval.inception_weights", e.inception_weights),
             ("eval.reference_images", e.reference_images),
         )
         if value is None
-    )
-    return [
-        f"notice: FID / sFID will not be computed (no {keys}); the metrics are the paired MSE / PSNR against FP on "
-        "the same seeds"
     ]
+    if missing:
+        found.append(
+            f"notice: FID / sFID will not be computed (no {' and '.join(missing)}); the metrics are the paired MSE / "
+            "PSNR against FP on the same seeds"
+        )
+    if cfg.guards and cfg.guard_criterion() != cfg.guard.criterion:
+        found.append(
+            "notice: the guards compare pixel MSE, not features (guard.criterion features needs "
+            "eval.inception_weights for a local model)"
+        )
+    return found
 
 
 def load_config(path: str | Path = "params.yaml", model_checks: bool = True) -> Config:

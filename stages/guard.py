@@ -37,13 +37,14 @@ def main(name: str) -> None:
     fp_hash = model_hash(FP_MODEL)
     prompts = read_prompts(sample.prompts, guard.num_samples) if sample.prompts else None
 
-    represent = None  # guard.criterion pixels: the samples themselves
-    if guard.criterion == "features":
+    criterion = cfg.guard_criterion()
+    represent = None  # pixels: the samples themselves
+    if criterion == "features":
         check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
         represent = partial(distance_features, features=feature_space(str(CLASSIFIER), cfg.eval.inception_weights))
 
     def held_out(unet, train_scheduler, desc):
-        """The held-out samples, or their features under guard.criterion features."""
+        """The held-out samples, or their features under the features criterion."""
         model = load_denoiser(FP_MODEL, unet, prompts).to(device)
         scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
         images = generate(
@@ -85,7 +86,7 @@ def main(name: str) -> None:
     write_json(metrics_path(name), guarded_record(records, decisions, provenance))
     report = {
         "rule": "per quantization seed, keep learned γ unless γ = 1 is closer to FP on the held-out samples",
-        "criterion": guard.criterion,
+        "criterion": criterion,
         "held_out": {"seed": guard.seed, "num_samples": guard.num_samples},
         "quant_seeds": decisions,
         "kept_les": sum(d["kept"] == "les" for d in decisions.values()),

@@ -24,7 +24,7 @@ PARAMS = {
     "reference": ("eval.reference_images", "eval.inception_weights", "model.image_size"),
     "fid_fp": ("eval", "model.image_size", "sample.prompts"),
     "fid": ("eval", "model.image_size", "sample.prompts", "quant.seeds"),
-    "guard": ("device", "autocast", "diffusion.steps", "sample.eta", "guard", "quant.seeds"),
+    "guard": ("device", "autocast", "diffusion.steps", "sample.eta", "guard", "eval.inception_weights", "quant.seeds"),
     "peer": ("device", "diffusion.steps", "sample", "eval", "model.image_size", "quant.seeds"),
     "report": ("report",),
 }
@@ -52,7 +52,8 @@ INPUTS = {
     "reference": ("fp_model", "classifier", "eval_files"),
     "fid_fp": ("sample_fp", "classifier", "reference", "eval_files"),
     "fid": ("sample", "sample_fp", "classifier", "reference", "eval_files"),
-    "guard": ("fp_model", "pts", "fid"),  # pts's inputs (recon among them) stand for the weights
+    # guard: pts's inputs (recon among them) stand for the weights; the classifier gives its feature space
+    "guard": ("fp_model", "classifier", "eval_files", "pts", "fid"),
     "peer": ("fp_model", "dump", "sample_fp", "classifier", "reference", "eval_files"),
     "report": ("les", "stats", "fid_fp", "fid", "guard", "peer", "sample_fp", "sample"),
 }

@@ -6,7 +6,7 @@ import yaml
 
 from helpers import ROOT
 from pipeline.config import ConfigError, parse_config
-from pipeline.preflight import load_config
+from pipeline.preflight import load_config, notices
 
 
 def default():
@@ -172,16 +172,15 @@ def test_matrix_entries_that_do_not_fit_together_are_named(change, expected):
         parse_config(data)
 
 
-@pytest.mark.parametrize("criterion, refused", [("features", True), ("pixels", False)])
-def test_a_local_model_guards_in_feature_space_only_with_inception_weights(criterion, refused):
-    data = default()  # it has guards
+def test_a_local_model_without_inception_weights_guards_on_pixels_and_is_told_so():
+    data = default()  # it has guards, criterion features
     data["model"].update(source="local", path="some/folder")
-    data["guard"]["criterion"] = criterion
-    if refused:
-        with pytest.raises(ConfigError, match=r"guard\.criterion: features needs eval\.inception_weights"):
-            parse_config(data)
-    else:
-        parse_config(data)
+    cfg = parse_config(data)
+    assert cfg.guard_criterion() == "pixels"
+    assert any("guards compare pixel MSE" in line and "eval.inception_weights" in line for line in notices(cfg))
+    data["eval"]["inception_weights"] = "inception.pth"
+    assert parse_config(data).guard_criterion() == "features"
+    assert parse_config(default()).guard_criterion() == "features"  # the embedded digits: the classifier's
 
 
 def test_local_model_needs_a_path():
