@@ -452,8 +452,9 @@ def test_check_params_accepts_a_local_model_without_inception_with_a_notice(tmp_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
-    assert lines[-1] == f"{path}: ok" and len(lines) == 2
+    assert lines[-1] == f"{path}: ok" and len(lines) == 3
     assert "FID / sFID will not be computed (no eval.inception_weights and eval.reference_images)" in lines[0]
+    assert "the guards compare pixel MSE, not features" in lines[1]
 
 
 @pytest.mark.slow
