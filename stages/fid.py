@@ -12,7 +12,7 @@ from pipeline.infra.storage import read_tensors, write_json
 from pipeline.models.denoiser import read_prompts
 from pipeline.preflight import load_config
 from stages.layout import CLASSIFIER, FP, REFERENCE, entry_argument, metrics_path, samples_path
-from stages.lineage import check_input, stage_provenance
+from stages.lineage import check_classifier, check_input, stage_provenance
 
 
 def main(row: str) -> None:
@@ -39,7 +39,7 @@ def metric_settings(cfg: Config, fp_hash: str, fp_samples) -> dict:
     """The settings of :func:`evaluate_runs` that the ``eval`` section and the reference stage give,
     for samples like ``fp_samples`` (the reference features must be of their size), inputs checked."""
     evaluation, sample = cfg.eval, cfg.sample
-    check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
+    check_classifier(cfg)
     tensors, header = read_tensors(REFERENCE)
     check_input(header, cfg, "reference", fp_hash, REFERENCE)
     return dict(

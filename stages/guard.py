@@ -12,7 +12,7 @@ from pipeline.eval.report import guarded_record
 from pipeline.eval.sampling import generate
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import read_json, read_tensors, write_json
+from pipeline.infra.storage import read_json, write_json
 from pipeline.models.denoiser import load_denoiser, read_prompts
 from pipeline.models.diffusion import ddim_scheduler, load_fp_model
 from pipeline.models.quantized import load_quantized_unet
@@ -26,7 +26,7 @@ from stages.layout import (
     report_path,
     weights_path,
 )
-from stages.lineage import check_input, stage_provenance
+from stages.lineage import check_classifier, check_input, stage_provenance
 
 
 def main(name: str) -> None:
@@ -40,7 +40,7 @@ def main(name: str) -> None:
     criterion = cfg.guard_criterion()
     represent = None  # pixels: the samples themselves
     if criterion == "features":
-        check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
+        check_classifier(cfg)
         represent = partial(distance_features, features=feature_space(str(CLASSIFIER), cfg.eval.inception_weights))
 
     def held_out(unet, train_scheduler, desc):

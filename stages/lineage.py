@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pipeline.config import Config, Variant
 from pipeline.infra.fingerprint import check_provenance, config_values, provenance
+from pipeline.infra.storage import read_tensors
 from pipeline.methods import METHODS
+from stages.layout import CLASSIFIER
 
 PARAMS = {
     "fp_model": ("seed", "model"),
@@ -108,3 +110,8 @@ def check_input(
     """Refuse an artifact of ``stage`` that another model, other parameters than ``cfg`` or another
     quantization seed made."""
     check_provenance(header, stage_provenance(cfg, stage, model, variant, quant_seed), str(path))
+
+
+def check_classifier(cfg: Config) -> None:
+    """Refuse a digit classifier that other params trained (the metrics' and the guard's features)."""
+    check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)

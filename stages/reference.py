@@ -6,17 +6,17 @@ file that says so) for a local model without Inception weights or reference imag
 
 from pipeline.eval.metrics import featurize, measured_features, reference_set, sample_pixel_size
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import read_tensors, write_tensors
+from pipeline.infra.storage import write_tensors
 from pipeline.models.local import find_layout
 from pipeline.preflight import load_config
 from stages.layout import CLASSIFIER, FP_MODEL, REFERENCE
-from stages.lineage import check_input, stage_provenance
+from stages.lineage import check_classifier, stage_provenance
 
 
 def main() -> None:
     cfg = load_config(model_checks=False)
     e = cfg.eval
-    check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
+    check_classifier(cfg)
     features = measured_features(cfg.model.source, str(CLASSIFIER), e.inception_weights, e.reference_images)
     header = stage_provenance(cfg, "reference", model_hash(FP_MODEL))
     if features is None:

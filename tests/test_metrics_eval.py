@@ -4,6 +4,8 @@ independent computation."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,26 @@ def test_the_guards_features_are_the_classifiers_penultimate_layer_of_each_sampl
     expected, _ = classifier(pixels)
     assert found.shape == (5, DigitClassifier.feature_dim)
     torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_extractor_is_built_once_per_weights_file_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    """The guard featurizes FP and every candidate: one extractor serves them all, but a weights file
+    rewritten in place (another classifier) must not be read from the cache."""
+    import pipeline.eval.metrics as metrics
+
+    path = tmp_path / "classifier.safetensors"
+    built = []
+    real = metrics.create_feature_extractor
+    monkeypatch.setattr(metrics, "create_feature_extractor", lambda *a, **k: built.append(a) or real(*a, **k))
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    found = []
+    for seed in (0, 0, 1):
+        if seed == 1 or not path.exists():
+            torch.manual_seed(seed)
+            write_tensors(path, DigitClassifier().state_dict(), {"image_size": 16})
+            os.utime(path, ns=(seed + 1, seed + 1))  # a distinct modification time, whatever the clock's grain
+        found.append(distance_features(images, feature_space(str(path), None)))
+    assert len(built) == 2
+    torch.testing.assert_close(found[0], found[1])
+    assert not torch.allclose(found[1], found[2])

@@ -27,8 +27,10 @@ of each sample with its own prompt, averaged over samples.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -186,12 +188,18 @@ class ImageTensors(torch.utils.data.Dataset):
 
 
 def _extractor(features: FeatureSpace, layers: list[str]):
-    """torch-fidelity's extractor for ``layers``, as ``calculate_metrics`` creates it; a wrong weights
-    file for Inception fails here, naming the key."""
+    """torch-fidelity's extractor for ``layers``, as ``calculate_metrics`` creates it, built once per
+    process for a weights file as it is on disk (the guard featurizes FP and each candidate); a wrong
+    weights file for Inception fails here, naming the key."""
+    return _cached_extractor(features, tuple(layers), os.stat(features.weights).st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _cached_extractor(features: FeatureSpace, layers: tuple[str, ...], mtime_ns: int):
     try:
         return create_feature_extractor(
             features.extractor,
-            layers,
+            list(layers),
             cuda=torch.cuda.is_available(),
             feature_extractor_weights_path=features.weights,
             verbose=False,

@@ -1,0 +1,125 @@
+"""Two reproductions of the table on the same FP model, row by row: how far a change of params that
+keeps the model (a smaller LES or AdaRound budget, say) moves each row, measured against the seed spread
+the table prints.
+
+Each workspace is a repo root after ``dvc repro`` (its ``params.yaml``, ``metrics/`` and
+``artifacts/samples``). Quantization seeds are paired in order, as the report pairs rows: for each row
+the per-seed difference A − B of ΔFID (FID minus FP's on the same noise) and of the per-sample error
+against FP, with the verdict of :func:`pipeline.eval.report.compare_rows` (a difference counts only
+beyond both the seed spread and twice the standard error over samples). Refuses workspaces whose FP
+models differ: then rows are not paired.
+
+    python benchmarks/compare_tables.py /work/full /work/half --json benchmarks/budget_half.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.eval.report import compare_rows, mean_std, rows_against_fp
+from pipeline.eval.sampling import read_samples
+from pipeline.infra.storage import read_json
+from pipeline.preflight import load_config
+from stages.layout import FP, metrics_path, samples_path
+from stages.report import sample_errors
+
+
+def flat_params(root: Path) -> dict[str, object]:
+    """params.yaml as dotted keys (``les.iters``: 300)."""
+    import yaml
+
+    def walk(node, prefix=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from walk(value, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], node
+
+    return dict(walk(yaml.safe_load((root / "params.yaml").read_text())))
+
+
+@contextmanager
+def inside(root: Path):
+    """Stage paths (``artifacts/…``, ``metrics/…``) are relative to the repo root."""
+    before = Path.cwd()
+    os.chdir(root)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def table_of(root: Path, rows: list[str]) -> dict:
+    """Per row, its record, per-sample errors against FP and ΔFID per quantization seed."""
+    with inside(root):
+        cfg = load_config(model_checks=False)
+        fp_record = read_json(metrics_path(FP))
+        fp_samples, _ = read_samples(samples_path(FP))
+        found = {"model_hash": fp_record["provenance"]["model_hash"], "rows": {}}
+        for name in rows:
+            record = read_json(metrics_path(name))
+            runs = rows_against_fp([fp_record, record])[1].runs
+            found["rows"][name] = {
+                "errors": sample_errors(cfg, name, record, fp_samples),
+                "fid_vs_fp": [run["fid_vs_fp"] for run in runs],
+            }
+        return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("a", type=Path, help="the reference workspace")
+    parser.add_argument("b", type=Path, help="the changed workspace")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    with inside(args.a):
+        cfg = load_config(model_checks=False)
+    rows = list(dict.fromkeys(cfg.report.table + cfg.report.ablation))
+    a, b = table_of(args.a, rows), table_of(args.b, rows)
+    if a["model_hash"] != b["model_hash"]:
+        raise SystemExit(f"the FP models differ ({a['model_hash']} vs {b['model_hash']}): rows are not paired")
+    pa, pb = flat_params(args.a), flat_params(args.b)
+    changed = {key: [pa.get(key), pb.get(key)] for key in sorted(pa.keys() | pb.keys()) if pa.get(key) != pb.get(key)}
+    print("params A → B: " + ", ".join(f"{key} {old} → {new}" for key, (old, new) in changed.items()))
+    print(f"{'row':<18} {'ΔFID A':>14} {'ΔFID B':>14} {'A − B':>16} {'FID verdict':<20} {'MSE A − B':>20} verdict")
+    results = {}
+    for name in rows:
+        ra, rb = a["rows"][name], b["rows"][name]
+        found = compare_rows(ra["errors"], rb["errors"], ra["fid_vs_fp"], rb["fid_vs_fp"])
+        (fa, sa), (fb, sb) = mean_std(ra["fid_vs_fp"]), mean_std(rb["fid_vs_fp"])
+        results[name] = {"fid_vs_fp_a": [fa, sa], "fid_vs_fp_b": [fb, sb], **found}
+        print(
+            f"{name:<18} {fa:>7.1f} ± {sa:>4.1f} {fb:>7.1f} ± {sb:>4.1f} "
+            f"{found['fid_diff']:>+8.1f} ± {found['fid_diff_std']:>5.1f} {found['fid_verdict']:<20} "
+            f"{found['mse_diff']:>+9.5f} ± {found['mse_diff_std']:.5f} {found['verdict']}"
+        )
+    counted = [
+        n for n, r in results.items() if r["fid_verdict"] != "within the spread" or r["verdict"] != "within the spread"
+    ]
+    print(
+        f"\n{len(rows) - len(counted)} of {len(rows)} rows within the spread on both; "
+        f"beyond: {', '.join(counted) or 'none'}"
+    )
+    rankings = {}
+    for bits in dict.fromkeys(cfg.row_variant(n).label for n in cfg.report.table):
+        group = [n for n in cfg.report.table if cfg.row_variant(n).label == bits]
+        rankings[bits] = {side: sorted(group, key=lambda n: results[n][f"fid_vs_fp_{side}"][0]) for side in ("a", "b")}
+        print(f"{bits} by ΔFID  A: {' < '.join(rankings[bits]['a'])}\n{'':>11}B: {' < '.join(rankings[bits]['b'])}")
+    if args.json:
+        summary = {
+            "a": str(args.a),
+            "b": str(args.b),
+            "params_a_to_b": changed,
+            "model_hash": a["model_hash"],
+            "rows": results,
+            "rankings_by_fid_vs_fp": rankings,
+        }
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
