@@ -74,11 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path, help="the reference workspace")
     parser.add_argument("b", type=Path, help="the changed workspace")
+    parser.add_argument("--rows", nargs="+", help="only these rows (default: the report's table and ablation)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     with inside(args.a):
         cfg = load_config(model_checks=False)
-    rows = list(dict.fromkeys(cfg.report.table + cfg.report.ablation))
+    rows = args.rows or list(dict.fromkeys(cfg.report.table + cfg.report.ablation))
     a, b = table_of(args.a, rows), table_of(args.b, rows)
     if a["model_hash"] != b["model_hash"]:
         raise SystemExit(f"the FP models differ ({a['model_hash']} vs {b['model_hash']}): rows are not paired")
@@ -105,8 +106,8 @@ def main() -> None:
         f"beyond: {', '.join(counted) or 'none'}"
     )
     rankings = {}
-    for bits in dict.fromkeys(cfg.row_variant(n).label for n in cfg.report.table):
-        group = [n for n in cfg.report.table if cfg.row_variant(n).label == bits]
+    for bits in dict.fromkeys(cfg.row_variant(n).label for n in rows if n in cfg.report.table):
+        group = [n for n in cfg.report.table if cfg.row_variant(n).label == bits and n in results]
         rankings[bits] = {side: sorted(group, key=lambda n: results[n][f"fid_vs_fp_{side}"][0]) for side in ("a", "b")}
         print(f"{bits} by ΔFID  A: {' < '.join(rankings[bits]['a'])}\n{'':>11}B: {' < '.join(rankings[bits]['b'])}")
     if args.json:
