@@ -20,31 +20,27 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from pipeline.eval.report import compare_rows, mean_std, rows_against_fp
 from pipeline.eval.sampling import read_samples
+from pipeline.infra.fingerprint import config_values
 from pipeline.infra.storage import read_json
 from pipeline.preflight import load_config
 from stages.layout import FP, metrics_path, samples_path
 from stages.report import sample_errors
 
 
-def flat_params(root: Path) -> dict[str, object]:
+def flat_params(root: Path) -> dict:
     """params.yaml as dotted keys (``les.iters``: 300)."""
-    import yaml
-
-    def walk(node, prefix=""):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                yield from walk(value, f"{prefix}{key}.")
-        else:
-            yield prefix[:-1], node
-
-    return dict(walk(yaml.safe_load((root / "params.yaml").read_text())))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    return config_values(params, params)
 
 
 @contextmanager
 def inside(root: Path):
-    """Stage paths (``artifacts/…``, ``metrics/…``) are relative to the repo root."""
+    """Stage paths (``artifacts/…``, ``metrics/…``) are relative to the repo root (``contextlib.chdir``
+    needs Python 3.11; the project supports 3.10)."""
     before = Path.cwd()
     os.chdir(root)
     try:

@@ -289,8 +289,8 @@ def test_every_committed_report_and_metric_is_a_stage_output():
         for kind in ("outs", "metrics", "plots"):
             for out in paths(body.get(kind, [])):
                 outputs |= {out if key is None else out.replace("${key}", key) for key in keys}
-    tracked = [
+    found = [
         p.relative_to(ROOT).as_posix() for d in ("reports", "metrics") for p in (ROOT / d).rglob("*") if p.is_file()
     ]
-    orphans = [f for f in tracked if f not in outputs and not any(within(f, out) for out in outputs)]
-    assert tracked and not orphans, f"tracked files no stage writes: {orphans}"
+    orphans = [f for f in found if f not in outputs and not any(within(f, out) for out in outputs)]
+    assert found and not orphans, f"files no stage writes: {orphans}"
