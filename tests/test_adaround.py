@@ -7,7 +7,7 @@ import torch.nn as nn
 import pipeline.method.adaround
 from helpers import Killed, TwoConvs, dies_on_the_second_call
 from pipeline.infra.checkpoint import Checkpoints
-from pipeline.method.adaround import AdaRoundSettings, adaround
+from pipeline.method.adaround import AdaRoundSettings, adaround, capture_unit_io, reconstruct_unit, rounding_state
 from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.quant import QuantSpec, quantize
 
@@ -95,3 +95,44 @@ def test_resumed_reconstruction_equals_an_uninterrupted_one(tmp_path, monkeypatc
     assert resumed == uninterrupted
     for name, ints in integers(layers).items():
         assert torch.equal(ints, expected[name]), name
+
+
+class TupleBlock(nn.Module):
+    """A unit called with a keyword argument that returns a tuple, like diffusers' Transformer2DModel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, scale=1.0):
+        return (self.conv(x) * scale,)
+
+
+class WithTupleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = TupleBlock()
+
+    def forward(self, x, t):
+        return self.block(x, scale=2.0)[0]
+
+
+def test_reconstruction_does_not_depend_on_the_capture_batches():
+    """Captures come in batches; a unit learns from all records, however they were batched."""
+    torch.manual_seed(0)
+    fp = WithTupleBlock().eval()
+    x, t = torch.randn(96, 4, 8, 8), torch.zeros(96, dtype=torch.long)
+    settings = AdaRoundSettings(
+        iters=30, lr=1e-2, batch_size=16, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
+    )
+    results = []
+    for capture_batch in (16, 96):
+        q = copy.deepcopy(fp)
+        init_weight_quantizers(quantize(q, QuantSpec(w_bits=3, split=())), grid=20, p=2.4)
+        q_inputs = capture_unit_io(q, q.block, (x, t), capture_batch, "args")
+        fp_outputs = capture_unit_io(fp, fp.block, (x, t), capture_batch, "output")
+        report = reconstruct_unit("block", q.block, q_inputs, fp_outputs, settings)
+        results.append((report, rounding_state(q.block)["conv"].clone()))
+    (report_a, v_a), (report_b, v_b) = results
+    assert report_a == report_b
+    assert torch.equal(v_a, v_b)

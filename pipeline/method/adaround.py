@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 from pipeline.infra.checkpoint import Checkpoints
@@ -149,20 +150,19 @@ def capture_unit_io(model: nn.Module, unit: nn.Module, inputs, batch_size: int, 
     return kept
 
 
-def _take(batches, index: torch.Tensor):
-    """Gather records ``index`` from a list of per-batch captures (tensors or (args, kwargs))."""
+def _batched(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0
 
-    def gather(items):
-        first = items[0]
-        if isinstance(first, torch.Tensor):
-            return torch.cat(items)[index] if first.dim() else first
-        if isinstance(first, (tuple, list)):
-            return type(first)(gather([it[i] for it in items]) for i in range(len(first)))
-        if isinstance(first, dict):
-            return {k: gather([it[k] for it in items]) for k in first}
-        return first
 
-    return gather(batches)
+def _concat(batches):
+    """One capture from per-batch captures (tensors, or (args, kwargs)): tensors with a batch
+    dimension concatenated, anything else taken from the first batch."""
+    return tree_map(lambda *parts: torch.cat(parts) if _batched(parts[0]) else parts[0], *batches)
+
+
+def _take(capture, index: torch.Tensor):
+    """Records ``index`` of a capture made by :func:`_concat`."""
+    return tree_map(lambda value: value[index] if _batched(value) else value, capture)
 
 
 def _main_output(output):
@@ -179,7 +179,9 @@ def reconstruct_unit(
     layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
     offsets = [attach_rounding(layer) for layer in layers]
     optimizer = torch.optim.Adam([o.v for o in offsets], lr=settings.lr)
-    n = sum(len(out) for out in fp_outputs)
+    # concatenated once, not per iteration: gathering a batch from the whole capture is then one index
+    q_inputs, fp_outputs = _concat(q_inputs), _concat(fp_outputs)
+    n = len(_main_output(fp_outputs))
     device = offsets[0].v.device
     generator = torch.Generator().manual_seed(settings.seed)
     # the same draws as one randint per iteration, copied to the device once
