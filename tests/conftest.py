@@ -1,13 +1,42 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from helpers import copy_repo, init_repo, reduced_params, run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_configure(config):
+    """pytest-xdist workers share the cores: each worker, and the stage processes it starts (through
+    OMP_NUM_THREADS), gets its share, since oversubscribed torch threads spin against each other."""
+    workers, threads = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), torch.get_num_threads()
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    torch.set_num_threads(min(2, threads))
+
+
+LONGEST_ON_THE_REPRODUCED_REPO = "test_dvc_pipeline.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadfile``, files handed out in this order) the files that need the
+    reproduced repository wait for the worker that builds it: the longest of them comes first, so that
+    worker builds it and goes on with that file, then the files that do not need it, for the other
+    workers meanwhile, then the rest."""
+    needs = {item.path for item in items if "reproduced" in item.fixturenames}
+
+    def rank(item):
+        if item.path.name == LONGEST_ON_THE_REPRODUCED_REPO:
+            return 0
+        return 2 if item.path in needs else 1
+
+    items.sort(key=rank)  # stable: each file keeps its own order
 
 
 @pytest.fixture
@@ -21,9 +50,19 @@ def tiny_unet():
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory):
     """(repo, dvc output): the reduced configuration after one full ``dvc repro``. Shared by several
-    test files, so never change it: work on a :func:`pipeline_copy`."""
-    repo = init_repo(tmp_path_factory.mktemp("reproduced"), reduced_params())
-    return repo, run(["dvc", "repro"], repo)
+    test files, so never change it: work on a :func:`pipeline_copy`. Built once per test run: under
+    pytest-xdist the first worker to need it builds it in the run's shared folder, holding a file
+    lock that the other workers wait on."""
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent
+    repo, log = shared / "reproduced", shared / "reproduced.log"
+    with FileLock(shared / "reproduced.lock"):
+        if not log.exists():
+            shutil.rmtree(repo, ignore_errors=True)  # a build that failed in another worker
+            repo.mkdir()
+            log.write_text(run(["dvc", "repro"], init_repo(repo, reduced_params())))
+    return repo, log.read_text()
 
 
 @pytest.fixture
