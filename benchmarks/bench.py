@@ -203,7 +203,13 @@ def case_les(model: str, device) -> dict:
 def case_adaround(model: str, device) -> dict:
     import torch
 
-    from pipeline.method.adaround import AdaRoundSettings, capture_unit_io, reconstruct_unit, reconstruction_units
+    from pipeline.method.adaround import (
+        AdaRoundSettings,
+        capture_unit_inputs,
+        capture_unit_outputs,
+        reconstruct_unit,
+        reconstruction_units,
+    )
     from pipeline.method.weight_init import init_weight_quantizers
     from pipeline.quant import QuantSpec, quantize
 
@@ -225,8 +231,8 @@ def case_adaround(model: str, device) -> dict:
         picked["attention"] = max(attentions, key=lambda u: size(u[1]))
     rows = {}
     for role, (name, unit) in picked.items():
-        q_inputs = capture_unit_io(q, unit, (x, t), RECORDS, "args")
-        fp_outputs = capture_unit_io(fp, fp_modules[name], (x, t), RECORDS, "output")
+        q_inputs = capture_unit_inputs(q, unit, (x, t), RECORDS)
+        fp_outputs = capture_unit_outputs(fp, {name: fp_modules[name]}, (x, t), RECORDS)[name]
 
         def run(iters):
             settings = AdaRoundSettings(

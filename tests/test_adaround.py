@@ -7,7 +7,14 @@ import torch.nn as nn
 import pipeline.method.adaround
 from helpers import Killed, TwoConvs, dies_on_the_second_call
 from pipeline.infra.checkpoint import Checkpoints
-from pipeline.method.adaround import AdaRoundSettings, adaround, capture_unit_io, reconstruct_unit, rounding_state
+from pipeline.method.adaround import (
+    AdaRoundSettings,
+    adaround,
+    capture_unit_inputs,
+    capture_unit_outputs,
+    reconstruct_unit,
+    rounding_state,
+)
 from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.quant import QuantSpec, quantize
 
@@ -129,10 +136,41 @@ def test_reconstruction_does_not_depend_on_the_capture_batches():
     for capture_batch in (16, 96):
         q = copy.deepcopy(fp)
         init_weight_quantizers(quantize(q, QuantSpec(w_bits=3, split=())), grid=20, p=2.4)
-        q_inputs = capture_unit_io(q, q.block, (x, t), capture_batch, "args")
-        fp_outputs = capture_unit_io(fp, fp.block, (x, t), capture_batch, "output")
+        q_inputs = capture_unit_inputs(q, q.block, (x, t), capture_batch)
+        fp_outputs = capture_unit_outputs(fp, {"block": fp.block}, (x, t), capture_batch)["block"]
         report = reconstruct_unit("block", q.block, q_inputs, fp_outputs, settings)
         results.append((report, rounding_state(q.block)["conv"].clone()))
     (report_a, v_a), (report_b, v_b) = results
     assert report_a == report_b
     assert torch.equal(v_a, v_b)
+
+
+def test_fp_targets_of_several_units_from_one_pass_equal_one_pass_per_unit(monkeypatch):
+    """The FP targets of consecutive units are captured together within a memory budget; a budget of
+    one unit per pass must end bit-identical."""
+    torch.manual_seed(0)
+    fp = ThreeConvs().eval()
+    x, t = torch.randn(48, 4, 8, 8), torch.zeros(48, dtype=torch.long)
+    settings = AdaRoundSettings(
+        iters=30, lr=1e-2, batch_size=16, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
+    )
+    real_capture, passes = pipeline.method.adaround.capture_unit_outputs, []
+
+    def counted(model, units, *args):
+        passes.append(list(units))
+        return real_capture(model, units, *args)
+
+    monkeypatch.setattr(pipeline.method.adaround, "capture_unit_outputs", counted)
+    results = []
+    for budget in (1 << 30, 1):
+        monkeypatch.setattr(pipeline.method.adaround, "FP_TARGET_BYTES", budget)
+        passes.clear()
+        q = copy.deepcopy(fp)
+        layers = quantize(q, QuantSpec(w_bits=3, split=()))
+        init_weight_quantizers(layers, grid=20, p=2.4)
+        report = adaround(q, fp, (x, t), settings)
+        results.append((report, {name: layer.integer_weight() for name, layer in layers.items()}, passes[1:]))
+    (report_a, ints_a, passes_a), (report_b, ints_b, passes_b) = results
+    assert passes_a == [["a", "b", "c"]] and passes_b == [["a"], ["b"], ["c"]]  # after the one-record sizing pass
+    assert report_a == report_b
+    assert all(torch.equal(ints_a[name], ints_b[name]) for name in ints_a)

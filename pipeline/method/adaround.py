@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from tqdm import tqdm
 
 from pipeline.infra.checkpoint import Checkpoints
@@ -28,6 +28,8 @@ from pipeline.quant.layers import QuantLayer
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, from the AdaRound paper
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "BasicTransformerBlock", "Transformer2DModel")
 CHECK_EVERY = 100  # iterations between checks of the loss for NaN / Inf (each check waits for the device)
+# FP targets of consecutive units captured in one forward pass, up to this size together (one unit at least)
+FP_TARGET_BYTES = 1 << 30
 
 
 class RoundingOffsets(nn.Module):
@@ -119,34 +121,57 @@ class _Stop(Exception):
     pass
 
 
+def _run_batches(model: nn.Module, inputs, batch_size: int, before_each=lambda: None) -> None:
+    """``model`` over ``inputs`` = (x, t) or (x, t, cond) in batches; a hook may end a pass with _Stop."""
+    for start in range(0, len(inputs[0]), batch_size):
+        before_each()
+        try:
+            model(*(v[start : start + batch_size] for v in inputs))
+        except _Stop:
+            pass
+
+
 @torch.no_grad()
-def capture_unit_io(model: nn.Module, unit: nn.Module, inputs, batch_size: int, want: str):
-    """Run ``model`` over ``inputs`` = (x, t) or (x, t, cond) in batches, keeping ``unit``'s call
-    (args, kwargs) or its output, and stopping each forward pass as soon as the unit has run."""
+def capture_unit_inputs(model: nn.Module, unit: nn.Module, inputs, batch_size: int) -> list:
+    """``unit``'s call (args, kwargs) in each batch, each forward pass stopped as the unit is reached."""
     kept = []
 
     def pre(module, args, kwargs):
-        if want == "args":
-            kept.append((args, kwargs))
-            raise _Stop
-
-    def post(module, args, kwargs, output):
-        kept.append(output)
+        kept.append((args, kwargs))
         raise _Stop
 
-    handle = (
-        unit.register_forward_pre_hook(pre, with_kwargs=True)
-        if want == "args"
-        else unit.register_forward_hook(post, with_kwargs=True)
-    )
+    handle = unit.register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        for start in range(0, len(inputs[0]), batch_size):
-            try:
-                model(*(v[start : start + batch_size] for v in inputs))
-            except _Stop:
-                pass
+        _run_batches(model, inputs, batch_size)
     finally:
         handle.remove()
+    return kept
+
+
+@torch.no_grad()
+def capture_unit_outputs(model: nn.Module, units: dict[str, nn.Module], inputs, batch_size: int) -> dict[str, list]:
+    """The output of each of ``units`` (given in execution order) in each batch: one forward pass a
+    batch, stopped once the last of them has run. Outputs are copied, so that the rest of the pass
+    cannot change them in place; a unit called twice in a pass keeps its first call's."""
+    kept: dict[str, list] = {name: [] for name in units}
+    last, called = next(reversed(units)), set()
+
+    def post(name):
+        def hook(module, args, kwargs, output):
+            if name not in called:
+                called.add(name)
+                kept[name].append(tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, output))
+            if name == last:
+                raise _Stop
+
+        return hook
+
+    handles = [unit.register_forward_hook(post(name), with_kwargs=True) for name, unit in units.items()]
+    try:
+        _run_batches(model, inputs, batch_size, before_each=called.clear)
+    finally:
+        for handle in handles:
+            handle.remove()
     return kept
 
 
@@ -270,17 +295,35 @@ def adaround(
     so a resumed run ends bit-identical to an uninterrupted one."""
     capture_batch = max(settings.batch_size, 64)
     units = reconstruction_units(q_model, lambda: q_model(*(v[:1] for v in inputs)))
-    fp_units = dict(fp_model.named_modules())
+    fp_modules = dict(fp_model.named_modules())
+    fp_units = {name: fp_modules[name] for name, _ in units}
+    target_bytes = _target_bytes(fp_model, fp_units, inputs)
+    targets: dict[str, list] = {}
     report = {}
-    for name, unit in tqdm(units, desc="adaround"):
+    for index, (name, unit) in enumerate(tqdm(units, desc="adaround")):
         if checkpoints and (saved := checkpoints.load(name)) is not None:
             restore_rounding(unit, saved[0])
             report[name] = saved[1]
             continue
-        q_inputs = capture_unit_io(q_model, unit, inputs, capture_batch, "args")
-        fp_outputs = capture_unit_io(fp_model, fp_units[name], inputs, capture_batch, "output")
+        q_inputs = capture_unit_inputs(q_model, unit, inputs, capture_batch)
+        if name not in targets:  # the FP targets of this unit and of as many next ones as fit the budget
+            window, total = {}, 0
+            for later, _ in units[index:]:
+                total += target_bytes[later]
+                if window and total > FP_TARGET_BYTES:
+                    break
+                window[later] = fp_units[later]
+            targets = capture_unit_outputs(fp_model, window, inputs, capture_batch)
+        fp_outputs = targets.pop(name)
         weighting = make_weighting() if make_weighting is not None else None
         report[name] = reconstruct_unit(name, unit, q_inputs, fp_outputs, settings, weighting, steps)
         if checkpoints:
             checkpoints.save(name, rounding_state(unit), report[name])
     return report
+
+
+def _target_bytes(fp_model: nn.Module, fp_units: dict[str, nn.Module], inputs) -> dict[str, int]:
+    """Bytes of each unit's FP output over all records, from a pass over one record."""
+    one = capture_unit_outputs(fp_model, fp_units, tuple(v[:1] for v in inputs), 1)
+    tensors = {name: [v for v in tree_leaves(out) if isinstance(v, torch.Tensor)] for name, out in one.items()}
+    return {name: len(inputs[0]) * sum(v.numel() * v.element_size() for v in found) for name, found in tensors.items()}
