@@ -49,10 +49,12 @@ def inside(root: Path):
         os.chdir(before)
 
 
-def table_of(root: Path, rows: list[str]) -> dict:
-    """Per row, its record, per-sample errors against FP and ΔFID per quantization seed."""
+def table_of(root: Path, rows: list[str] | None):
+    """The workspace's config and, per row (default: the report's table and ablation), its per-sample
+    errors against FP and ΔFID per quantization seed."""
     with inside(root):
         cfg = load_config(model_checks=False)
+        rows = rows or list(dict.fromkeys(cfg.report.table + cfg.report.ablation))
         fp_record = read_json(metrics_path(FP))
         fp_samples, _ = read_samples(samples_path(FP))
         found = {"model_hash": fp_record["provenance"]["model_hash"], "rows": {}}
@@ -63,7 +65,7 @@ def table_of(root: Path, rows: list[str]) -> dict:
                 "errors": sample_errors(cfg, name, record, fp_samples),
                 "fid_vs_fp": [run["fid_vs_fp"] for run in runs],
             }
-        return found
+        return cfg, found
 
 
 def main() -> None:
@@ -73,10 +75,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", help="only these rows (default: the report's table and ablation)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    with inside(args.a):
-        cfg = load_config(model_checks=False)
-    rows = args.rows or list(dict.fromkeys(cfg.report.table + cfg.report.ablation))
-    a, b = table_of(args.a, rows), table_of(args.b, rows)
+    cfg, a = table_of(args.a, args.rows)
+    rows = list(a["rows"])
+    _, b = table_of(args.b, rows)
     if a["model_hash"] != b["model_hash"]:
         raise SystemExit(f"the FP models differ ({a['model_hash']} vs {b['model_hash']}): rows are not paired")
     pa, pb = flat_params(args.a), flat_params(args.b)
