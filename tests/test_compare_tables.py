@@ -1,16 +1,14 @@
 """benchmarks/compare_tables.py: two workspaces on the same FP model, paired row by row and seed by seed."""
 
 import json
-import subprocess
 import sys
 
-from helpers import ROOT, reduced_params, set_params
+from helpers import ROOT, reduced_params, run, set_params
 
 
 def compare(a, b, out, *rows) -> dict:
     command = [sys.executable, "benchmarks/compare_tables.py", str(a), str(b), "--json", str(out)]
-    done = subprocess.run([*command, *(["--rows", *rows] if rows else [])], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run([*command, *(["--rows", *rows] if rows else [])], ROOT)
     return json.loads(out.read_text())
 
 
