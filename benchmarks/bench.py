@@ -264,8 +264,8 @@ def case_adaround(model: str, device) -> dict:
     return rows
 
 
-def _fake_quantized(fp, device, x, steps: int):
-    """W4A8 copy of ``fp`` as the sample stage runs it: stored integer weights, per-step activation
+def _fake_quantized(fp, device, x, steps: int, a_bits: int = 8):
+    """W4A``a_bits`` copy of ``fp`` as the sample stage runs it: stored integer weights, per-step activation
     parameters (min-max of one batch per step), PTS exponents on the shortcut convs."""
     import torch
 
@@ -274,7 +274,7 @@ def _fake_quantized(fp, device, x, steps: int):
     from pipeline.quant import QuantSpec, calibrating, quantize, set_step
 
     q = copy.deepcopy(fp)
-    layers = quantize(q, QuantSpec(w_bits=4, a_bits=8, num_steps=steps))
+    layers = quantize(q, QuantSpec(w_bits=4, a_bits=a_bits, num_steps=steps))
     init_weight_quantizers(layers, 10, 2.4)
     g = torch.Generator().manual_seed(2)
     for name, layer in layers.items():

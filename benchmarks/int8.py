@@ -1,10 +1,12 @@
 """The int8 backend (pipeline/deploy/integer.py) against FP32 and the fake-quantized model: speed, memory,
 faithfulness and where the time goes, on the models of benchmarks/bench.py (the embedded default, LDM-4's
-UNet at half width and resolution), W4A8 with PTS exponents on the shortcut convs.
+UNet at half width and resolution), W4A8 and W4A6 with PTS exponents on the shortcut convs, on this machine's
+CPU (its kind names the results file: benchmarks/int8_results_<richest kernel flag>.{txt,json}).
 
 * ``speed``: time per denoiser call and per DDIM sampling run (S = 10) of FP32, fake and int8, interleaved in
   one process (best of several rounds), reported as ratios to FP32 of the same run; the PSNR of the int8
-  samples against the fake ones (same noise).
+  samples against the fake ones (same noise); how many int8 layers run as exponent groups (kernels that add
+  pairs in int16, pipeline/deploy/integer.py).
 * ``where``: one denoiser call split into the quantized layers' time (int8: codes + glue, kernels) and the
   rest of the network (norms, attention matmuls, activations, FP layers), from hooks.
 * ``kernels``: the candidate kernels on one LDM-sized conv and linear: float32, oneDNN u8 x s8 with float32
@@ -13,8 +15,8 @@ UNet at half width and resolution), W4A8 with PTS exponents on the shortcut conv
 * ``memory``: one child process per backend: weight bytes (float, int8), RSS after building the model, and
   the peak RSS of one denoiser call (VmHWM reset before the call).
 
-    OMP_NUM_THREADS=2 python benchmarks/int8.py            # -> benchmarks/int8_results.{txt,json}
-    OMP_NUM_THREADS=2 python benchmarks/int8.py --models default --parts speed
+    OMP_NUM_THREADS=2 python benchmarks/int8.py            # -> benchmarks/int8_results_<flag>.{txt,json}
+    OMP_NUM_THREADS=2 python benchmarks/int8.py --models default --parts speed --a-bits 6
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from bench import MODELS, STEPS, _fake_quantized, _interleaved, _model, _schedul
 BATCH = {"default": 64, "ldm4-half": 8}  # batches a 2-core CPU samples with (the sample stage's default is 250)
 CALL_ROUNDS, SAMPLE_ROUNDS, KERNEL_ROUNDS = 7, 3, 15
 PARTS = ("kernels", "speed", "where", "memory")
+PER_A_BITS = ("speed", "where", "memory")  # the kernels part times fixed shapes, whatever the bits
 
 
 def _threads() -> int:
@@ -51,15 +54,15 @@ def _threads() -> int:
 _BUILT: dict = {}
 
 
-def _built(model: str):
-    """:func:`_build` of all three backends, once per model in this process."""
-    if model not in _BUILT:
+def _built(model: str, a_bits: int):
+    """:func:`_build` of all three backends, once per model and bits in this process."""
+    if (model, a_bits) not in _BUILT:
         _BUILT.clear()
-        _BUILT[model] = _build(model)
-    return _BUILT[model]
+        _BUILT[model, a_bits] = _build(model, a_bits)
+    return _BUILT[model, a_bits]
 
 
-def _build(model: str, backends=("fp32", "fake", "int8")):
+def _build(model: str, a_bits: int, backends=("fp32", "fake", "int8")):
     """(models by backend, noise (B, S, C, H, W)); the fake and int8 ones share the calibration (per-step ranges
     from one fake sampling run on this noise)."""
     import torch
@@ -72,7 +75,7 @@ def _build(model: str, backends=("fp32", "fake", "int8")):
     noise = sample_noise(0, torch.arange(BATCH[model]), STEPS, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
     out = {"fp32": fp}
     if "fake" in backends or "int8" in backends:
-        out["fake"] = _fake_quantized(fp, torch.device("cpu"), noise[:, 0], STEPS)
+        out["fake"] = _fake_quantized(fp, torch.device("cpu"), noise[:, 0], STEPS, a_bits)
     if "int8" in backends:
         out["int8"] = copy.deepcopy(out["fake"]) if "fake" in backends else out.pop("fake")
         to_integer(out["int8"])
@@ -98,12 +101,13 @@ def _sampler(unet, noise):
     return lambda: ddim_sample(unet, scheduler, noise, 0.0, lambda s, t, x: set_step(unet, s))
 
 
-def part_speed(model: str) -> dict:
+def part_speed(model: str, a_bits: int) -> dict:
     import torch
 
+    from pipeline.deploy.integer import integer_layers
     from pipeline.quant import set_step
 
-    models, noise = _built(model)
+    models, noise = _built(model, a_bits)
     x, t, step = noise[:, 0], _scheduler(STEPS).timesteps[STEPS // 2], STEPS // 2
     for unet in models.values():
         set_step(unet, step)
@@ -117,9 +121,12 @@ def part_speed(model: str) -> dict:
     def psnr(a, b):
         return float(10 * torch.log10(span**2 / ((a - b) ** 2).mean()))
 
+    layers = integer_layers(models["int8"]).values()
     return {
         "batch": BATCH[model],
         "steps": STEPS,
+        "int8_layers": len(layers),
+        "grouped_layers": sum(any(len(g) > len(layer.input_scale[0]) for g in layer.gemms) for layer in layers),
         "call_s": calls,
         "sample_s": runs,
         "call_ratio_to_fp32": {n: v / calls["fp32"] for n, v in calls.items()},
@@ -131,21 +138,21 @@ def part_speed(model: str) -> dict:
     }
 
 
-def part_where(model: str) -> dict:
+def part_where(model: str, a_bits: int) -> dict:
     """Seconds of one denoiser call (best of 3) by where they go."""
     import torch
 
-    from pipeline.deploy.integer import IntegerLayer, integer_layers
+    from pipeline.deploy import integer
     from pipeline.quant import quant_layers, quantizable_layers, set_step
 
-    models, noise = _built(model)
+    models, noise = _built(model, a_bits)
     x, t = noise[:, 0], _scheduler(STEPS).timesteps[STEPS // 2]
     kernel_s = [0.0]
-    plain_kernel = IntegerLayer._kernel
+    plain_kernel = integer._int8_gemm
 
-    def timed_kernel(self, *args):
+    def timed_kernel(*args):
         start = time.perf_counter()
-        out = plain_kernel(self, *args)
+        out = plain_kernel(*args)
         kernel_s[0] += time.perf_counter() - start
         return out
 
@@ -155,7 +162,7 @@ def part_where(model: str) -> dict:
         if name == "fp32":
             layers = [unet.get_submodule(n) for n in quantizable_layers(unet)]
         else:
-            layers = list((quant_layers if name == "fake" else integer_layers)(unet).values())
+            layers = list((quant_layers if name == "fake" else integer.integer_layers)(unet).values())
         inside = [0.0]
         starts = {}
         hooks = [
@@ -167,7 +174,7 @@ def part_where(model: str) -> dict:
             )
             for m in layers
         ]
-        IntegerLayer._kernel = timed_kernel
+        integer._int8_gemm = timed_kernel
         best = None
         try:
             with torch.no_grad():
@@ -181,7 +188,7 @@ def part_where(model: str) -> dict:
                         if name == "int8":
                             best.update(kernels_s=kernel_s[0], codes_and_glue_s=inside[0] - kernel_s[0])
         finally:
-            IntegerLayer._kernel = plain_kernel
+            integer._int8_gemm = plain_kernel
             for hook in hooks:
                 hook.remove()
         result[name] = best
@@ -268,14 +275,14 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def memory_child(model: str, backend: str) -> dict:
+def memory_child(model: str, a_bits: str, backend: str) -> dict:
     import torch
 
     from pipeline.deploy.integer import weight_bytes
     from pipeline.quant import set_step
 
     _threads()
-    models, noise = _build(model, (backend,))
+    models, noise = _build(model, int(a_bits), (backend,))
     unet = models[backend]
     del models
     gc.collect()
@@ -294,12 +301,15 @@ def memory_child(model: str, backend: str) -> dict:
     }
 
 
-def part_memory(model: str) -> dict:
+def part_memory(model: str, a_bits: int) -> dict:
     out = {}
     for backend in ("fp32", "fake", "int8"):
         env = {**os.environ, "OMP_NUM_THREADS": str(_threads())}
         done = subprocess.run(
-            [sys.executable, __file__, "--memory-child", model, backend], env=env, capture_output=True, text=True
+            [sys.executable, __file__, "--memory-child", model, str(a_bits), backend],
+            env=env,
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             sys.exit(f"memory of {backend} on {model} failed:\n{done.stderr[-3000:]}")
@@ -311,11 +321,12 @@ def _lines(model: str, part: str, r: dict) -> list[str]:
     if part == "speed":
         c, s = r["call_ratio_to_fp32"], r["sample_ratio_to_fp32"]
         return [
-            f"{model:<10} speed   denoiser call b={r['batch']}: fp32 {r['call_s']['fp32'] * 1e3:.0f} ms; "
-            f"fake {c['fake']:.2f}x fp32, int8 {c['int8']:.2f}x fp32",
-            f"{model:<10} speed   sampling b={r['batch']} S={r['steps']}: fp32 {r['sample_s']['fp32']:.2f} s; "
+            f"{model:<16} speed   denoiser call b={r['batch']}: fp32 {r['call_s']['fp32'] * 1e3:.0f} ms; "
+            f"fake {c['fake']:.2f}x fp32, int8 {c['int8']:.2f}x fp32 ({r['grouped_layers']} of {r['int8_layers']} "
+            "int8 layers as exponent groups)",
+            f"{model:<16} speed   sampling b={r['batch']} S={r['steps']}: fp32 {r['sample_s']['fp32']:.2f} s; "
             f"fake {s['fake']:.2f}x fp32, int8 {s['int8']:.2f}x fp32",
-            f"{model:<10} faith   PSNR of samples: int8 vs fake {r['psnr_int8_vs_fake_db']:.1f} dB; against the fake "
+            f"{model:<16} faith   PSNR of samples: int8 vs fake {r['psnr_int8_vs_fake_db']:.1f} dB; against the fake "
             f"model in float64: int8 {r['psnr_int8_vs_fake_float64_db']:.1f} dB, fake (float32) "
             f"{r['psnr_fake_vs_fake_float64_db']:.1f} dB; fp32 vs fake {r['psnr_fp32_vs_fake_db']:.1f} dB",
         ]
@@ -328,18 +339,18 @@ def _lines(model: str, part: str, r: dict) -> list[str]:
                 else ""
             )
             lines.append(
-                f"{model:<10} where   {name:<5} call {v['total_s'] * 1e3:.0f} ms = quantized layers "
+                f"{model:<16} where   {name:<5} call {v['total_s'] * 1e3:.0f} ms = quantized layers "
                 f"{v['quantized_layers_s'] * 1e3:.0f} ms{extra} + rest {v['rest_s'] * 1e3:.0f} ms"
             )
         return lines
     if part == "kernels":
         return [
-            f"{model:<10} kernel  {shape}: {name} {ms:.2f} ms ({ms / list(v.values())[0]:.2f}x fp32)"
+            f"{model:<16} kernel  {shape}: {name} {ms:.2f} ms ({ms / list(v.values())[0]:.2f}x fp32)"
             for shape, v in r.items()
             for name, ms in v.items()
         ]
     return [
-        f"{model:<10} memory  {name:<5} weights float {v['float_weight_mb']:.2f} MB + int8 "
+        f"{model:<16} memory  {name:<5} weights float {v['float_weight_mb']:.2f} MB + int8 "
         f"{v['int8_weight_mb']:.2f} MB; "
         f"RSS after build {v['rss_after_build_mb']:.0f} MB, peak in one call {v['peak_rss_in_call_mb']:.0f} MB"
         for name, v in r.items()
@@ -350,36 +361,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/int8_results")
-    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--a-bits", nargs="*", type=int, default=[8, 6], choices=range(2, 9))
+    parser.add_argument("--out", type=Path, help="default: benchmarks/int8_results_<richest kernel flag of the CPU>")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child)))
         return
     import torch
 
-    from pipeline.deploy.integer import cpu_has_vnni
+    from pipeline.deploy.integer import kernels_add_pairs_in_int16
+    from pipeline.infra.machine import KERNEL_FLAGS, cpu_kind
 
+    cpu = cpu_kind()
+    richest = [flag for flag in KERNEL_FLAGS if flag in cpu.rpartition("(")[2]]
+    out = args.out or ROOT / f"benchmarks/int8_results_{richest[-1] if richest else 'x86'}"
     threads = _threads()
     started = time.perf_counter()
     head = (
-        f"torch {torch.__version__}, {threads} threads, VNNI {cpu_has_vnni()}, W4A8, PTS on shortcuts, "
-        f"DDIM S={STEPS}; ratios are to FP32 measured in the same run (best of {CALL_ROUNDS} calls / "
-        f"{SAMPLE_ROUNDS} sampling runs, interleaved)"
+        f"CPU {cpu}; int8 kernels add pairs in int16: {kernels_add_pairs_in_int16()}; torch {torch.__version__}, "
+        f"{threads} threads, W4A{'/'.join(map(str, args.a_bits))}, PTS on shortcuts, DDIM S={STEPS}; ratios are to "
+        f"FP32 measured in the same run (best of {CALL_ROUNDS} calls / {SAMPLE_ROUNDS} sampling runs, interleaved)"
     )
-    lines, results = [head], {"header": head}
+    lines, results = [head], {"header": head, "cpu": cpu}
     print(head, flush=True)
     for model in args.models:
         for part in args.parts:
-            r = globals()[f"part_{part}"](model)
-            results.setdefault(model, {})[part] = r
-            for line in _lines(model, part, r):
-                print(line, flush=True)
-                lines.append(line)
+            for a_bits in args.a_bits if part in PER_A_BITS else [None]:
+                r = globals()[f"part_{part}"](model, *([a_bits] if a_bits else []))
+                label = model if a_bits is None else f"{model} W4A{a_bits}"
+                results.setdefault(label, {})[part] = r
+                for line in _lines(label, part, r):
+                    print(line, flush=True)
+                    lines.append(line)
     lines.append(f"total {time.perf_counter() - started:.0f} s")
     print(lines[-1])
-    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

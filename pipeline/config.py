@@ -244,7 +244,7 @@ class SampleConfig(Section):
     backend: Literal["fake", "int8"] = Field(
         "fake",
         description="fake: float32 on dequantized values; int8: the quantized rows on oneDNN's int8 kernels "
-        "(x86 CPU, W4 rows; see pipeline/deploy/integer.py)",
+        "(x86 CPU, rows up to W7; see pipeline/deploy/integer.py)",
     )
 
 
@@ -364,9 +364,9 @@ class Config(Section):
                 )
             problems += [
                 f"sample.backend: int8 cannot run rows.{name} (W{self.weights[row.weights].w_bits}): its integer "
-                "weights with PTS exponents do not fit int8; use backend fake or drop the row"
+                "weights (w_q - z_w) do not fit int8; use backend fake or drop the row"
                 for name, row in self.rows.items()
-                if row.weights in self.weights and self.weights[row.weights].w_bits > 4
+                if row.weights in self.weights and self.weights[row.weights].w_bits > 7
             ]
         for key in ("table", "ablation"):
             problems += [

@@ -1,11 +1,11 @@
 """Stage classifier: train the digit classifier whose features FID uses (digit-classifier features)."""
 
-from pipeline.infra.storage import write_json, write_tensors
+from pipeline.infra.storage import write_tensors
 from pipeline.models.classifier import train_classifier
 from pipeline.models.digits import load_digits_images, seed_everything
 from pipeline.preflight import load_config
 from stages.layout import CLASSIFIER, REPORTS
-from stages.lineage import stage_provenance
+from stages.lineage import stage_provenance, write_report
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
         "held_out_accuracy": accuracy,
     }
     write_tensors(CLASSIFIER, model.state_dict(), header)
-    write_json(REPORTS / "classifier.json", {"held_out_accuracy": round(accuracy, 4)})
+    write_report(REPORTS / "classifier.json", {"held_out_accuracy": round(accuracy, 4)})
 
 
 if __name__ == "__main__":

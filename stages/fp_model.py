@@ -9,7 +9,7 @@ from pipeline.models.local import import_model
 from pipeline.models.training import train_embedded
 from pipeline.preflight import load_config
 from stages.layout import FP_MODEL, FP_PROVENANCE, REPORTS
-from stages.lineage import stage_provenance
+from stages.lineage import stage_provenance, write_report
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
         with atomic_path(FP_MODEL) as tmp:
             layout = import_model(model.path, tmp)
             write_json(tmp / FP_PROVENANCE.name, stage_provenance(cfg, "fp_model", None))
-        write_json(
+        write_report(
             REPORTS / "fp_model.json",
             {
                 "source": model.path,
@@ -35,7 +35,7 @@ def main() -> None:
         save_fp_model(ema, scheduler, tmp)
         write_json(tmp / FP_PROVENANCE.name, stage_provenance(cfg, "fp_model", None))
     tail = losses[-100:]
-    write_json(
+    write_report(
         REPORTS / "fp_model.json",
         {
             "train_loss_last100": sum(tail) / len(tail),

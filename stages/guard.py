@@ -26,7 +26,7 @@ from stages.layout import (
     report_path,
     weights_path,
 )
-from stages.lineage import check_classifier, check_input, stage_provenance
+from stages.lineage import check_classifier, check_input, stage_provenance, write_report
 
 
 def main(name: str) -> None:
@@ -92,7 +92,7 @@ def main(name: str) -> None:
         "kept_les": sum(d["kept"] == "les" for d in decisions.values()),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    write_json(report_path("guard", name), report)
+    write_report(report_path("guard", name), report)
 
 
 if __name__ == "__main__":

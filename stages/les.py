@@ -10,14 +10,14 @@ from pipeline.calibration.dump import open_calibration
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.distributed import init
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import write_json, write_tensors
+from pipeline.infra.storage import write_tensors
 from pipeline.method.les import learn_all
 from pipeline.methods import METHODS
 from pipeline.models.diffusion import load_fp_model
 from pipeline.preflight import load_config
 from pipeline.quant import QuantSpec, quantize
 from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path
-from stages.lineage import check_input, checkpoint_key, stage_provenance
+from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
 
 
 def main(name: str) -> None:
@@ -70,7 +70,7 @@ def main(name: str) -> None:
             checkpoints.remove()
         reports[str(seed)] = seed_report(losses, time.perf_counter() - start, gammas)
     if world.main:
-        write_json(report_path("les", name), {"les": method.les, "quant_seeds": reports})
+        write_report(report_path("les", name), {"les": method.les, "quant_seeds": reports})
 
 
 def seed_report(losses: dict[str, tuple[float, float]], seconds: float, gammas: dict[str, torch.Tensor]) -> dict:

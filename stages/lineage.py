@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pipeline.config import Config, Variant
 from pipeline.infra.fingerprint import check_provenance, config_values, provenance
-from pipeline.infra.storage import read_tensors
+from pipeline.infra.machine import environment
+from pipeline.infra.storage import read_tensors, write_json
 from pipeline.methods import METHODS
 from stages.layout import CLASSIFIER
 
@@ -115,3 +116,8 @@ def check_input(
 def check_classifier(cfg: Config) -> None:
     """Refuse a digit classifier that other params trained (the metrics' and the guard's features)."""
     check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
+
+
+def write_report(path, record: dict) -> None:
+    """A stage's report, with the environment it was computed in (versions, threads, CPU kind)."""
+    write_json(path, {**record, "environment": environment()})

@@ -9,7 +9,7 @@ from pipeline.calibration.stats import auto_pts_layers, open_stats
 from pipeline.config import Config
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import atomic_store, write_json, write_tensors
+from pipeline.infra.storage import atomic_store, write_tensors
 from pipeline.method.activation_ranges import calibrate_activations, calibrate_shared_activations
 from pipeline.method.pts import PTSVoter, select_pts_layers, vote_summary
 from pipeline.methods import METHODS
@@ -17,7 +17,7 @@ from pipeline.models.quantized import load_quantized_unet
 from pipeline.preflight import load_config
 from pipeline.quant.artifacts import act_tensors
 from stages.layout import CALIB, FP_MODEL, STATS, act_params_path, entry_argument, report_path, votes_path, weights_path
-from stages.lineage import check_input, stage_provenance
+from stages.lineage import check_input, stage_provenance, write_report
 
 
 def main(row: str) -> None:
@@ -27,7 +27,7 @@ def main(row: str) -> None:
     calib = open_calibration(CALIB)
     check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
     summaries = {str(seed): calibrate(cfg, row, seed, fp_hash, calib) for seed in cfg.quant.seeds}
-    write_json(report_path("pts", row), {"quant_seeds": summaries})
+    write_report(report_path("pts", row), {"quant_seeds": summaries})
 
 
 def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group) -> dict:

@@ -12,7 +12,7 @@ from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import resolve_device, to_device
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import read_tensors, write_json, write_tensors
+from pipeline.infra.storage import read_tensors, write_tensors
 from pipeline.method.adaround import AdaRoundSettings, adaround
 from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.method.weighting import make_weighting
@@ -22,7 +22,7 @@ from pipeline.preflight import load_config
 from pipeline.quant import QuantSpec, quantize
 from pipeline.quant.artifacts import load_gamma, weight_tensors
 from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path, weights_path
-from stages.lineage import check_input, checkpoint_key, stage_provenance
+from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
 
 
 def main(name: str) -> None:
@@ -35,7 +35,7 @@ def main(name: str) -> None:
         calib = open_calibration(CALIB)
         check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
     reports = {str(seed): reconstruct(cfg, name, seed, fp_hash, calib) for seed in cfg.quant.seeds}
-    write_json(
+    write_report(
         report_path("recon", name), {"method": variant.method, "adaround": method.adaround, "quant_seeds": reports}
     )
 

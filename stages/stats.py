@@ -10,10 +10,10 @@ from pipeline.calibration.stats import (
     write_stats_store,
 )
 from pipeline.infra.figures import plot_channel_ranges, plot_outlier_heatmap
-from pipeline.infra.storage import atomic_store, write_json
+from pipeline.infra.storage import atomic_store
 from pipeline.preflight import load_config
 from stages.layout import CALIB, STATS, STATS_HEATMAP_FIG, STATS_JSON, STATS_RANGES_FIG, STATS_TABLE
-from stages.lineage import check_input, stage_provenance
+from stages.lineage import check_input, stage_provenance, write_report
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         "model_hash": provenance["model_hash"],
         "params_hash": provenance["params_hash"],
     }
-    write_json(STATS_JSON, {**report, **summary(stats)})
+    write_report(STATS_JSON, {**report, **summary(stats)})
     write_outlier_table(stats, STATS_TABLE)
     plot_channel_ranges(stats, showcase_layers(stats), steps // 2, STATS_RANGES_FIG)
     plot_outlier_heatmap(stats, STATS_HEATMAP_FIG)

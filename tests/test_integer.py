@@ -17,9 +17,9 @@ from helpers import ROOT, run, set_params
 from pipeline.config import ConfigError, parse_config
 from pipeline.deploy.integer import (
     IntegerLayer,
-    cpu_has_vnni,
     int8_kernels_available,
     integer_layers,
+    kernels_add_pairs_in_int16,
     to_integer,
     weight_bytes,
 )
@@ -69,14 +69,24 @@ def fake_quantized(fp: nn.Module, w_bits: int = 4, a_bits: int = 8, batch: int =
     return q
 
 
-@pytest.fixture(scope="module", params=["tiny", "default"])
+def _grouped(layer: IntegerLayer) -> bool:
+    """Whether some step of ``layer`` runs as exponent groups (more GEMMs than parts)."""
+    return any(len(gemms) > layer.act_quantizer.parts.max() + 1 for gemms in layer.gemms)
+
+
+# The path this machine's kernels take (None), and the decision for kernels that add pairs in int16 forced on
+# (True): on a VNNI / AMX machine the second runs the non-VNNI decision on real kernels, on another it is the first.
+@pytest.fixture(scope="module", params=[("tiny", None), ("default", None), ("tiny", True)], ids=str)
 def models(request):
+    model, int16_pairs = request.param
     torch.manual_seed(0)
-    fp = _unet2d(3) if request.param == "tiny" else build_unet(16, (32, 64, 64), 1, 8)
+    fp = _unet2d(3) if model == "tiny" else build_unet(16, (32, 64, 64), 1, 8)
     fp = fp.eval().requires_grad_(False)
     fake = fake_quantized(fp)
     integer = copy.deepcopy(fake)
-    to_integer(integer)
+    layers = to_integer(integer, int16_pairs)
+    if int16_pairs or kernels_add_pairs_in_int16():  # A8 with PTS: some fold exceeds the int16 bound
+        assert any(_grouped(layer) for layer in layers.values())
     return fp, fake, integer
 
 
@@ -180,7 +190,7 @@ def test_integer_model_holds_int8_weights_not_float_copies(models):
         weight_numel = fake_layers[name].module.weight.numel()
         assert not list(layer.parameters())
         assert all(t.numel() < weight_numel for t in layer.buffers()), name  # per-channel / per-step numbers only
-        assert all(w.dtype == torch.int8 for pattern in layer.packed for w in pattern)
+        assert all(gemm.packed.dtype == torch.int8 for pattern in layer.gemms for gemm in pattern)
     quantized_weights = sum(layer.module.weight.numel() for layer in fake_layers.values())
     sizes = weight_bytes(integer)
     # one byte per weight, times the PTS exponent patterns of the shortcuts (at most STEPS)
@@ -231,9 +241,10 @@ def _by_hand(layer: QuantLayer, x: torch.Tensor, step: int) -> torch.Tensor:
     return F.conv2d(x_hat, w_hat, bias, m.stride, m.padding) if layer.is_conv else F.linear(x_hat, w_hat, bias)
 
 
+@pytest.mark.parametrize("int16_pairs", [None, True], ids=["this-machine", "int16-pairs"])
 @pytest.mark.parametrize("kind", ["conv3x3-split", "conv1x1-split", "linear"])
 @torch.no_grad()
-def test_planted_pts_and_split_through_the_integer_path(kind):
+def test_planted_pts_and_split_through_the_integer_path(kind, int16_pairs):
     torch.manual_seed(3)
     if kind == "linear":
         module, split, x = nn.Linear(24, 16), None, torch.randn(2, 10, 24)
@@ -241,8 +252,11 @@ def test_planted_pts_and_split_through_the_integer_path(kind):
         k = 3 if kind == "conv3x3-split" else 1
         module, split, x = nn.Conv2d(24, 16, k, padding=k // 2), 10, torch.randn(2, 24, 6, 6)
     layer = _planted_layer(module, split)
-    integer = IntegerLayer(copy.deepcopy(layer), "planted", vnni=True)
-    assert len(integer.packed) == 3 and len(integer.packed[0]) == (2 if split else 1)  # patterns x parts
+    int16_pairs = kernels_add_pairs_in_int16() if int16_pairs is None else int16_pairs
+    integer = IntegerLayer(copy.deepcopy(layer), "planted", int16_pairs)
+    parts = 2 if split else 1
+    assert len(integer.gemms) == 3 and len(integer.gemms[integer.step_pattern[1]]) == parts  # step 1: no PTS
+    assert int16_pairs or not _grouped(integer)  # W4: kernels that accumulate in int32 never need the groups
     without_pts = copy.deepcopy(layer)
     without_pts.act_quantizer.exponent.zero_()
     for step in range(3):
@@ -261,13 +275,51 @@ def test_planted_pts_and_split_through_the_integer_path(kind):
 def test_w8_with_pts_is_refused_naming_the_layer():
     layer = _planted_layer(nn.Conv2d(8, 8, 1), None, w_bits=8)
     with pytest.raises(ValueError, match=r"planted: W8 weights .* outside int8"):
-        IntegerLayer(layer, "planted", vnni=True)
+        IntegerLayer(layer, "planted", int16_pairs=False)
 
 
-def test_a8_without_vnni_is_refused_and_a6_is_not():
-    with pytest.raises(ValueError, match=r"planted: A8 .*VNNI"):
-        IntegerLayer(_planted_layer(nn.Conv2d(8, 8, 1), None, a_bits=8), "planted", vnni=False)
-    IntegerLayer(_planted_layer(nn.Conv2d(8, 8, 1), None, a_bits=6), "planted", vnni=False)
+def test_each_layer_takes_one_gemm_per_part_where_the_int16_bound_allows_and_refuses_what_no_grouping_fits():
+    """The decision for kernels that add pairs in int16, forced on any machine: 2 (2^a - 1) max|w| <= 32 767."""
+    no_pts = _planted_layer(nn.Conv2d(8, 8, 1), None)
+    no_pts.act_quantizer.exponent.zero_()
+    assert all(len(gemms) == 1 for gemms in IntegerLayer(no_pts, "w4a8", True).gemms)  # 2 * 255 * 15 = 7650
+    a6 = IntegerLayer(_planted_layer(nn.Conv2d(8, 8, 1), None, a_bits=6), "w4a6", True)  # 2 * 63 * 120 = 15120
+    assert not _grouped(a6)
+    w7 = _planted_layer(nn.Conv2d(8, 8, 1), None, w_bits=7)
+    with pytest.raises(ValueError, match=r"w7a8: W7 weights .* 2 · 255 · \d+ = \d+ > 32767, .* int16"):
+        IntegerLayer(copy.deepcopy(w7), "w7a8", True)
+    IntegerLayer(w7, "w7a8", False)  # int32 accumulation: the groups (|w| <= 127) fit int8
+
+
+@torch.no_grad()
+def test_a_fold_that_saturates_int16_pairs_runs_exactly_as_exponent_groups():
+    """Positive W4 weights folded by 8 (up to 120) on codes 255: each pair of products is up to 61 200, past
+    int16. The grouped layer is exact on any machine; the folded one is exact only on kernels that accumulate
+    in int32, and on the others it is saturated far outside float rounding."""
+    module = nn.Conv2d(16, 8, 1)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.0)
+    layer = _planted_layer(module, None)
+    exponent = layer.act_quantizer.exponent
+    exponent.zero_()
+    exponent[:, :2] = 3  # e = 3: the other channels' weights folded by 8
+    layer.act_quantizer.zero_point.zero_()
+    x = torch.cat([torch.full((1, 16, 3, 3), 1e4), torch.rand(1, 16, 3, 3)])  # all codes 255, then mixed
+    grouped = IntegerLayer(copy.deepcopy(layer), "grouped", int16_pairs=True)
+    folded = IntegerLayer(copy.deepcopy(layer), "folded", int16_pairs=False)
+    assert [len(g) for g in grouped.gemms] == [2] and [len(g) for g in folded.gemms] == [1]
+    centered = layer.integer_weight() - layer.weight_quantizer.zero_point.view(-1, 1, 1, 1)
+    assert 2 * 255 * int(centered[:, 2:].max()) * 8 > 32767  # the plant does reach past int16
+    for step in range(3):
+        grouped.act_quantizer.step = folded.act_quantizer.step = step
+        ref = _by_hand(layer, x, step)
+        span = float(ref.max() - ref.min())
+        assert float((grouped(x).double() - ref).abs().max()) < LAYER_BOUND * span
+        folded_error = float((folded(x).double() - ref).abs().max())
+        if kernels_add_pairs_in_int16():
+            assert folded_error > 0.1 * span, step
+        else:
+            assert folded_error < LAYER_BOUND * span, step
 
 
 def test_a_refusal_leaves_the_model_unchanged():
@@ -277,13 +329,6 @@ def test_a_refusal_leaves_the_model_unchanged():
     with pytest.raises(ValueError, match="outside int8"):
         to_integer(fake)
     assert quant_layers(fake) == before
-
-
-def test_vnni_is_read_from_cpuinfo(tmp_path):
-    (tmp_path / "yes").write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
-    (tmp_path / "no").write_text("flags\t\t: fpu avx2 avx512f\n")
-    assert cpu_has_vnni(tmp_path / "yes") and not cpu_has_vnni(tmp_path / "no")
-    assert not cpu_has_vnni(tmp_path / "missing")
 
 
 def test_the_sample_stage_runs_a_row_on_int8_kernels(pipeline_copy):

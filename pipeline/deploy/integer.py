@@ -8,19 +8,29 @@ Notation, for one layer at sampling step s (see QuantLayer and DESIGN.md section
 
 1. Codes, bit for bit the fake path's: ``q_c = clamp(round((x_c / γ_c) / (Δ_{s,p} 2^-k_c)) + z_{s,p}, 0, 2^a - 1)``
    (uint8).
-2. Weights, PTS folded in exactly: ``W8[o, c] = (w_q - z_w)[o, c] · 2^(e_s - k_{s,c})``, int8 (refused if it
-   does not fit); steps with the same exponents share one prepacked weight, so a layer without PTS holds one.
+2. Weights, PTS folded in exactly: ``W8[o, c] = (w_q - z_w)[o, c] · 2^(e_s - k_{s,c})``; steps with the same
+   exponents share one prepacked weight, so a layer without PTS holds one.
 3. ``y[o] = Σ_p (Δ_{s,p} 2^-e_s) · s_w[o, p] · Σ_{c ∈ p} W8[o, c] (q_c - z_{s,p}) + b[o]``: one int32 GEMM per
    part (two for a split layer, summed), rescaled to float32 by the kernel.
 
+Exactness. x86 kernels without VNNI / AMX multiply u8 × s8 and add adjacent pairs of products into int16 with
+saturation (``vpmaddubsw``) before widening to int32, so a GEMM is exact only if ``2 (2^a - 1) max|W8| ≤ 32 767``.
+A W4 weight has ``|w_q - z_w| ≤ 15``: ``2 · 255 · 15 = 7 650`` at A8, every layer without PTS is exact. The PTS
+fold multiplies weights by up to 8 (``2 · 255 · 120 = 61 200``); where the fold of a part could saturate on
+these kernels, the part runs as one GEMM per exponent group instead: channels with the same k_c, their
+unfolded weights (``|w| ≤ 15`` again) and the input scale ``Δ_{s,p} 2^-k_c``, the groups' outputs summed like a
+split layer's parts. Whether the kernels saturate is found by running them (:func:`kernels_add_pairs_in_int16`),
+not read from the CPU's name; a layer that cannot be made exact either way is refused, naming the bound.
+
 The fake path computes the same sum in float32 on dequantized values, so the two differ by float rounding
-only (the kernel accumulates exactly in int32). Layers the pipeline keeps in full precision stay float.
+only. Layers the pipeline keeps in full precision stay float.
 """
 
 from __future__ import annotations
 
+import functools
 import platform
-from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -29,19 +39,8 @@ from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import quant_layers, replace_submodule
 
 INT8_MIN, INT8_MAX = -128, 127
-# Without VNNI (or AMX) x86 kernels sum pairs of u8 x s8 products in int16 with saturation; 7-bit codes
-# times int8 weights cannot overflow it (2 * 127 * 128 < 2^15), 8-bit codes can.
-A_BITS_WITHOUT_VNNI = 7
-
-
-def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether the CPU has an int8 dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX-INT8), read from
-    ``cpuinfo`` (False where that file does not exist: the safe answer)."""
-    try:
-        flags = set(Path(cpuinfo).read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+INT16_MAX = 2**15 - 1
+ConvArgs = tuple[list[int], list[int], list[int], int]  # stride, padding, dilation, groups; None for a linear
 
 
 def int8_kernels_available() -> bool:
@@ -49,16 +48,77 @@ def int8_kernels_available() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
+def _prepack(weight: torch.Tensor, conv_args: ConvArgs | None) -> torch.Tensor:
+    if conv_args is None:
+        return torch.ops.onednn.qlinear_prepack(weight, None)
+    return torch.ops.onednn.qconv_prepack(weight, torch.ones(weight.shape[0]), 1.0, 0, *conv_args, None)
+
+
+def _int8_gemm(
+    q: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, conv_args: ConvArgs | None,
+) -> torch.Tensor:  # fmt: skip
+    """``x_scale · w_scale[o] · Σ_c W[o, c] (q_c - x_zero_point) + bias[o]`` in float32, from uint8 codes ``q``
+    and a prepacked int8 weight without zero point."""
+    w_zero_point = torch.zeros(w_scale.shape[0], dtype=torch.long)
+    if conv_args is None:
+        return torch.ops.onednn.qlinear_pointwise(
+            q, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias, 1.0, 0, torch.float32, "none", [], ""
+        )
+    return torch.ops.onednn.qconv2d_pointwise(
+        q, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias, *conv_args,
+        1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
+@functools.cache
+def kernels_add_pairs_in_int16() -> bool:
+    """Whether this machine's int8 conv or linear kernel adds pairs of u8 × s8 products in int16 with saturation,
+    found by running both on codes 255 × weights 127 (each pair 64 770, past int16): kernels that accumulate in
+    int32 (VNNI, AMX) return the exact sum, the others a saturated one."""
+    channels = 64
+    exact = channels * 255 * INT8_MAX
+    weight = torch.full((8, channels), INT8_MAX, dtype=torch.int8)
+    codes = torch.full((4, channels), 255, dtype=torch.uint8)
+    for conv_args in (None, ([1, 1], [0, 0], [1, 1], 1)):
+        w, q = (weight, codes) if conv_args is None else (weight[:, :, None, None], codes[:, :, None, None])
+        out = _int8_gemm(q, 1.0, 0, _prepack(w.contiguous(), conv_args), torch.ones(8), None, conv_args)
+        if not torch.equal(out, torch.full_like(out, float(exact))):
+            return True
+    return False
+
+
+class _Gemm(NamedTuple):
+    """One int8 GEMM of a layer: the input channels it reads (None: all; a slice: a split part; an index
+    tensor: an exponent group), their part, the power of two its input scale ``Δ_{s,p} 2^-e_s`` is multiplied
+    by (1, or ``2^(e_s - k)`` for the unfolded weights of exponent group k) and its prepacked weight."""
+
+    channels: slice | torch.Tensor | None
+    part: int
+    fold: float
+    packed: torch.Tensor
+
+
+def _select(q: torch.Tensor, channels: slice | torch.Tensor | None) -> torch.Tensor:
+    if channels is None:
+        return q
+    if isinstance(channels, slice):
+        return q[:, channels].contiguous()
+    return q.index_select(1, channels)
+
+
 class IntegerLayer(QuantLayer):
     """One QuantLayer as int8 kernels: uint8 activation codes x int8 weights, int32 accumulation, float32
-    output. Holds prepacked int8 weights (one per distinct PTS exponent pattern and part) and the layer's
-    own activation quantizer (its per-step parameters), no float weight.
+    output. Holds prepacked int8 weights (per distinct PTS exponent pattern: one GEMM per part, or per exponent
+    group where the fold could saturate) and the layer's own activation quantizer (its per-step parameters),
+    no float weight.
 
     A QuantLayer to the rest of the library, so that ``quant_layers`` finds it and ``set_step`` selects
     the sampling step (``act_quantizer.step``) as for the fake layers; it is built by :func:`to_integer`
-    only, and supports sampling, not calibration or reconstruction."""
+    only, and supports sampling, not calibration or reconstruction. ``int16_pairs``: the kernels add pairs of
+    products in int16 (:func:`kernels_add_pairs_in_int16`), so the layer keeps every GEMM within that bound."""
 
-    def __init__(self, layer: QuantLayer, name: str, vnni: bool) -> None:
+    def __init__(self, layer: QuantLayer, name: str, int16_pairs: bool) -> None:
         nn.Module.__init__(self)  # not QuantLayer.__init__: no float weight, no weight quantizer
         act = layer.act_quantizer
         if act is None or not layer.quantize_acts or not layer.quantize_weights or layer.frozen_weight is None:
@@ -66,26 +126,23 @@ class IntegerLayer(QuantLayer):
                 f"{name}: the int8 backend needs stored integer weights and per-step activation parameters "
                 "(a row's model after the pts stage); sample this one with backend fake"
             )
-        if act.bits > 8 or (not vnni and act.bits > A_BITS_WITHOUT_VNNI):
-            why = "uint8 codes hold at most 8 bits" if act.bits > 8 else "this CPU has no VNNI"
-            raise ValueError(
-                f"{name}: A{act.bits} activations do not fit the int8 kernels ({why}: without VNNI the x86 kernels "
-                f"sum u8 x s8 pairs in int16 and take at most {A_BITS_WITHOUT_VNNI}-bit activations); use "
-                f"backend fake, or a_bits <= {A_BITS_WITHOUT_VNNI}"
-            )
+        if act.bits > 8:
+            raise ValueError(f"{name}: A{act.bits} activations do not fit uint8 codes; use backend fake")
         module = layer.module
         self.name = name
         self.is_conv = layer.is_conv
+        self.conv_args: ConvArgs | None = None
         if self.is_conv:
             if isinstance(module.padding, str) or module.padding_mode != "zeros":
                 raise ValueError(f"{name}: the int8 conv takes numeric zero padding, not {module.padding!r}")
             self.conv_args = (list(module.stride), list(module.padding), list(module.dilation), module.groups)
         self.levels = 2**act.bits - 1
+        self.int16_pairs = int16_pairs
         c_in = module.weight.shape[1]
         bounds = [0, layer.split, c_in] if layer.split is not None else [0, c_in]
-        self.part_slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        view = [1, -1] + [1] * (module.weight.ndim - 2) if self.is_conv else [-1]
-        self.channel_view = view
+        part_slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        per_input_channel = [1, -1] + [1] * (module.weight.ndim - 2)  # of a weight, and of a conv's input
+        self.channel_view = per_input_channel if self.is_conv else [-1]
         # 1. the fake path's per-channel divisor and zero point, every step at once: (S, C_in)
         parts = act.parts
         self.register_buffer("gamma", layer.gamma.detach().clone())
@@ -99,54 +156,55 @@ class IntegerLayer(QuantLayer):
             raise ValueError(f"{name}: the frozen weight is not (w_int - zero_point) * scale; reload the weights")
         patterns, inverse = torch.unique(act.exponent.long(), dim=0, return_inverse=True)  # (P, C_in), (S,)
         self.step_pattern = inverse.tolist()
-        top = patterns.amax(1, keepdim=True)
+        top = patterns.amax(1)  # (P,)
         self.register_buffer("weight_scale", layer.weight_quantizer.scale.t().contiguous())  # (parts, C_out)
-        self.packed: list[list[torch.Tensor]] = []  # [pattern][part]: oneDNN's prepacked int8 weights
-        for pattern, fold in zip(patterns, torch.exp2((top - patterns).float())):
-            folded = centered * fold.view(view if self.is_conv else [1, -1])
-            lo, hi = int(folded.min()), int(folded.max())
-            if lo < INT8_MIN or hi > INT8_MAX:
-                steps = (inverse == len(self.packed)).nonzero().flatten().tolist()
-                raise ValueError(
-                    f"{name}: W{layer.weight_quantizer.bits} weights (w_q - z_w) * 2^(e - k) with the PTS exponents of "
-                    f"step(s) {steps} span [{lo}, {hi}], outside int8 [{INT8_MIN}, {INT8_MAX}]; this layer cannot run "
-                    "on int8 kernels exactly: use backend fake (or fewer weight bits)"
-                )
-            self.packed.append(
-                [self._prepack(folded[:, part].to(torch.int8).contiguous()) for part in self.part_slices]
-            )
+        whole = len(part_slices) == 1
+        self.gemms: list[list[_Gemm]] = []  # per pattern
+        for index, (pattern, e) in enumerate(zip(patterns, top.tolist())):
+            steps = (inverse == index).nonzero().flatten().tolist()
+            gemms = []
+            for part, channels in enumerate(part_slices):
+                exponents = pattern[channels]  # (C_part,)
+                folded = centered[:, channels] * torch.exp2((e - exponents).float()).view(per_input_channel)
+                if self._why_inexact(folded) is None:
+                    gemms.append(_Gemm(None if whole else channels, part, 1.0, self._pack(folded)))
+                    continue
+                for k in exponents.unique().tolist():  # one GEMM per exponent group, weights unfolded
+                    group = (exponents == k).nonzero().flatten() + channels.start
+                    unfolded = centered[:, group]
+                    if why := self._why_inexact(unfolded):
+                        raise ValueError(
+                            f"{name}: W{layer.weight_quantizer.bits} weights (w_q - z_w) of the steps {steps}, even "
+                            f"without the PTS fold, {why}: this layer cannot run on int8 kernels exactly; use backend "
+                            "fake, or fewer weight or activation bits"
+                        )
+                    gemms.append(_Gemm(group, part, 2.0 ** (e - k), self._pack(unfolded)))
+            self.gemms.append(gemms)
         # 3. per step and part: the kernel's input scale Δ_{s,p} 2^-e_s and zero point, as Python numbers
-        exponent_top = top.flatten()[inverse]  # (S,)
+        exponent_top = top[inverse]  # (S,)
         self.input_scale = (act.scale * torch.exp2(-exponent_top.float()).view(-1, 1)).tolist()
         self.input_zero_point = act.zero_point.long().tolist()
-        self.no_weight_zero_point = torch.zeros(module.weight.shape[0], dtype=torch.long)
         self.act_quantizer = act
 
-    def _prepack(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.is_conv:
-            stride, padding, dilation, groups = self.conv_args
-            return torch.ops.onednn.qconv_prepack(
-                weight, torch.ones(weight.shape[0]), 1.0, 0, stride, padding, dilation, groups, None
+    def _why_inexact(self, weight: torch.Tensor) -> str | None:
+        """Why one GEMM with this weight (integers, not yet int8) would not be exact on the kernels at hand."""
+        lo, hi = int(weight.min()), int(weight.max())
+        if lo < INT8_MIN or hi > INT8_MAX:
+            return f"span [{lo}, {hi}], outside int8 [{INT8_MIN}, {INT8_MAX}]"
+        bound = 2 * self.levels * max(-lo, hi)
+        if self.int16_pairs and bound > INT16_MAX:
+            return (
+                f"2 · {self.levels} · {max(-lo, hi)} = {bound} > {INT16_MAX}, and this machine's int8 kernels add "
+                "pairs of u8 × s8 products in int16, where the sum would saturate"
             )
-        return torch.ops.onednn.qlinear_prepack(weight, None)
+        return None
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return _prepack(weight.to(torch.int8).contiguous(), self.conv_args)
 
     def integer_weight_bytes(self) -> int:
         """Bytes of the prepacked int8 weights this layer holds."""
-        return sum(w.nbytes for pattern in self.packed for w in pattern)
-
-    def _kernel(self, q: torch.Tensor, part: int, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        step = self.act_quantizer.step
-        x_scale, x_zp = self.input_scale[step][part], self.input_zero_point[step][part]
-        w_scale, w_zp = self.weight_scale[part], self.no_weight_zero_point
-        if self.is_conv:
-            stride, padding, dilation, groups = self.conv_args
-            return torch.ops.onednn.qconv2d_pointwise(
-                q, x_scale, x_zp, packed, w_scale, w_zp, bias, stride, padding, dilation, groups,
-                1.0, 0, torch.float32, "none", [], "",
-            )  # fmt: skip
-        return torch.ops.onednn.qlinear_pointwise(
-            q, x_scale, x_zp, packed, w_scale, w_zp, bias, 1.0, 0, torch.float32, "none", [], ""
-        )
+        return sum(gemm.packed.nbytes for pattern in self.gemms for gemm in pattern)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, view = self.act_quantizer.step, self.channel_view
@@ -157,29 +215,33 @@ class IntegerLayer(QuantLayer):
         lead = q.shape[:-1]
         if not self.is_conv:
             q = q.reshape(-1, q.shape[-1])
-        packed = self.packed[self.step_pattern[s]]
         out = None
-        for part, channels in enumerate(self.part_slices):  # one part, or the two of a split layer
-            q_part = q if len(self.part_slices) == 1 else q[:, channels].contiguous()
-            y = self._kernel(q_part, part, packed[part], self.bias if part == 0 else None)
+        for gemm in self.gemms[self.step_pattern[s]]:  # parts and exponent groups, summed
+            x_scale = self.input_scale[s][gemm.part] * gemm.fold
+            bias = self.bias if out is None else None
+            y = _int8_gemm(
+                _select(q, gemm.channels), x_scale, self.input_zero_point[s][gemm.part], gemm.packed,
+                self.weight_scale[gemm.part], bias, self.conv_args,
+            )  # fmt: skip
             out = y if out is None else out.add_(y)
         return out if self.is_conv else out.reshape(*lead, -1)
 
 
 @torch.no_grad()
-def to_integer(model: nn.Module, vnni: bool | None = None) -> dict[str, IntegerLayer]:
+def to_integer(model: nn.Module, int16_pairs: bool | None = None) -> dict[str, IntegerLayer]:
     """Swap every QuantLayer of ``model`` (weights and activation parameters loaded) for an
     :class:`IntegerLayer`, in place; return them by name. Every layer is checked before any is swapped,
     so a refusal (ValueError naming the layer and the reason) leaves ``model`` as it was. The float
-    weights of the swapped layers are dropped with them. ``vnni`` defaults to what the CPU has."""
+    weights of the swapped layers are dropped with them. ``int16_pairs`` defaults to what this machine's
+    kernels do (:func:`kernels_add_pairs_in_int16`)."""
     if not int8_kernels_available():
         raise ValueError(
             f"the int8 backend runs oneDNN's quantized kernels of an x86 build of torch; this machine is "
             f"{platform.machine()}: use backend fake"
         )
-    vnni = cpu_has_vnni() if vnni is None else vnni
+    int16_pairs = kernels_add_pairs_in_int16() if int16_pairs is None else int16_pairs
     converted = {
-        name: IntegerLayer(layer, name, vnni)
+        name: IntegerLayer(layer, name, int16_pairs)
         for name, layer in quant_layers(model).items()
         if not isinstance(layer, IntegerLayer)
     }

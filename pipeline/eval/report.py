@@ -8,7 +8,6 @@ compared one by one on the same noise (:func:`compare_rows`)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch
 
 from pipeline.config import Variant
 from pipeline.infra.figures import plt, save_figure
+from pipeline.infra.machine import environment
 
 COLUMNS = (  # (metric key, header, digits); a column no row has a value for is left out
     ("fid", "FID ↓", 2),
@@ -66,13 +66,6 @@ def metrics_record(label: str, variant: Variant | None, steps: int, found: dict,
             "environment": environment(),
         },
     }
-
-
-def environment() -> str:
-    """The versions and torch thread count a result was computed with: the same code and params gave
-    another FP model under other package versions (README, results)."""
-    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("torch", "diffusers", "numpy"))
-    return f"{versions}; {torch.get_num_threads()} torch threads"
 
 
 @dataclass

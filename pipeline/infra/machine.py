@@ -1,0 +1,38 @@
+"""The CPU a result was computed on: torch's kernels (oneDNN, MKL, ATen's vectorized loops) pick their code path
+by instruction set, so the same code, params and package versions give other float summation orders, and so
+other last digits, on another CPU kind."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+from pathlib import Path
+
+import torch
+
+# The instruction-set extensions that change which kernels torch runs on x86.
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def cpu_kind(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """``"<model name> (<flags>)"``: the CPU's model and which of :data:`KERNEL_FLAGS` it has, read from
+    ``cpuinfo`` (the platform's processor name where that file does not exist)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return f"{platform.processor() or platform.machine()} (flags unknown)"
+    fields = dict(
+        (key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in text.splitlines()) if value
+    )
+    flags = set(fields.get("flags", "").split())
+    found = [flag for flag in KERNEL_FLAGS if flag in flags]
+    return f"{fields.get('model name', platform.machine())} ({' '.join(found) or 'none of ' + ', '.join(KERNEL_FLAGS)})"
+
+
+def environment() -> str:
+    """The versions, torch thread count and CPU kind a result was computed with: the same code and params gave
+    another FP model under other package versions, and on another CPU kind (README, Reproducibility)."""
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("torch", "diffusers", "numpy"))
+    return f"{versions}; {torch.get_num_threads()} torch threads; CPU {cpu_kind()}"
