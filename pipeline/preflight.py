@@ -20,7 +20,9 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from pipeline.config import Config, ConfigError, read_params
+from pipeline.deploy.integer import int8_kernels_available, kernels_add_pairs_in_int16
 from pipeline.infra.listing import clip_folder_problem, reference_files
+from pipeline.infra.machine import cpu_kind
 from pipeline.method.pts import select_pts_layers
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import probe_kwargs, read_prompts
@@ -256,6 +258,20 @@ def device(cfg: Config) -> Finding:
     return Finding("device", ok, f"{cfg.device} requested; {found}" + ("" if ok else ": set device to cpu or auto"))
 
 
+def cpu() -> Finding:
+    """The CPU kind results are recorded with, and what the int8 backend does on it."""
+    detail = f"{cpu_kind()}; results reproduce bit for bit on the same CPU kind, versions and threads"
+    if int8_kernels_available():
+        pairs = kernels_add_pairs_in_int16()
+        detail += (
+            "; int8 kernels add u8 x s8 pairs in int16: an A8 PTS layer whose fold could saturate runs as "
+            "exponent-group GEMMs"
+            if pairs
+            else "; int8 kernels accumulate in int32"
+        )
+    return Finding("cpu", True, detail)
+
+
 def model(cfg: Config) -> Finding:
     if cfg.model.source == "embedded":
         return Finding("model", True, "embedded default (the fp_model stage trains it)")
@@ -272,4 +288,11 @@ def diagnose(params: Path, artifacts: Path, copies: int) -> list[Finding]:
     except ConfigError as error:
         return [*findings, Finding("params", False, str(error).replace("\n", " "))]
     findings.append(Finding("params", True, f"{params} is valid"))
-    return [*findings, *thread_settings(cfg.les.workers), device(cfg), model(cfg), disk_space(cfg, artifacts, copies)]
+    return [
+        *findings,
+        *thread_settings(cfg.les.workers),
+        cpu(),
+        device(cfg),
+        model(cfg),
+        disk_space(cfg, artifacts, copies),
+    ]

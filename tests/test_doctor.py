@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from helpers import ROOT
+from pipeline.infra.machine import cpu_kind
 from pipeline.preflight import load_config, store_sizes
 
 
@@ -16,13 +17,14 @@ def doctor(params, artifacts):
     return CliRunner().invoke(app, ["doctor", "--params", str(params), "--artifacts", str(artifacts)])
 
 
-def test_reports_versions_threads_model_and_disk(tmp_path):
+def test_reports_versions_threads_cpu_model_and_disk(tmp_path):
     result = doctor(ROOT / "params.yaml", tmp_path / "artifacts")
     for line in (
         "torch: 2.",
         "zarr: 3.",
         "dvc: 3.",
         "torch threads: ",
+        f"cpu: {cpu_kind()}; results reproduce bit for bit on the same CPU kind",
         "model: embedded default",
         "disk space: stores up to calib.zarr",
     ):

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from helpers import artifact_hashes, ran_stages, run
+from pipeline.infra.machine import cpu_kind
 from pipeline.infra.storage import open_store, read_json, read_tensors
 
 
@@ -81,3 +82,16 @@ def test_every_artifact_records_model_params_and_seeds(reproduced):
         and metrics["model_hash"] == found["calib.zarr"]["model_hash"]
     )
     assert "torch 2.14.1" in metrics["environment"] and "torch threads" in metrics["environment"]
+    cpu = f"CPU {cpu_kind()}"
+    assert cpu in metrics["environment"]
+    for report in ("fp_model.json", "stats.json", "les/dmq-w4a6.json", "recon/dmq-w4a6.json", "pts/dmq-w4a6.json"):
+        assert cpu in json.loads((repo / "reports" / report).read_text())["environment"], report
+
+
+def test_cpu_kind_names_the_model_and_the_flags_that_change_kernels(tmp_path):
+    line = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+    (tmp_path / "vnni").write_text(f"processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480C\n{line}")
+    (tmp_path / "avx2").write_text("model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx2\n")
+    assert cpu_kind(tmp_path / "vnni") == "Intel(R) Xeon(R) Platinum 8480C (avx2 avx512f avx512_vnni)"
+    assert cpu_kind(tmp_path / "avx2") == "AMD EPYC 7B13 (avx2)"
+    assert cpu_kind(tmp_path / "missing").endswith("(flags unknown)")
