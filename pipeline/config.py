@@ -52,6 +52,13 @@ class ModelConfig(Section):
     def _groups_divide_channels(self) -> "ModelConfig":
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError("model.block_out_channels must all be divisible by model.norm_num_groups")
+        factor = 2 ** (len(self.block_out_channels) - 1)  # the embedded UNet halves the size at every level but one
+        if self.source == "embedded" and self.image_size % factor:
+            raise ValueError(
+                f"model.image_size: {self.image_size} is not divisible by {factor}, the down-sampling of "
+                f"{len(self.block_out_channels)} levels (model.block_out_channels); the decoder's skip connections "
+                "would not match"
+            )
         return self
 
 
@@ -316,6 +323,15 @@ class Config(Section):
     @model_validator(mode="after")
     def _entries_fit_together(self) -> "Config":
         problems = []
+        # each step has N records, 2N with classifier-free guidance (a local text-to-image model; the embedded
+        # default is unconditional)
+        available = self.calib.num_samples * (1 if self.model.source == "embedded" else 2)
+        if self.calib.layer_records_per_step > available:
+            problems.append(
+                f"calib.layer_records_per_step: {self.calib.layer_records_per_step} is above the {available} records "
+                f"each step has (calib.num_samples {self.calib.num_samples}"
+                + (")" if self.model.source == "embedded" else ", twice with guidance)")
+            )
         for section in ("weights", "rows", "peers", "guards"):
             problems += [
                 f"{section}.{name}: use lower-case letters, digits, '.' and '-'"

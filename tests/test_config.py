@@ -142,6 +142,14 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
             r"rows\.dmq-w4a6 and guards\.dmq-w4a6: a name names one row",
         ),
         (lambda d: d["peers"]["quanto-w4a8"].update(a_bits=4), r"peers\.quanto-w4a8\.a_bits: Input should be 8"),
+        (
+            lambda d: d["calib"].update(layer_records_per_step=1000),
+            r"calib\.layer_records_per_step: 1000 is above the 64 records each step has \(calib\.num_samples 64\)",
+        ),
+        (
+            lambda d: d["model"].update(image_size=17),
+            r"model\.image_size: 17 is not divisible by 4, the down-sampling of 3 levels",
+        ),
     ],
     ids=[
         "les-needs-a_bits",
@@ -163,6 +171,8 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
         "guard-rows-of-other-bits",
         "guard-named-like-a-row",
         "peer-bits",
+        "layer-records-above-the-trajectories",
+        "image-size-the-unet-cannot-halve",
     ],
 )
 def test_matrix_entries_that_do_not_fit_together_are_named(change, expected):
