@@ -4,12 +4,15 @@ typed by hand, so a document cannot drift from the results it quotes.
 A document marks the block that holds the copy:
 
     <!-- include reports/paper_table.md (any note here) -->
+
     | Method | Bits | ... |
+
     <!-- end include -->
 
 The path is relative to the root the caller names (the repository), and the block holds the first
-table of that file: its first run of consecutive lines that start with ``|``. :func:`include_tables`
-rewrites every block from the current files; a document it leaves unchanged is up to date.
+table of that file (its first run of consecutive lines that start with ``|``) between blank lines, so
+that Markdown renders the table apart from the comments. :func:`include_tables` rewrites every block
+from the current files; a document it leaves unchanged is up to date.
 """
 
 from __future__ import annotations
@@ -52,6 +55,6 @@ def include_tables(document: str, root: Path, name: str | Path = "the document")
         end = next((i for i in range(number, len(lines)) if lines[i].strip() == END), None)
         if end is None:
             raise ValueError(f"{name}:{number}: the include of {begin.group(1)} has no '{END}' line after it")
-        out.append(first_table(source.read_text(), source))
+        out += ["\n", first_table(source.read_text(), source), "\n"]
         number = end
     return "".join(out)
