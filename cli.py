@@ -117,6 +117,39 @@ def table(
     )
 
 
+def _documents() -> list[Path]:
+    """The documents whose tables come from reports/: the README and the pages of docs/."""
+    return [path for path in [Path("README.md"), *sorted(Path("docs").glob("*.md"))] if path.exists()]
+
+
+@app.command()
+def docs(
+    check: bool = typer.Option(False, help="change nothing: list the documents that are out of date, exit 1 if any"),
+) -> None:
+    """Copy the tables that README.md and docs/*.md include (``<!-- include reports/... -->`` blocks)
+    from the current reports/: run it after ``dvc repro``."""
+    from pipeline.eval.includes import include_tables
+
+    documents = _documents()
+    stale = {}
+    for path in documents:
+        text = path.read_text()
+        try:
+            current = include_tables(text, Path("."), path)
+        except (FileNotFoundError, ValueError) as error:
+            _fail(error)
+        if current != text:
+            stale[path] = current
+    if not stale:
+        typer.echo(f"up to date: {', '.join(map(str, documents))}")
+        return
+    if check:
+        _fail(f"out of date: {', '.join(map(str, stale))}; run `python cli.py docs`")
+    for path, current in stale.items():
+        path.write_text(current)
+    typer.echo(f"rewrote {', '.join(map(str, stale))}")
+
+
 @app.command("run")
 def run_pipeline(
     targets: list[str] = typer.Argument(None, help="stages to bring up to date (default: all, i.e. the whole table)"),

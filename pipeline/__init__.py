@@ -1,6 +1,7 @@
 """DMQ post-training quantization of diffusion models, as a library the DVC stages call.
 
-Subpackages by role; imports flow one way, left to right (``tests/test_integrity.py`` checks it):
+Subpackages by role; imports flow one way, left to right (``tests/test_architecture.py`` checks it;
+docs/architecture.md describes each role):
 
     infra -> quant -> models -> calibration -> method -> eval, deploy
 
