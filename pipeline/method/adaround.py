@@ -77,12 +77,11 @@ class AdaRoundSettings:
 
 
 def beta_at(i: int, s: AdaRoundSettings) -> float | None:
-    """None during warm-up (no regulariser), then β annealed linearly from start to end. Iteration ``i``
-    (from 0) is the reference's t = i + 1 (it counts from 1), so the last iteration has β = end exactly."""
-    t, start = i + 1, int(s.warmup * s.iters)
-    if t < start:
+    """None during warm-up (no regulariser), then β annealed linearly from start to end."""
+    start = int(s.warmup * s.iters)
+    if i < start:
         return None
-    progress = (t - start) / max(1, s.iters - start)
+    progress = (i - start) / max(1, s.iters - start)
     return s.beta_end + (s.beta_start - s.beta_end) * (1 - progress)
 
 
