@@ -21,20 +21,24 @@ def pytest_configure(config):
     torch.set_num_threads(min(2, threads))
 
 
-LONGEST_ON_THE_REPRODUCED_REPO = "test_dvc_pipeline.py"
+# The files that use the reproduced repository longest, longest first.
+LONGEST_ON_THE_REPRODUCED_REPO = ("test_dvc_pipeline.py", "test_dvc_reruns.py")
 
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``--dist loadfile``, files handed out in this order) the files that need the
     reproduced repository wait for the worker that builds it: the longest of them comes first, so that
     worker builds it and goes on with that file, then the files that do not need it, for the other
-    workers meanwhile, then the rest."""
+    workers meanwhile, then the rest, the next longest first."""
     needs = {item.path for item in items if "reproduced" in item.fixturenames}
+    first, *next_longest = LONGEST_ON_THE_REPRODUCED_REPO
 
     def rank(item):
-        if item.path.name == LONGEST_ON_THE_REPRODUCED_REPO:
+        if item.path.name == first:
             return 0
-        return 2 if item.path in needs else 1
+        if item.path not in needs:
+            return 1
+        return 2 if item.path.name in next_longest else 3
 
     items.sort(key=rank)  # stable: each file keeps its own order
 
