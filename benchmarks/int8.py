@@ -371,11 +371,10 @@ def main() -> None:
     import torch
 
     from pipeline.deploy.integer import kernels_add_pairs_in_int16
-    from pipeline.infra.machine import KERNEL_FLAGS, cpu_kind
+    from pipeline.infra.machine import cpu_kind, kernel_flags
 
-    cpu = cpu_kind()
-    richest = [flag for flag in KERNEL_FLAGS if flag in cpu.rpartition("(")[2]]
-    out = args.out or ROOT / f"benchmarks/int8_results_{richest[-1] if richest else 'x86'}"
+    cpu, flags = cpu_kind(), kernel_flags()
+    out = args.out or ROOT / f"benchmarks/int8_results_{flags[-1] if flags else 'x86'}"
     threads = _threads()
     started = time.perf_counter()
     head = (

@@ -16,18 +16,32 @@ KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @functools.cache
-def cpu_kind(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """``"<model name> (<flags>)"``: the CPU's model and which of :data:`KERNEL_FLAGS` it has, read from
-    ``cpuinfo`` (the platform's processor name where that file does not exist)."""
+def _cpuinfo(cpuinfo: str | Path) -> dict[str, str] | None:
+    """The fields of ``cpuinfo`` (the last processor's), None where that file does not exist."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return f"{platform.processor() or platform.machine()} (flags unknown)"
-    fields = dict(
+        return None
+    return dict(
         (key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in text.splitlines()) if value
     )
+
+
+def kernel_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str] | None:
+    """Which of :data:`KERNEL_FLAGS` the CPU has, in that order (None where ``cpuinfo`` does not exist)."""
+    fields = _cpuinfo(cpuinfo)
+    if fields is None:
+        return None
     flags = set(fields.get("flags", "").split())
-    found = [flag for flag in KERNEL_FLAGS if flag in flags]
+    return [flag for flag in KERNEL_FLAGS if flag in flags]
+
+
+def cpu_kind(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """``"<model name> (<flags>)"``: the CPU's model and which of :data:`KERNEL_FLAGS` it has, read from
+    ``cpuinfo`` (the platform's processor name where that file does not exist)."""
+    fields, found = _cpuinfo(cpuinfo), kernel_flags(cpuinfo)
+    if fields is None:
+        return f"{platform.processor() or platform.machine()} (flags unknown)"
     return f"{fields.get('model name', platform.machine())} ({' '.join(found) or 'none of ' + ', '.join(KERNEL_FLAGS)})"
 
 
