@@ -203,13 +203,8 @@ def case_les(model: str, device) -> dict:
 def case_adaround(model: str, device) -> dict:
     import torch
 
-    from pipeline.method.adaround import (
-        AdaRoundSettings,
-        capture_unit_inputs,
-        capture_unit_outputs,
-        reconstruct_unit,
-        reconstruction_units,
-    )
+    from pipeline.calibration.capture import unit_inputs, unit_outputs
+    from pipeline.method.adaround import AdaRoundSettings, reconstruct_unit, reconstruction_units
     from pipeline.method.weight_init import init_weight_quantizers
     from pipeline.quant import QuantSpec, quantize
 
@@ -231,8 +226,8 @@ def case_adaround(model: str, device) -> dict:
         picked["attention"] = max(attentions, key=lambda u: size(u[1]))
     rows = {}
     for role, (name, unit) in picked.items():
-        q_inputs = capture_unit_inputs(q, unit, (x, t), RECORDS)
-        fp_outputs = capture_unit_outputs(fp, {name: fp_modules[name]}, (x, t), RECORDS)[name]
+        q_inputs = unit_inputs(q, unit, (x, t), RECORDS)
+        fp_outputs = unit_outputs(fp, {name: fp_modules[name]}, (x, t), RECORDS)[name]
 
         def run(iters):
             settings = AdaRoundSettings(
@@ -335,6 +330,7 @@ def case_dump(model: str, device) -> dict:
             quantizable_layers(unet),
             num_samples=num_samples,
             layer_records_per_step=per_step,
+            layer_io_gb=8.0,
             batch_size=num_samples,
             eta=0.0,
             seed=0,

@@ -23,13 +23,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
-from pipeline.calibration.dump import dump_calibration, open_calibration, random_records  # noqa: E402
+from pipeline.calibration.capture import Budget  # noqa: E402
+from pipeline.calibration.dump import dump_calibration, open_calibration, random_records, records_by_step  # noqa: E402
+from pipeline.config import CalibConfig  # noqa: E402
 from pipeline.infra.storage import atomic_store  # noqa: E402
 from pipeline.method.adaround import AdaRoundSettings, adaround  # noqa: E402
 from pipeline.method.les import learn_all  # noqa: E402
 from pipeline.method.weight_init import init_weight_quantizers  # noqa: E402
 from pipeline.models.denoiser import Denoiser, probe_kwargs  # noqa: E402
 from pipeline.models.diffusion import ddim_scheduler  # noqa: E402
+from pipeline.preflight import calibration_store_bytes, layer_io_record_bytes  # noqa: E402
 from pipeline.quant import QuantSpec, quantizable_layers, quantize  # noqa: E402
 
 TEXT_LENGTH = 16  # tokens of the small models' prompts
@@ -71,17 +74,12 @@ def shape_facts(unet, text_length: int = 77) -> dict:
     """Per record: forward FLOPs, bytes of every quantized layer's input + output in float16 (the
     dump), the largest block input in float32 (AdaRound keeps one per record)."""
     layers = quantizable_layers(unet)
-    io = {"bytes": 0}
     blocks = {"max": 0}
-
-    def layer_hook(module, args, out):
-        io["bytes"] += 2 * (args[0][0].numel() + out[0].numel())
 
     def block_hook(module, args, kwargs):
         blocks["max"] = max(blocks["max"], 4 * args[0][0].numel())
 
-    handles = [m.register_forward_hook(layer_hook) for m in layers.values()]
-    handles += [
+    handles = [
         m.register_forward_pre_hook(block_hook, with_kwargs=True)
         for m in unet.modules()
         if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel", "Attention") and len(list(m.children()))
@@ -92,11 +90,16 @@ def shape_facts(unet, text_length: int = 77) -> dict:
         h.remove()
     params = sum(p.numel() for p in unet.parameters())
     quantized = sum(m.weight.numel() for m in layers.values())
+    defaults = CalibConfig()
     return {
         "params": params,
         "quantized_params": quantized,
         "gflops_per_forward": counter.get_total_flops() / 1e9,
-        "layer_io_bytes_per_record": io["bytes"],
+        "layer_io_bytes_per_record": layer_io_record_bytes(unet, text_length),
+        # calib.zarr at the paper's N = 256, S = 20 under the default calib budget
+        "calib_store_bytes_n256_s20": calibration_store_bytes(
+            unet, 20, 256, defaults.layer_records_per_step, defaults.layer_io_gb
+        ),
         "max_block_input_bytes_per_record": blocks["max"],
     }
 
@@ -130,6 +133,7 @@ def measured_multiples(unet, folder: Path, iters: int = 10, batch: int = 8) -> d
             quantizable_layers(unet),
             num_samples=batch,
             layer_records_per_step=batch,
+            layer_io_gb=8.0,
             batch_size=batch,
             eta=0.0,
             seed=0,
@@ -143,9 +147,14 @@ def measured_multiples(unet, folder: Path, iters: int = 10, batch: int = 8) -> d
     les_unet = type(unet).from_config(unet.config)
     layers = quantize(les_unet, QuantSpec(w_bits=4, a_bits=8))
     start = time.perf_counter()
+    calib = open_calibration(folder / "calib.zarr")
     learn_all(
         layers,
-        folder / "calib.zarr",
+        den,
+        quantizable_layers(unet),
+        records_by_step(calib, batch, seed=0),
+        calib.attrs["steps"],
+        budget=Budget.of(4, 16),
         weighting="focal",
         iters=iters,
         lr=1e-3,

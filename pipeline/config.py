@@ -75,7 +75,12 @@ class DiffusionConfig(Section):
 
 class CalibConfig(Section):
     num_samples: int = Field(64, ge=1, description="calibration trajectories N (paper: 256)")
-    layer_records_per_step: int = Field(32, ge=1, description="records per step whose layer I/O is dumped")
+    layer_records_per_step: int = Field(
+        32, ge=1, description="records per step of the layer statistics, and of the layer I/O the dump stores"
+    )
+    layer_io_gb: float = Field(
+        8.0, gt=0, description="GiB of layer I/O the dump stores for inspection (fewer records or steps beyond)"
+    )
     batch_size: int = Field(64, ge=1)
     eta: float = Field(0.0, ge=0, le=1)
     seed: int = 1234
@@ -199,7 +204,24 @@ class StatsConfig(Section):
     percentile: float = Field(99.9, gt=50, lt=100, description="high percentile of |x| per channel")
 
 
+class CaptureConfig(Section):
+    """Where activations captured from the calibration records are kept (pipeline/calibration/capture.py):
+    a window of consecutive layers or blocks at a time, its first ``device_gb`` on the device, the next
+    ``host_gb`` in host memory, anything beyond in memory-mapped files under ``scratch``."""
+
+    device_gb: float = Field(4.0, ge=0, description="captures kept on the device (GiB)")
+    host_gb: float = Field(16.0, ge=0, description="captures kept in host memory beyond the device's (GiB)")
+    scratch: str | None = Field(None, description="folder of the memory-mapped scratch files (None: system temp)")
+    batch_size: int = Field(64, ge=1, description="records per forward pass of a capture")
+
+
 class LESConfig(Section):
+    records: int | None = Field(
+        None,
+        ge=1,
+        description="records LES learns from, the same number from each step, drawn per quantization seed "
+        "(None: every record of every step, N x S, twice with guidance)",
+    )
     iters: int = Field(300, ge=1, description="Adam iterations per layer (paper: 6000)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate, cosine-decayed to 0")
     batch_size: int = Field(32, ge=1)
@@ -313,6 +335,7 @@ class Config(Section):
     guards: dict[str, GuardEntry] = {}
     guard: GuardConfig = GuardConfig()
     stats: StatsConfig = StatsConfig()
+    capture: CaptureConfig = CaptureConfig()
     les: LESConfig = LESConfig()
     recon: ReconConfig = ReconConfig()
     pts: PTSConfig = PTSConfig()
@@ -331,6 +354,17 @@ class Config(Section):
                 f"calib.layer_records_per_step: {self.calib.layer_records_per_step} is above the {available} records "
                 f"each step has (calib.num_samples {self.calib.num_samples}"
                 + (")" if self.model.source == "embedded" else ", twice with guidance)")
+            )
+        steps = self.diffusion.steps
+        if self.les.records is not None and not steps <= self.les.records <= available * steps:
+            problems.append(
+                f"les.records: {self.les.records} is "
+                + (
+                    f"below one record per step ({steps} steps)"
+                    if self.les.records < steps
+                    else f"above the {available * steps} records of the trajectories "
+                    f"({available} per step x {steps} steps)"
+                )
             )
         for section in ("weights", "rows", "peers", "guards"):
             problems += [

@@ -13,12 +13,15 @@ import os
 import platform
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from pipeline.calibration.capture import io_numel
+from pipeline.calibration.dump import layer_io_sample
 from pipeline.config import Config, ConfigError, read_params
 from pipeline.deploy.integer import int8_kernels_available, kernels_add_pairs_in_int16
 from pipeline.infra.listing import clip_folder_problem, reference_files
@@ -42,6 +45,10 @@ def check_against_model(cfg: Config, source: str = "params") -> None:
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"invalid parameters in {source}:\n  model.path: {error}") from None
     _raise_file_problems(cfg, source)
+    try:
+        layer_io_sample(cfg.diffusion.steps, 1, layer_io_record_bytes(unet), cfg.calib.layer_io_gb)
+    except ValueError as error:
+        raise ConfigError(f"invalid parameters in {source}:\n  {error}") from None
     if any(METHODS[cfg.row_variant(row).method].pts for row in cfg.rows) and cfg.pts.layers != "auto":
         try:
             select_pts_layers(list(quantizable_layers(unet)), cfg.pts.layers)
@@ -176,28 +183,39 @@ def thread_settings(les_workers: int) -> list[Finding]:
     ]
 
 
-@torch.no_grad()
-def layer_io_numel(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
+def layer_io_numel(unet: torch.nn.Module, text_length: int = 77) -> dict[str, tuple[int, int]]:
     """Per quantized layer, the elements of one record's input and output (a forward pass of one
     sample on the meta device: shapes only, no memory, no compute)."""
-    found = {}
-    hooks = [
-        module.register_forward_hook(
-            lambda m, args, out, name=name: found.__setitem__(name, (args[0][0].numel(), out[0].numel()))
-        )
-        for name, module in quantizable_layers(unet).items()
-    ]
     c = unet.config
-    try:
-        unet(
-            torch.empty(1, c.in_channels, c.sample_size, c.sample_size, device="meta"),
-            torch.zeros(1, dtype=torch.long, device="meta"),
-            **probe_kwargs(unet),
-        )
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return found
+    one = (
+        torch.empty(1, c.in_channels, c.sample_size, c.sample_size, device="meta"),
+        torch.zeros(1, dtype=torch.long, device="meta"),
+    )
+    return io_numel(partial(unet, **probe_kwargs(unet, text_length=text_length)), quantizable_layers(unet), one)
+
+
+def layer_io_record_bytes(unet: torch.nn.Module, text_length: int = 77) -> int:
+    """Bytes of one record's layer I/O as the dump stores it (float16 inputs and outputs)."""
+    return 2 * sum(a + b for a, b in layer_io_numel(unet, text_length).values())
+
+
+def calibration_store_bytes(
+    unet: torch.nn.Module, steps: int, num_samples: int, layer_records_per_step: int, layer_io_gb: float
+) -> int:
+    """Uncompressed bytes of calib.zarr: float32 x_t and x0, int64 t and condition, int32 step and
+    sample; float16 layer I/O of the records :func:`~pipeline.calibration.dump.layer_io_sample` keeps.
+    A conditional model is dumped with guidance: two records per trajectory and step."""
+    c = unet.config
+    sample = c.in_channels * c.sample_size**2
+    conditional = probe_kwargs(unet) != {}
+    per_step = min(layer_records_per_step, num_samples * (2 if conditional else 1))
+    record = layer_io_record_bytes(unet)
+    stored = layer_io_sample(steps, per_step, record, layer_io_gb)
+    return (
+        steps * num_samples * (4 * sample + 16)
+        + num_samples * (4 * sample + (8 if conditional else 0))
+        + len(stored.steps) * stored.per_step * record
+    )
 
 
 def store_sizes(cfg: Config) -> dict[str, int]:
@@ -205,9 +223,7 @@ def store_sizes(cfg: Config) -> dict[str, int]:
     unet = unet_skeleton(cfg.model)
     c = unet.config
     sample = c.in_channels * c.sample_size**2
-    steps, n = cfg.diffusion.steps, cfg.calib.num_samples
-    per_step = min(cfg.calib.layer_records_per_step, n)
-    io = layer_io_numel(unet)
+    steps, calib = cfg.diffusion.steps, cfg.calib
     channels = {name: module.weight.shape[1] for name, module in quantizable_layers(unet).items()}
     pts = channels if cfg.pts.layers == "auto" else select_pts_layers(list(channels), cfg.pts.layers)
     votes = (
@@ -216,10 +232,9 @@ def store_sizes(cfg: Config) -> dict[str, int]:
     samples = len(cfg.sample.seeds) * cfg.sample.num_samples * 4 * sample  # float32 images per noise seed
     quant_seeds = cfg.quant.seeds
     return {
-        # float32 x_t and x0, int64 t, int32 step and sample; float16 layer inputs and outputs
-        "calib.zarr": steps * n * (4 * sample + 16)
-        + n * 4 * sample
-        + steps * per_step * 2 * sum(a + b for a, b in io.values()),
+        "calib.zarr": calibration_store_bytes(
+            unet, steps, calib.num_samples, calib.layer_records_per_step, calib.layer_io_gb
+        ),
         # float32 min / max / absmax / percentile per channel and two per-step numbers, per layer and step
         "stats.zarr": 4 * steps * sum(4 * ch + 2 for ch in channels.values()),
         **{

@@ -1,4 +1,4 @@
-"""Stage dump: FP DDIM trajectories and per-layer FP inputs/outputs -> artifacts/calib.zarr."""
+"""Stage dump: FP DDIM trajectories and a sample of per-layer FP inputs/outputs -> artifacts/calib.zarr."""
 
 from pipeline.calibration.dump import dump_calibration
 from pipeline.infra.distributed import init, shared_store
@@ -30,6 +30,7 @@ def main() -> None:
             guidance_scale=calib.guidance_scale,
             num_samples=calib.num_samples,
             layer_records_per_step=calib.layer_records_per_step,
+            layer_io_gb=calib.layer_io_gb,
             batch_size=calib.batch_size,
             eta=calib.eta,
             seed=calib.seed,

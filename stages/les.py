@@ -1,12 +1,14 @@
 """Stage les@<weights entry>: learned equivalent scaling γ per quantized layer, once per quantization
 seed -> artifacts/les/<entry>/q<seed>.safetensors (γ = 1 everywhere for methods without LES, so later
-stages always read one artifact). Each finished layer is checkpointed, so a rerun after a kill resumes."""
+stages always read one artifact). Each layer learns from its FP I/O captured on ``les.records``
+trajectory records of calib.zarr. Each finished layer is checkpointed, so a rerun after a kill resumes."""
 
 import time
 
 import torch
 
-from pipeline.calibration.dump import open_calibration
+from pipeline.calibration.capture import Budget
+from pipeline.calibration.dump import open_calibration, record_denoiser, records_by_step, records_per_step
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.distributed import init
 from pipeline.infra.fingerprint import model_hash
@@ -15,7 +17,7 @@ from pipeline.method.les import learn_all
 from pipeline.methods import METHODS
 from pipeline.models.diffusion import load_fp_model
 from pipeline.preflight import load_config
-from pipeline.quant import QuantSpec, quantize
+from pipeline.quant import QuantSpec, quantizable_layers, quantize
 from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path
 from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
 
@@ -28,7 +30,13 @@ def main(name: str) -> None:
     method = METHODS[variant.method]
     fp_hash = model_hash(FP_MODEL)
     if method.les:
-        check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
+        calib = open_calibration(CALIB)
+        check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
+        steps = calib.attrs["steps"]
+        fp_unet, _ = load_fp_model(FP_MODEL)
+        fp_model = record_denoiser(FP_MODEL, fp_unet, calib).to(device)
+        fp_layers = quantizable_layers(fp_unet)
+        per_step = (les.records or steps * records_per_step(calib)) // steps
     reports = {}
     for seed in cfg.quant.seeds:
         provenance = stage_provenance(cfg, "les", fp_hash, variant, seed)
@@ -42,7 +50,10 @@ def main(name: str) -> None:
                 checkpoints = Checkpoints(checkpoints_path("les", name, seed), checkpoint_key(provenance))
             gammas, losses = learn_all(
                 layers,
-                CALIB,
+                fp_model,
+                fp_layers,
+                records_by_step(calib, per_step, seed),
+                steps,
                 weighting=method.weighting,
                 iters=les.iters,
                 lr=les.lr,
@@ -50,6 +61,8 @@ def main(name: str) -> None:
                 r=les.focal_r,
                 momentum=les.focal_momentum,
                 seed=seed,
+                budget=Budget.of(cfg.capture.device_gb, cfg.capture.host_gb, cfg.capture.scratch),
+                capture_batch=cfg.capture.batch_size,
                 workers=les.workers,
                 checkpoints=checkpoints,
                 device=device,
@@ -64,6 +77,7 @@ def main(name: str) -> None:
             **variant._asdict(),
             "weighting": method.weighting,
             "iters": les.iters if method.les else 0,
+            "records": steps * per_step if method.les else 0,
         }
         write_tensors(les_path(name, seed), {f"{layer}.gamma": gamma for layer, gamma in gammas.items()}, header)
         if checkpoints:

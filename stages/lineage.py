@@ -17,9 +17,9 @@ PARAMS = {
     "fp_model": ("seed", "model"),
     "classifier": ("classifier", "model.image_size"),
     "dump": ("device", "diffusion", "calib"),
-    "stats": ("stats",),
-    "les": ("device", "les", "quant.seeds"),
-    "recon": ("device", "autocast", "quant", "recon", "les.focal_r", "les.focal_momentum"),
+    "stats": ("device", "calib.layer_records_per_step", "capture", "stats"),
+    "les": ("device", "capture", "les", "quant.seeds"),
+    "recon": ("device", "autocast", "capture", "quant", "recon", "les.focal_r", "les.focal_momentum"),
     "pts": ("device", "pts", "quant.seeds"),
     "sample_fp": ("device", "autocast", "diffusion.steps", "sample"),
     "sample": ("device", "autocast", "diffusion.steps", "sample", "quant.seeds"),
@@ -45,7 +45,7 @@ INPUTS = {
     "fp_model": (),
     "classifier": (),
     "dump": ("fp_model",),
-    "stats": ("dump",),
+    "stats": ("fp_model", "dump"),
     "les": ("fp_model", "dump"),
     "recon": ("fp_model", "dump", "les"),
     "pts": ("fp_model", "dump", "stats", "recon"),
@@ -74,9 +74,10 @@ def lineage_params(stage: str, variant: Variant | None = None) -> set[str]:
 
 
 # Params that change how a stage runs, not what it writes (γ are bit-identical for any number of LES
-# workers; the seed list says which artifacts there are, each depends on its own seed): left out of
-# provenance, so changing them neither makes other artifacts stale nor discards checkpoints.
-RESULT_INDEPENDENT = {"les.workers", "quant.seeds"}
+# workers; captures are the same wherever the capture budget keeps them; the seed list says which
+# artifacts there are, each depends on its own seed): left out of provenance, so changing them
+# neither makes other artifacts stale nor discards checkpoints.
+RESULT_INDEPENDENT = {"les.workers", "quant.seeds", "capture.device_gb", "capture.host_gb", "capture.scratch"}
 
 
 def stage_provenance(

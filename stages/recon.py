@@ -7,6 +7,7 @@ import copy
 import time
 from functools import partial
 
+from pipeline.calibration.capture import Budget
 from pipeline.calibration.dump import open_calibration, random_records, record_denoiser
 from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
@@ -85,6 +86,7 @@ def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
             make_weighting=weighting,
             steps=to_device(step, device),
             checkpoints=checkpoints,
+            target_bytes=Budget.of(cfg.capture.device_gb, cfg.capture.host_gb).window_bytes,
         )
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)

@@ -2,6 +2,7 @@
 it as one process and under ``torchrun`` with 2 gloo ranks (NCCL where ``DMQ_DIST_DEVICE=cuda``) and
 compares the results."""
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from pipeline.calibration.dump import dump_calibration
+from pipeline.calibration.capture import Budget
+from pipeline.calibration.dump import dump_calibration, open_calibration, records_by_step
 from pipeline.eval.sampling import write_samples
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.distributed import init, shared_store
@@ -20,7 +22,7 @@ from pipeline.models.embedded import build_unet
 from pipeline.quant import QuantSpec, quantizable_layers, quantize
 
 # chunks of 2 records and batches of 3 cut each other, so ranks get uneven, step-straddling shares
-DUMP = dict(num_samples=8, layer_records_per_step=4, batch_size=3, eta=0.5, seed=11, chunk_records=2)
+DUMP = dict(num_samples=8, layer_records_per_step=4, layer_io_gb=1.0, batch_size=3, eta=0.5, seed=11, chunk_records=2)
 SAMPLE = dict(num_samples=10, batch_size=4)
 LES_LAYERS = (
     "down_blocks.0.resnets.0.conv1",
@@ -52,12 +54,16 @@ def main(out: Path) -> None:
         world=world,
         **SAMPLE,
     )
+    fp = copy.deepcopy(unet)
     layers = quantize(unet, QuantSpec(w_bits=4, a_bits=6))
     with world.main_first():
         checkpoints = Checkpoints(out / "les.ckpt", "key")
     gammas, losses = learn_all(
         {name: layers[name] for name in LES_LAYERS},
-        out / "calib.zarr",
+        fp,
+        quantizable_layers(fp),
+        records_by_step(open_calibration(out / "calib.zarr"), 4, seed=0),
+        3,
         weighting="focal",
         iters=4,
         lr=1e-2,
@@ -65,6 +71,7 @@ def main(out: Path) -> None:
         r=20.0,
         momentum=0.95,
         seed=0,
+        budget=Budget.of(1.0, 1.0),
         checkpoints=checkpoints,
         world=world,
     )

@@ -52,6 +52,9 @@ def set_param(repo: Path, section: str, key: str, value) -> None:
     set_params(repo, {section: {key: value}})
 
 
+CACHE_TYPE = re.search(r'^\s*type = "?([^"\n]+)"?$', (ROOT / ".dvc/config").read_text(), re.M).group(1)
+
+
 def init_repo(repo: Path, overrides: dict | None = None) -> Path:
     """A DVC repository (no git) with this checkout's code and params, changed by ``overrides``."""
     for item in REPO_ITEMS:
@@ -63,6 +66,7 @@ def init_repo(repo: Path, overrides: dict | None = None) -> Path:
     set_params(repo, overrides, replace=ENTRY_SECTIONS)
     run(["dvc", "init", "--no-scm", "-q"], repo)
     run(["dvc", "config", "core.analytics", "false"], repo)
+    run(["dvc", "config", "cache.type", CACHE_TYPE], repo)  # the project's: outputs linked, not copied
     return repo
 
 

@@ -6,12 +6,11 @@ import torch.nn as nn
 
 import pipeline.method.adaround
 from helpers import Killed, TwoConvs, dies_on_the_second_call
+from pipeline.calibration.capture import unit_inputs, unit_outputs
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.method.adaround import (
     AdaRoundSettings,
     adaround,
-    capture_unit_inputs,
-    capture_unit_outputs,
     reconstruct_unit,
     rounding_state,
 )
@@ -136,8 +135,8 @@ def test_reconstruction_does_not_depend_on_the_capture_batches():
     for capture_batch in (16, 96):
         q = copy.deepcopy(fp)
         init_weight_quantizers(quantize(q, QuantSpec(w_bits=3, split=())), grid=20, p=2.4)
-        q_inputs = capture_unit_inputs(q, q.block, (x, t), capture_batch)
-        fp_outputs = capture_unit_outputs(fp, {"block": fp.block}, (x, t), capture_batch)["block"]
+        q_inputs = unit_inputs(q, q.block, (x, t), capture_batch)
+        fp_outputs = unit_outputs(fp, {"block": fp.block}, (x, t), capture_batch)["block"]
         report = reconstruct_unit("block", q.block, q_inputs, fp_outputs, settings)
         results.append((report, rounding_state(q.block)["conv"].clone()))
     (report_a, v_a), (report_b, v_b) = results
@@ -154,21 +153,20 @@ def test_fp_targets_of_several_units_from_one_pass_equal_one_pass_per_unit(monke
     settings = AdaRoundSettings(
         iters=30, lr=1e-2, batch_size=16, reg_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, seed=0
     )
-    real_capture, passes = pipeline.method.adaround.capture_unit_outputs, []
+    real_capture, passes = pipeline.method.adaround.unit_outputs, []
 
     def counted(model, units, *args):
         passes.append(list(units))
         return real_capture(model, units, *args)
 
-    monkeypatch.setattr(pipeline.method.adaround, "capture_unit_outputs", counted)
+    monkeypatch.setattr(pipeline.method.adaround, "unit_outputs", counted)
     results = []
     for budget in (1 << 30, 1):
-        monkeypatch.setattr(pipeline.method.adaround, "FP_TARGET_BYTES", budget)
         passes.clear()
         q = copy.deepcopy(fp)
         layers = quantize(q, QuantSpec(w_bits=3, split=()))
         init_weight_quantizers(layers, grid=20, p=2.4)
-        report = adaround(q, fp, (x, t), settings)
+        report = adaround(q, fp, (x, t), settings, target_bytes=budget)
         results.append((report, {name: layer.integer_weight() for name, layer in layers.items()}, passes[1:]))
     (report_a, ints_a, passes_a), (report_b, ints_b, passes_b) = results
     assert passes_a == [["a", "b", "c"]] and passes_b == [["a"], ["b"], ["c"]]  # after the one-record sizing pass

@@ -150,6 +150,12 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
             lambda d: d["model"].update(image_size=17),
             r"model\.image_size: 17 is not divisible by 4, the down-sampling of 3 levels",
         ),
+        (
+            lambda d: d["les"].update(records=1281),
+            r"les\.records: 1281 is above the 1280 records of the trajectories \(64 per step x 20 steps\)",
+        ),
+        (lambda d: d["les"].update(records=19), r"les\.records: 19 is below one record per step \(20 steps\)"),
+        (lambda d: d["calib"].update(layer_io_gb=0), r"calib\.layer_io_gb: Input should be greater than 0"),
     ],
     ids=[
         "les-needs-a_bits",
@@ -173,6 +179,9 @@ def test_bad_value_names_the_key_and_the_allowed_values(section, key, value, exp
         "peer-bits",
         "layer-records-above-the-trajectories",
         "image-size-the-unet-cannot-halve",
+        "les-records-above-the-trajectories",
+        "les-records-below-one-per-step",
+        "layer-io-budget-zero",
     ],
 )
 def test_matrix_entries_that_do_not_fit_together_are_named(change, expected):
@@ -213,6 +222,11 @@ def test_local_model_needs_a_path():
             "pts",
             {"layers": ["*shortcut_conv"]},
             r"pts\.layers: pattern '\*shortcut_conv' matches no quantized layer; .* end in .*conv_shortcut",
+        ),
+        (
+            "calib",
+            {"layer_io_gb": 1e-5},
+            r"calib\.layer_io_gb: 1e-05 GiB cannot hold one record of layer I/O \(0\.00\d+ GiB in float16\)",
         ),
     ],
 )

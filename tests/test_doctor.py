@@ -68,3 +68,18 @@ def test_store_sizes_are_the_uncompressed_sizes_of_the_real_stores(reproduced):
     for name, size in expected.items():
         store = zarr.open_group(str(repo / "artifacts" / name), mode="r")
         assert size == nbytes(store), name
+
+
+def test_outputs_are_not_stored_twice(reproduced):
+    """The project's DVC cache links workspace outputs to the cache (.dvc/config cache.type) instead of
+    copying them: counted by inode, workspace and cache together hold the artifacts once."""
+    repo = reproduced[0]
+    files = [p for p in (repo / "artifacts/calib.zarr").rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_nlink >= 2 for p in files)
+    sizes = {}
+    for folder in ("artifacts", ".dvc/cache"):
+        for p in (repo / folder).rglob("*"):
+            if p.is_file():
+                sizes[p.stat().st_ino] = p.stat().st_size
+    artifacts = sum(p.stat().st_size for p in (repo / "artifacts").rglob("*") if p.is_file())
+    assert sum(sizes.values()) < 1.1 * artifacts

@@ -1,25 +1,26 @@
 import numpy as np
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from pipeline.calibration.dump import capture_io, dump_calibration, open_calibration, step_records
+from pipeline.calibration.capture import GB, capture_io
+from pipeline.calibration.dump import dump_calibration, layer_io_sample, open_calibration, step_records
 from pipeline.infra.storage import atomic_store
 from pipeline.models.diffusion import ddim_sample, ddim_scheduler, sample_noise
 from pipeline.quant import quantizable_layers
 
 
-def test_dump_round_trip_matches_direct_forward_hooks(tiny_unet, tmp_path):
+def dump(unet, store, layer_io_gb=8.0):
     scheduler = ddim_scheduler(DDPMScheduler(num_train_timesteps=1000), steps=4)
-    layers = quantizable_layers(tiny_unet)
-    store = tmp_path / "calib.zarr"
     with atomic_store(store) as tmp:
         dump_calibration(
             tmp,
-            tiny_unet,
+            unet,
             scheduler,
-            layers,
+            quantizable_layers(unet),
             num_samples=6,
             layer_records_per_step=3,
+            layer_io_gb=layer_io_gb,
             batch_size=4,
             eta=0.0,
             seed=11,
@@ -27,7 +28,13 @@ def test_dump_round_trip_matches_direct_forward_hooks(tiny_unet, tmp_path):
             attrs={"model_hash": "abc"},
             device=torch.device("cpu"),
         )
-    root = open_calibration(store)
+    return scheduler, open_calibration(store)
+
+
+def test_dump_round_trip_matches_direct_forward_hooks(tiny_unet, tmp_path):
+    layers = quantizable_layers(tiny_unet)
+    scheduler, root = dump(tiny_unet, tmp_path / "calib.zarr")
+    assert root.attrs["layer_steps"] == [0, 1, 2, 3] and root.attrs["layer_records_per_step"] == 3
     assert root.attrs["steps"] == 4 and root.attrs["model_hash"] == "abc"
     assert root["trajectory/x_t"].shape == (24, 1, 16, 16) and root["trajectory/x_t"].chunks[0] == 5
     assert set(root["layers"].group_keys()) == set(layers)
@@ -52,3 +59,30 @@ def test_dump_round_trip_matches_direct_forward_hooks(tiny_unet, tmp_path):
         assert stored_in.dtype == np.float16 and stored_in.shape == (12, *inp.shape[1:])
         np.testing.assert_allclose(stored_in[s * 3 : s * 3 + 3], inp.numpy(), rtol=2e-3, atol=2e-3)
         np.testing.assert_allclose(root[f"layers/{name}/output"][s * 3 : s * 3 + 3], out.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_the_stored_layer_io_keeps_within_its_budget():
+    """Every step's records while they fit; then fewer per step; then one record of evenly spaced steps."""
+    record = GB // 10
+    assert layer_io_sample(20, 4, record, 8.0) == ([*range(20)], 4)
+    assert layer_io_sample(20, 4, record, 4.0) == ([*range(20)], 2)
+    assert layer_io_sample(20, 4, record, 0.5) == ([0, 5, 10, 14, 19], 1)
+    assert layer_io_sample(20, 4, record, 0.1) == ([0], 1)
+    with pytest.raises(
+        ValueError, match=r"calib\.layer_io_gb: 0\.05 GiB cannot hold one record of layer I/O \(0\.1 GiB"
+    ):
+        layer_io_sample(20, 4, record, 0.05)
+
+
+def test_a_store_under_a_small_budget_holds_evenly_spaced_steps_of_the_same_records(tiny_unet, tmp_path):
+    _, full = dump(tiny_unet, tmp_path / "full.zarr")
+    one_record = sum(
+        full[f"layers/{name}/{kind}"][:1].nbytes for name in full["layers"] for kind in ("input", "output")
+    )
+    _, small = dump(tiny_unet, tmp_path / "small.zarr", layer_io_gb=2.5 * one_record / GB)
+    assert small.attrs["layer_steps"] == [0, 3] and small.attrs["layer_records_per_step"] == 1
+    name = "mid_block.attentions.0.to_q"
+    # the same records (the first of steps 0 and 3), replayed in batches of another size
+    stored, expected = small[f"layers/{name}/input"][:], full[f"layers/{name}/input"][:][[0, 9]]
+    np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(small["trajectory/x_t"][:], full["trajectory/x_t"][:])

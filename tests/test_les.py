@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn as nn
-import zarr
 
 import pipeline.method.les
 from helpers import Killed, dies_on_the_second_call
+from pipeline.calibration.capture import Budget
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.method.les import learn_all, learn_gamma
 from pipeline.method.weighting import make_weighting
@@ -70,35 +70,71 @@ def test_non_finite_loss_names_layer_and_iteration():
         )
 
 
+class ThreeLayers(nn.Module):
+    """A conv, a linear on its positions and a 1x1 conv (split input channels), called in that order."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.attn, self.up = nn.Module(), nn.Module(), nn.Module()
+        self.down.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.attn.to_q = nn.Linear(8, 8)
+        self.up.conv1 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, t):
+        h = self.down.conv(x)
+        q = self.attn.to_q(h.flatten(2).transpose(1, 2))
+        return self.up.conv1(h + q.transpose(1, 2).reshape(h.shape))
+
+
 @pytest.fixture
-def three_layers(tmp_path):
-    """Three layers (one conv with split input channels) and a calib.zarr with their FP I/O."""
+def three_layers():
+    """Three quantized layers, the FP model they come from and its calibration records (x, t)."""
     torch.manual_seed(0)
-    modules = {"down.conv": nn.Conv2d(8, 8, 3, padding=1), "attn.to_q": nn.Linear(8, 8), "up.conv1": nn.Conv2d(8, 4, 1)}
-    inputs = {
-        "down.conv": torch.randn(S * M, 8, 4, 4),
-        "attn.to_q": torch.randn(S * M, 6, 8),
-        "up.conv1": torch.randn(S * M, 8, 4, 4),
-    }
-    root = zarr.open_group(str(tmp_path / "calib.zarr"), mode="w")
-    root.attrs.update({"steps": S, "layer_records_per_step": M})
-    for name, module in modules.items():
-        with torch.no_grad():
-            y = module(inputs[name])
-        root.create_array(f"layers/{name}/input", data=inputs[name].half().numpy())
-        root.create_array(f"layers/{name}/output", data=y.half().numpy())
+    fp = ThreeLayers().eval()
+    fp_layers = {"down.conv": fp.down.conv, "attn.to_q": fp.attn.to_q, "up.conv1": fp.up.conv1}
     splits = {"up.conv1": 5}  # one split layer: two parts of input channels
-    layers = {name: QuantLayer(m, 4, 8, 1, splits.get(name)) for name, m in modules.items()}
-    return layers, tmp_path / "calib.zarr"
+    layers = {name: QuantLayer(m, 4, 8, 1, splits.get(name)) for name, m in fp_layers.items()}
+    records = (torch.randn(S * M, 8, 4, 4), torch.zeros(S * M, dtype=torch.long))
+    return layers, (fp, fp_layers, records, S)
 
 
-LEARN = dict(weighting="focal", iters=10, lr=1e-2, batch_size=8, r=20.0, momentum=0.95, seed=3)
+BIG = Budget.of(1.0, 1.0)
+LEARN = dict(weighting="focal", iters=10, lr=1e-2, batch_size=8, r=20.0, momentum=0.95, seed=3, budget=BIG)
+
+
+def test_windows_and_where_captures_live_do_not_change_gamma(three_layers, tmp_path):
+    """One layer per window, captures spilled to memory-mapped scratch files: γ as with everything in memory."""
+    layers, store = three_layers
+    expected = learn_all(layers, *store, **LEARN)
+    spilled = learn_all(layers, *store, **{**LEARN, "budget": Budget(0, 0, str(tmp_path))})
+    assert spilled[1] == expected[1]
+    for name in layers:
+        assert torch.equal(spilled[0][name], expected[0][name]), name
+    assert list(tmp_path.iterdir()) == []  # scratch files removed
+
+
+def test_a_layer_learns_from_its_fp_io_on_the_records(three_layers):
+    """learn_all captures exactly what learn_gamma needs: a layer's FP input and output on every record."""
+    layers, (fp, fp_layers, (x, t), steps) = three_layers
+    with torch.no_grad():
+        h = fp.down.conv(x).flatten(2).transpose(1, 2).contiguous()  # as captured
+        y = fp.attn.to_q(h)
+    gammas, losses = learn_all(layers, fp, fp_layers, (x, t), steps, **LEARN)
+    kwargs = {k: LEARN[k] for k in ("iters", "lr", "batch_size", "seed")}
+    weighting = make_weighting("focal", steps, LEARN["r"], LEARN["momentum"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as learn_all runs every layer
+    try:
+        gamma, before, after = learn_gamma(layers["attn.to_q"], h, y, steps, weighting, name="attn.to_q", **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(gammas["attn.to_q"], gamma) and losses["attn.to_q"] == (before, after)
 
 
 def test_workers_do_not_change_gamma(three_layers):
     layers, store = three_layers
-    g1, l1 = learn_all(layers, store, workers=1, **LEARN)
-    g2, l2 = learn_all(layers, store, workers=2, **LEARN)
+    g1, l1 = learn_all(layers, *store, workers=1, **LEARN)
+    g2, l2 = learn_all(layers, *store, workers=2, **LEARN)
     assert list(g1) == list(g2) == list(layers)
     for name in layers:
         assert torch.equal(g1[name], g2[name]), name
@@ -111,17 +147,17 @@ def test_resumed_run_skips_finished_layers_and_equals_an_uninterrupted_one(
     three_layers, tmp_path, monkeypatch, workers
 ):
     layers, store = three_layers
-    uninterrupted = learn_all(layers, store, workers=workers, **LEARN)
-    real_job, learned = pipeline.method.les._learn_from_store, []
+    uninterrupted = learn_all(layers, *store, workers=workers, **LEARN)
+    real_job, learned = pipeline.method.les._learn_captured, []
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.method.les, "_learn_from_store", dies_on_the_second_call(real_job, learned))
+        patch.setattr(pipeline.method.les, "_learn_captured", dies_on_the_second_call(real_job, learned))
         with pytest.raises(Killed):
-            learn_all(layers, store, workers=1, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
+            learn_all(layers, *store, workers=1, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
     assert Checkpoints(tmp_path / "ckpt", "key").done() == learned
     first = (tmp_path / "ckpt/key" / f"{learned[0]}.safetensors").stat()
 
-    resumed = learn_all(layers, store, workers=workers, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
+    resumed = learn_all(layers, *store, workers=workers, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
     again = (tmp_path / "ckpt/key" / f"{learned[0]}.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # restored, not learned again
     assert Checkpoints(tmp_path / "ckpt", "key").done() == sorted(layers)
@@ -134,16 +170,16 @@ def test_checkpoints_of_other_params_are_never_reused(three_layers, tmp_path):
     layers, store = three_layers
     old = Checkpoints(tmp_path / "ckpt", "old-params")
     old.save("down.conv", {"gamma": torch.full((8,), 7.0)}, {"before": 1.0, "after": 0.5})
-    gammas, _ = learn_all(layers, store, checkpoints=Checkpoints(tmp_path / "ckpt", "new-params"), **LEARN)
+    gammas, _ = learn_all(layers, *store, checkpoints=Checkpoints(tmp_path / "ckpt", "new-params"), **LEARN)
     assert not torch.equal(gammas["down.conv"], torch.full((8,), 7.0))
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["new-params"]
 
 
 def test_a_damaged_checkpoint_is_redone(three_layers, tmp_path):
     layers, store = three_layers
-    expected, _ = learn_all(layers, store, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
+    expected, _ = learn_all(layers, *store, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
     (tmp_path / "ckpt/key/attn.to_q.safetensors").write_bytes(b"garbage")
-    gammas, _ = learn_all(layers, store, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
+    gammas, _ = learn_all(layers, *store, checkpoints=Checkpoints(tmp_path / "ckpt", "key"), **LEARN)
     assert all(torch.equal(gammas[name], expected[name]) for name in layers)
     assert Checkpoints(tmp_path / "ckpt", "key").load("attn.to_q") is not None  # learned again and saved
 

@@ -13,7 +13,7 @@ from helpers import TwoConvs
 from pipeline.calibration.dump import dump_calibration, random_records, step_records
 from pipeline.method.activation_ranges import calibrate_activations, calibrate_shared_activations
 from pipeline.method.adaround import AdaRoundSettings, adaround
-from pipeline.method.les import learn_gamma, load_layer_io
+from pipeline.method.les import learn_gamma
 from pipeline.method.pts import vote
 from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.method.weighting import make_weighting
@@ -29,14 +29,6 @@ SETTINGS = AdaRoundSettings(
 )
 
 
-def layer_store(path, values):
-    root = zarr.open_group(str(path), mode="w")
-    root.attrs.update({"steps": STEPS, "layer_records_per_step": PER_STEP})
-    root.create_array("layers/conv/input", data=values.astype(np.float16))
-    root.create_array("layers/conv/output", data=np.zeros_like(values, dtype=np.float16))
-    return path
-
-
 def trajectory_store(path, x):
     root = zarr.open_group(str(path), mode="w")
     root.attrs.update({"steps": STEPS, "num_samples": PER_STEP})
@@ -44,14 +36,6 @@ def trajectory_store(path, x):
     root.create_array("trajectory/t", data=np.repeat(np.arange(STEPS, 0, -1) * 100, PER_STEP))
     root.create_array("trajectory/step", data=np.repeat(np.arange(STEPS, dtype=np.int32), PER_STEP))
     return root
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_layer_io_names_layer_and_step(tmp_path, bad):
-    values = np.ones((STEPS * PER_STEP, 2, 4, 4), dtype=np.float32)
-    values[7, 1, 2, 3] = bad  # record 7 = step 2
-    with pytest.raises(ValueError, match=r"layer 'conv' input is not finite \(NaN or Inf\) at step 2 \(record 7\)"):
-        load_layer_io(layer_store(tmp_path / "calib.zarr", values), "conv")
 
 
 def test_non_finite_trajectory_names_the_step(tmp_path):
@@ -74,6 +58,7 @@ def dump(unet, path):
         quantizable_layers(unet),
         num_samples=2,
         layer_records_per_step=2,
+        layer_io_gb=1.0,
         batch_size=2,
         eta=0.0,
         seed=0,

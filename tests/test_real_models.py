@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from helpers import ROOT, init_repo, reduced_params, run
-from pipeline.calibration.dump import dump_calibration, open_calibration, random_records, step_records
+from pipeline.calibration.capture import Budget
+from pipeline.calibration.dump import dump_calibration, open_calibration, random_records, records_by_step, step_records
 from pipeline.config import parse_config
 from pipeline.deploy.export import export_checkpoint, load_checkpoint, pack_nibbles, read_checkpoint, unpack_nibbles
 from pipeline.deploy.integer import int8_kernels_available, to_integer
@@ -73,6 +74,7 @@ class Quantized:
                 quantizable_layers(unet),
                 num_samples=SAMPLES,
                 layer_records_per_step=8,
+                layer_io_gb=1.0,
                 batch_size=4,
                 eta=0.0,
                 seed=1,
@@ -98,11 +100,24 @@ class Quantized:
             "split": ["conv1", "conv_shortcut"],
             "steps": STEPS,
         }
-        # LES on the stored layer I/O
+        # LES on layer I/O captured from the trajectories, with the records' conditions
         les_unet, _ = load_fp_model(self.model)
         layers = quantize(les_unet, QuantSpec(w_bits=w_bits, a_bits=a_bits, split=("conv1", "conv_shortcut")))
+        calib = open_calibration(self.calib)
         gammas, _ = learn_all(
-            layers, self.calib, weighting="focal", iters=4, lr=1e-2, batch_size=4, r=20, momentum=0.95, seed=0
+            layers,
+            self.fp,
+            quantizable_layers(self.fp.unet),
+            records_by_step(calib, 4, seed=0),
+            STEPS,
+            weighting="focal",
+            iters=4,
+            lr=1e-2,
+            batch_size=4,
+            r=20,
+            momentum=0.95,
+            seed=0,
+            budget=Budget.of(1, 1),
         )
         write_tensors(out / "les.safetensors", {f"{n}.gamma": g for n, g in gammas.items()}, header)
         # weight reconstruction (AdaRound), block by block on records with their conditions

@@ -1,24 +1,30 @@
-"""Stats stage: per-channel statistics against a direct per-channel numpy computation."""
+"""Stats: per-channel statistics against a direct per-channel numpy computation, captured from the trajectories."""
 
-import csv
 import json
 
 import numpy as np
-import pytest
+import torch
 import zarr
+from diffusers import DDPMScheduler
 
-from pipeline.calibration.dump import open_calibration
+from pipeline.calibration.capture import Budget, capture_io
+from pipeline.calibration.dump import dump_calibration, open_calibration, step_records
 from pipeline.calibration.stats import (
     auto_pts_layers,
+    channel_statistics,
     layer_statistics,
     load_stats,
+    natural_sorted,
     range_spread,
     summary,
+    tabulate,
     write_stats_store,
 )
-from pipeline.config import parse_config
-from pipeline.infra.storage import atomic_store, seal_store
-from stages.lineage import stage_provenance
+from pipeline.infra.storage import atomic_store
+from pipeline.models.diffusion import ddim_scheduler
+from pipeline.quant import quantizable_layers
+
+CPU = torch.device("cpu")
 
 STEPS, PER_STEP = 3, 4
 SHORTCUT = "up_blocks.0.resnets.0.conv_shortcut"
@@ -27,9 +33,9 @@ LINEAR = "down_blocks.0.attentions.0.to_q"
 OUTLIER_CHANNELS = [3, 11]
 
 
-def make_calib(path, provenance=None):
-    """Tiny calib.zarr: a shortcut input with two planted outlier channels, a flat conv input and a
-    flat channel-last linear input. Each step has its own scale so mixing steps up shows."""
+def planted():
+    """A shortcut input with two planted outlier channels, a flat conv input and a flat channel-last
+    linear input. Each step has its own scale so mixing steps up shows."""
     rng = np.random.default_rng(0)
     scale = np.repeat(np.arange(1, STEPS + 1), PER_STEP).astype(np.float32)
     shortcut = rng.uniform(-1, 1, (STEPS * PER_STEP, 16, 4, 4)) * scale[:, None, None, None]
@@ -39,21 +45,16 @@ def make_calib(path, provenance=None):
         CONV1: rng.uniform(-1, 1, (STEPS * PER_STEP, 16, 4, 4)) * scale[:, None, None, None],
         LINEAR: rng.uniform(-2, 3, (STEPS * PER_STEP, 5, 8)) * scale[:, None, None],
     }
-    root = zarr.open_group(str(path), mode="w")
-    root.create_array("trajectory/x_t", data=np.zeros((STEPS * PER_STEP, 1, 4, 4), np.float32))
-    for layer, x in data.items():
-        root.create_array(f"layers/{layer}/input", data=x.astype(np.float16), chunks=(5, *x.shape[1:]))
-    root.attrs.update(
+    return {layer: x.astype(np.float32) for layer, x in data.items()}
+
+
+def statistics(data, percentile):
+    return tabulate(
         {
-            "model_hash": "abc",
-            **(provenance or {}),
-            "steps": STEPS,
-            "layer_records_per_step": PER_STEP,
-            "num_samples": PER_STEP,
+            layer: [channel_statistics(x[s * PER_STEP : (s + 1) * PER_STEP], percentile) for s in range(STEPS)]
+            for layer, x in data.items()
         }
     )
-    seal_store(path)
-    return {layer: x.astype(np.float16).astype(np.float32) for layer, x in data.items()}
 
 
 def expected_stats(x, percentile):
@@ -73,15 +74,9 @@ def expected_stats(x, percentile):
     return {**out, "channel_range_variance": variance, "outlier_ratio": ratio}
 
 
-@pytest.fixture
-def calib(tmp_path):
-    data = make_calib(tmp_path / "calib.zarr")
-    return open_calibration(tmp_path / "calib.zarr"), data
-
-
-def test_statistics_match_direct_computation(calib):
-    root, data = calib
-    stats = layer_statistics(root, 99.0)
+def test_statistics_match_direct_computation():
+    data = planted()
+    stats = statistics(data, 99.0)
     assert set(stats) == set(data)
     for layer, x in data.items():
         expected = expected_stats(x, 99.0)
@@ -90,8 +85,8 @@ def test_statistics_match_direct_computation(calib):
             np.testing.assert_allclose(stats[layer][name], value, rtol=1e-5, err_msg=f"{layer} {name}")
 
 
-def test_outlier_ratio_separates_planted_layer(calib):
-    stats = layer_statistics(calib[0], 99.9)
+def test_outlier_ratio_separates_planted_layer():
+    stats = statistics(planted(), 99.9)
     assert stats[SHORTCUT]["outlier_ratio"].min() > 50
     for layer in (CONV1, LINEAR):
         assert 1 <= stats[layer]["outlier_ratio"].max() < 1.5
@@ -102,14 +97,54 @@ def test_outlier_ratio_separates_planted_layer(calib):
     json.dumps(report)
 
 
+def test_every_layer_is_covered_from_the_trajectories_whatever_the_dump_stored(tiny_unet, tmp_path):
+    """The stats capture every quantizable layer's input on the first records of each step, in
+    windows of layers that do not change the figures, whatever layer I/O the store keeps."""
+    scheduler = ddim_scheduler(DDPMScheduler(num_train_timesteps=1000), steps=STEPS)
+    layers = quantizable_layers(tiny_unet)
+    with atomic_store(tmp_path / "calib.zarr") as tmp:
+        dump_calibration(
+            tmp,
+            tiny_unet,
+            scheduler,
+            layers,
+            num_samples=6,
+            layer_records_per_step=1,
+            layer_io_gb=6e-4,
+            batch_size=6,
+            eta=0.0,
+            seed=0,
+            chunk_records=6,
+            attrs={},
+            device=CPU,
+        )
+    root = open_calibration(tmp_path / "calib.zarr")
+    assert len(root.attrs["layer_steps"]) < STEPS  # the store holds fewer steps than the stats cover
+    stats = layer_statistics(tiny_unet, layers, root, PER_STEP, 99.0, Budget.of(1, 1), CPU, 64)
+    assert list(stats) == natural_sorted(layers)
+    rows = {name: [] for name in layers}
+    for s in range(STEPS):
+        x, t = step_records(root, s, PER_STEP)
+        with capture_io(layers) as captured, torch.no_grad():
+            tiny_unet(x, t)
+        for name, (inputs, _) in captured.items():
+            rows[name].append(channel_statistics(inputs.numpy(), 99.0))
+    expected = tabulate(rows)
+    windowed = layer_statistics(tiny_unet, layers, root, PER_STEP, 99.0, Budget(0, 0, str(tmp_path)), CPU, 3)
+    for name in layers:
+        for key, value in expected[name].items():
+            np.testing.assert_allclose(stats[name][key], value, rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
+            np.testing.assert_allclose(windowed[name][key], value, rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
+
+
 def test_outlier_ratio_zero_median_stays_finite():
     variance, ratio = range_spread(np.zeros((2, 4)), np.array([[0, 0, 0, 5.0], [0, 0, 0, 0]]))
     assert np.isfinite(ratio).all() and ratio[0] >= 1e5 and ratio[1] == 1
     np.testing.assert_allclose(variance, [np.var([0, 0, 0, 5.0]), 0])
 
 
-def test_store_round_trip(calib, tmp_path):
-    stats = layer_statistics(calib[0], 99.0)
+def test_store_round_trip(tmp_path):
+    stats = statistics(planted(), 99.0)
     with atomic_store(tmp_path / "stats.zarr") as tmp:
         write_stats_store(tmp, stats, {"steps": STEPS, "model_hash": "abc", "percentile": 99.0})
     loaded = load_stats(tmp_path / "stats.zarr")
@@ -119,23 +154,3 @@ def test_store_round_trip(calib, tmp_path):
             np.testing.assert_array_equal(loaded[layer][name], value)
     assert zarr.open_group(str(tmp_path / "stats.zarr"), mode="r").attrs["model_hash"] == "abc"
     assert auto_pts_layers(tmp_path / "stats.zarr", 4.0) == [SHORTCUT]
-
-
-def test_stage_writes_store_report_table_and_figures(tmp_path, monkeypatch):
-    from stages import layout
-    from stages.stats import main
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("stats:\n  percentile: 99.0\n")
-    data = make_calib(layout.CALIB, stage_provenance(parse_config({"stats": {"percentile": 99.0}}), "dump", "abc"))
-    main()
-    loaded = load_stats(layout.STATS)
-    np.testing.assert_allclose(loaded[LINEAR]["max"], expected_stats(data[LINEAR], 99.0)["max"], rtol=1e-5)
-    report = json.loads(layout.STATS_JSON.read_text())
-    assert report["model_hash"] == "abc" and report["top_outlier_layers"][0]["layer"] == SHORTCUT
-    with layout.STATS_TABLE.open() as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == len(data) * STEPS and set(rows[0]) == {"layer", "step", "outlier_ratio"}
-    for figure in (layout.STATS_RANGES_FIG, layout.STATS_HEATMAP_FIG):
-        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob("**/.*tmp-*"))

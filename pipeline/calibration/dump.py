@@ -7,8 +7,14 @@ Store layout (``calib.zarr``)::
     trajectory/step     (S*N,) int32             step index s (0 = noisiest)
     trajectory/sample   (S*N,) int32
     trajectory/cond     (N,) int64               condition key of each sample (conditional models only)
-    layers/<module.path>/input   (S*M, ...) float16   record s*M + m: the m-th record of step s
-    layers/<module.path>/output  (S*M, ...) float16
+    layers/<module.path>/input   (K*M, ...) float16   record i*M + m: the m-th record of the i-th stored step
+    layers/<module.path>/output  (K*M, ...) float16
+
+Layer I/O is a sample for people to inspect (``cli.py inspect``), bounded by ``calib.layer_io_gb``:
+M = ``calib.layer_records_per_step`` records of every step (attribute ``layer_steps`` lists the
+stored steps), fewer records per step when those do not fit, and when not even one record of every
+step fits, one record at each of K evenly spaced steps. Nothing downstream reads it: the stats stage
+and LES capture what they need from the trajectories (:mod:`pipeline.calibration.capture`).
 
 Records are model inputs: ``(x_t, t)``, or ``(x_t, t, cond)`` for a conditional model (see
 :mod:`pipeline.models.denoiser`). A store dumped with classifier-free guidance (attribute ``guided``)
@@ -20,8 +26,8 @@ count records, two per sample.
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,30 +35,12 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
+from pipeline.calibration.capture import GB, capture_io, io_numel
 from pipeline.infra.device import to_device
 from pipeline.infra.distributed import SINGLE, World, my_batches, plan_batches
 from pipeline.infra.storage import ArtifactError, open_store, store_name
 from pipeline.models.denoiser import NULL, Denoiser, as_denoiser, load_denoiser
 from pipeline.models.diffusion import ddim_sample, sample_noise
-
-
-@contextmanager
-def capture_io(layers: dict[str, nn.Module]):
-    """Record ``(input, output)`` of each named layer on every forward call inside the block."""
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(name):
-        def record(module, args, output):
-            captured[name] = (args[0].detach(), output.detach())
-
-        return record
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _chunks(shape: tuple[int, ...], chunk_records: int) -> tuple[int, ...]:
@@ -66,6 +54,7 @@ def dump_calibration(
     layers: dict[str, nn.Module],
     num_samples: int,
     layer_records_per_step: int,
+    layer_io_gb: float,
     batch_size: int,
     eta: float,
     seed: int,
@@ -91,6 +80,11 @@ def dump_calibration(
     guided = denoiser.conditional and guidance_scale != 1
     keys = denoiser.condition_keys(torch.arange(num_samples))
     n_records = steps * num_samples
+    # the stored layer I/O, decided (or refused) before any work: float16 inputs and outputs of one record
+    probe = (torch.zeros(1, *shape), scheduler.timesteps[:1], *(() if keys is None else (keys[:1],)))
+    numel = io_numel(denoiser, layers, tuple(to_device(v, device) for v in probe))
+    per_step = min(layer_records_per_step, 2 * num_samples if guided else num_samples)
+    stored = layer_io_sample(steps, per_step, 2 * sum(map(sum, numel.values())), layer_io_gb)
     sample_chunk = chunk_records if num_samples % chunk_records == 0 else num_samples
     if world.main:
         root = zarr.open_group(str(store_path), mode="w")
@@ -129,8 +123,7 @@ def dump_calibration(
 
         x0[start:stop] = ddim_sample(denoiser, scheduler, noise, eta, record, cond, guidance_scale).cpu().numpy()
     world.barrier()  # layer I/O replays trajectory records that other ranks wrote
-    per_step = min(layer_records_per_step, records_per_step(root, num_samples))
-    dump_layer_io(root, denoiser, layers, steps, num_samples, per_step, batch_size, chunk_records, device, world)
+    dump_layer_io(root, denoiser, layers, stored, num_samples, batch_size, chunk_records, device, world)
     world.barrier()
     if world.main:
         root.attrs.update(
@@ -138,10 +131,30 @@ def dump_calibration(
                 **attrs,
                 "steps": steps,
                 "num_samples": num_samples,
-                "layer_records_per_step": per_step,
+                "layer_steps": stored.steps,
+                "layer_records_per_step": stored.per_step,
                 "guidance_scale": guidance_scale,
             }
         )
+
+
+class LayerSample(NamedTuple):
+    steps: list[int]  # the steps whose layer I/O is stored
+    per_step: int  # records of each
+
+
+def layer_io_sample(steps: int, per_step: int, record_bytes: int, budget_gb: float) -> LayerSample:
+    """The layer I/O the dump stores within ``budget_gb``: ``per_step`` records of every step, as
+    many as fit of every step, or one record of as many evenly spaced steps as fit."""
+    fit = int(budget_gb * GB // record_bytes)
+    if fit == 0:
+        raise ValueError(
+            f"calib.layer_io_gb: {budget_gb} GiB cannot hold one record of layer I/O "
+            f"({record_bytes / GB:.3g} GiB in float16); raise it"
+        )
+    if fit >= steps:
+        return LayerSample(list(range(steps)), min(per_step, fit // steps))
+    return LayerSample(sorted({round(i * (steps - 1) / max(1, fit - 1)) for i in range(fit)}), 1)
 
 
 def record_denoiser(folder: str | Path, unet: nn.Module, root: zarr.Group) -> Denoiser:
@@ -150,18 +163,21 @@ def record_denoiser(folder: str | Path, unet: nn.Module, root: zarr.Group) -> De
     return load_denoiser(folder, unet, root.attrs.get("prompts"))
 
 
-def records_per_step(root: zarr.Group, num_samples: int) -> int:
-    return 2 * num_samples if root.attrs.get("guided", False) else num_samples
+def records_per_step(root: zarr.Group, num_samples: int | None = None) -> int:
+    """Records of each step: one per trajectory, two in a guided store."""
+    n = root.attrs["num_samples"] if num_samples is None else num_samples
+    return 2 * n if root.attrs.get("guided", False) else n
 
 
 @torch.no_grad()
 def dump_layer_io(
-    root, model, layers, steps, num_samples, per_step, batch_size, chunk_records, device, world: World = SINGLE
+    root, model, layers, stored: LayerSample, num_samples, batch_size, chunk_records, device, world: World = SINGLE
 ) -> None:
-    """Replay the first ``per_step`` records of each step through the FP model with forward hooks.
-    Layer records ``s*per_step + m`` go in batches that never straddle a step or a chunk; each rank
-    replays the batches of its chunks. Rank 0 creates the arrays from the shapes of one probe pass."""
-    n = steps * per_step
+    """Replay the first records of the stored steps through the FP model with forward hooks. Layer
+    records ``i*M + m`` go in batches that never straddle a step or a chunk; each rank replays the
+    batches of its chunks. Rank 0 creates the arrays from the shapes of one probe pass."""
+    per_step = stored.per_step
+    n = len(stored.steps) * per_step
     if world.main:
         with capture_io(layers) as captured:
             model(*(to_device(v, device) for v in _records(root, 0, num_samples, 1)))
@@ -176,7 +192,8 @@ def dump_layer_io(
     arrays = {name: {kind: root[f"layers/{name}/{kind}"] for kind in ("input", "output")} for name in names}
     batches = my_batches(plan_batches(n, batch_size, min(chunk_records, n), period=per_step), world)
     for a, b in tqdm(batches, desc="dump layer I/O", disable=not world.main):
-        s, m = divmod(a, per_step)
+        i, m = divmod(a, per_step)
+        s = stored.steps[i]
         inputs = _records(root, s, num_samples, m + b - a)
         with capture_io(layers) as captured:
             model(*(to_device(v[m:], device) for v in inputs))
@@ -247,6 +264,13 @@ def step_records(root: zarr.Group, step: int, count: int, seed: int | None = Non
     inputs = _records(root, step, n, count, order)
     _finite_records(inputs[0], torch.full((len(inputs[0]),), step), store_name(root))
     return inputs
+
+
+def records_by_step(root: zarr.Group, per_step: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``per_step`` records of every step drawn by ``seed`` (:func:`step_records`), step after step:
+    record r is at step r // ``per_step``."""
+    steps = [step_records(root, s, per_step, seed) for s in range(root.attrs["steps"])]
+    return tuple(torch.cat(parts) for parts in zip(*steps))
 
 
 def random_records(root: zarr.Group, count: int, seed: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

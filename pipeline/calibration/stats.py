@@ -1,4 +1,4 @@
-"""Per layer x step x input-channel statistics of the dumped FP layer inputs.
+"""Per layer x step x input-channel statistics of the FP layer inputs on the calibration trajectories.
 
 They show where PTS pays: a layer whose input channels span very different ranges (high outlier
 ratio) loses its small channels to one per-tensor step size. In the paper these are the ResNet
@@ -15,8 +15,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn as nn
 import zarr
+from tqdm import tqdm
 
+from pipeline.calibration.capture import Budget, execution_order, io_numel, layer_io, windows
+from pipeline.calibration.dump import step_records
 from pipeline.infra.storage import atomic_path, open_store
 
 CHANNEL_STATS = ("min", "max", "absmax", "percentile")
@@ -42,21 +47,23 @@ def range_spread(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return ranges.var(-1), ratio
 
 
-def layer_statistics(calib: zarr.Group, percentile: float) -> Stats:
-    """Statistics of every dumped layer input; ``percentile`` is taken of |x| per channel."""
-    steps, per_step = calib.attrs["steps"], calib.attrs["layer_records_per_step"]
+def channel_statistics(x: np.ndarray, percentile: float) -> dict[str, np.ndarray]:
+    """``CHANNEL_STATS`` of one step's inputs ``x`` of one layer, per channel."""
+    x = channels_first(x)
+    magnitude = np.abs(x)
+    return {
+        "min": x.min(1),
+        "max": x.max(1),
+        "absmax": magnitude.max(1),
+        "percentile": np.percentile(magnitude, percentile, axis=1),
+    }
+
+
+def tabulate(rows: dict[str, list[dict[str, np.ndarray]]]) -> Stats:
+    """Per layer, the per-step :func:`channel_statistics` (in step order) stacked, with the per-step spreads."""
     stats: Stats = {}
-    for layer in natural_sorted(calib["layers"].group_keys()):
-        array = calib[f"layers/{layer}/input"]
-        rows = {name: [] for name in CHANNEL_STATS}
-        for s in range(steps):
-            x = channels_first(np.asarray(array[s * per_step : (s + 1) * per_step], dtype=np.float32))
-            magnitude = np.abs(x)
-            rows["min"].append(x.min(1))
-            rows["max"].append(x.max(1))
-            rows["absmax"].append(magnitude.max(1))
-            rows["percentile"].append(np.percentile(magnitude, percentile, axis=1))
-        table = {name: np.stack(values).astype(np.float32) for name, values in rows.items()}
+    for layer in natural_sorted(rows):
+        table = {name: np.stack([row[name] for row in rows[layer]]).astype(np.float32) for name in CHANNEL_STATS}
         variance, ratio = range_spread(table["min"], table["max"])
         stats[layer] = {
             **table,
@@ -64,6 +71,34 @@ def layer_statistics(calib: zarr.Group, percentile: float) -> Stats:
             "outlier_ratio": ratio.astype(np.float32),
         }
     return stats
+
+
+@torch.no_grad()
+def layer_statistics(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calib: zarr.Group,
+    per_step: int,
+    percentile: float,
+    budget: Budget,
+    device: torch.device,
+    batch_size: int,
+) -> Stats:
+    """Statistics of every layer's FP input over the first ``per_step`` records of every step of the
+    calibration trajectories, captured from ``model`` (the FP network or its Denoiser; ``layers``
+    its quantizable layers) a window of layers at a time; ``percentile`` is taken of |x| per channel."""
+    one = tuple(v[:1].to(device) for v in step_records(calib, 0, 1))
+    order = execution_order(layers, lambda: model(*one))
+    numel = io_numel(model, layers, one)
+    sizes = {name: per_step * sum(numel[name]) * 4 for name in order}
+    rows: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in order}
+    for s in tqdm(range(calib.attrs["steps"]), desc="stats"):
+        records = step_records(calib, s, per_step)
+        for window in windows(order, sizes, budget.window_bytes):
+            with layer_io(model, {n: layers[n] for n in window}, records, batch_size, budget, device) as captured:
+                for name, (x, _) in captured.items():
+                    rows[name].append(channel_statistics(x.float().cpu().numpy(), percentile))
+    return tabulate(rows)
 
 
 def write_stats_store(path: str | Path, stats: Stats, attrs: dict) -> None:

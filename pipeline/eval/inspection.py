@@ -59,7 +59,14 @@ def layer_channel_ranges(path: str | Path, layer: str, step: int, kind: str = "i
     steps, per_step = root.attrs["steps"], root.attrs["layer_records_per_step"]
     if not 0 <= step < steps:
         raise ValueError(f"step {step} outside 0..{steps - 1}")
-    data = np.asarray(root[f"layers/{layer}/{kind}"][step * per_step : (step + 1) * per_step], dtype=np.float32)
+    stored = root.attrs.get("layer_steps", list(range(steps)))
+    if step not in stored:
+        raise ValueError(
+            f"{path} keeps layer I/O of steps {', '.join(map(str, stored))} only (calib.layer_io_gb bounds it); "
+            f"step {step} is not among them"
+        )
+    i = stored.index(step)
+    data = np.asarray(root[f"layers/{layer}/{kind}"][i * per_step : (i + 1) * per_step], dtype=np.float32)
     channel_axis = 1 if data.ndim == 4 else data.ndim - 1
     per_channel = np.moveaxis(data, channel_axis, 0).reshape(data.shape[channel_axis], -1)
     return np.stack([per_channel.min(1), per_channel.max(1)], 1)

@@ -3,8 +3,6 @@ index), or one MSE-searched range per layer shared by every step (Q-Diffusion, a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -12,6 +10,7 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
+from pipeline.calibration.capture import observing
 from pipeline.calibration.dump import step_records
 from pipeline.infra.device import to_device
 from pipeline.quant.layers import QuantLayer
@@ -79,18 +78,9 @@ def _run_every_step(
             after_step(s)
 
 
-@contextmanager
-def _scaled_inputs(layers: dict[str, QuantLayer], observe: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+def _scaled_inputs(layers: dict[str, QuantLayer], observe: Callable[[str, torch.Tensor], None]):
     """``observe(name, x / γ)`` on every call of every layer, x / γ being the tensor its act quantizer sees."""
-    handles = [
-        layer.register_forward_pre_hook(lambda module, args, name=name: observe(name, module.scale_input(args[0])))
-        for name, layer in layers.items()
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return observing(layers, lambda name, layer, args, _: observe(name, layer.scale_input(args[0])), before=True)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 from tqdm import tqdm
 
+from pipeline.calibration.capture import execution_order, unit_inputs, unit_outputs, windows
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import autocast, to_device
 from pipeline.quant.layers import QuantLayer
@@ -28,8 +29,6 @@ from pipeline.quant.layers import QuantLayer
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, from the AdaRound paper
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "BasicTransformerBlock", "Transformer2DModel")
 CHECK_EVERY = 100  # iterations between checks of the loss for NaN / Inf (each check waits for the device)
-# FP targets of consecutive units captured in one forward pass, up to this size together (one unit at least)
-FP_TARGET_BYTES = 1 << 30
 
 
 class RoundingOffsets(nn.Module):
@@ -94,85 +93,15 @@ def attach_rounding(layer: QuantLayer) -> RoundingOffsets:
 
 def reconstruction_units(model: nn.Module, run_once) -> list[tuple[str, nn.Module]]:
     """Blocks and stray quantized layers, in the order a forward pass first reaches them."""
-    units, claimed = [], set()
+    units, claimed = {}, set()
     for name, module in model.named_modules():
         if any(name.startswith(c + ".") for c in claimed):
             continue
         is_block = type(module).__name__ in BLOCK_TYPES and any(isinstance(m, QuantLayer) for m in module.modules())
         if is_block or isinstance(module, QuantLayer):
-            units.append((name, module))
+            units[name] = module
             claimed.add(name)
-    order: dict[str, int] = {}
-
-    def first_call(name):
-        def hook(module, args):  # returns None: a pre-hook's return value would replace the inputs
-            order.setdefault(name, len(order))
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(first_call(n)) for n, m in units]
-    run_once()
-    for handle in handles:
-        handle.remove()
-    return sorted((u for u in units if u[0] in order), key=lambda u: order[u[0]])
-
-
-class _Stop(Exception):
-    pass
-
-
-def _run_batches(model: nn.Module, inputs, batch_size: int, before_each=lambda: None) -> None:
-    """``model`` over ``inputs`` = (x, t) or (x, t, cond) in batches; a hook may end a pass with _Stop."""
-    for start in range(0, len(inputs[0]), batch_size):
-        before_each()
-        try:
-            model(*(v[start : start + batch_size] for v in inputs))
-        except _Stop:
-            pass
-
-
-@torch.no_grad()
-def capture_unit_inputs(model: nn.Module, unit: nn.Module, inputs, batch_size: int) -> list:
-    """``unit``'s call (args, kwargs) in each batch, each forward pass stopped as the unit is reached."""
-    kept = []
-
-    def pre(module, args, kwargs):
-        kept.append((args, kwargs))
-        raise _Stop
-
-    handle = unit.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        _run_batches(model, inputs, batch_size)
-    finally:
-        handle.remove()
-    return kept
-
-
-@torch.no_grad()
-def capture_unit_outputs(model: nn.Module, units: dict[str, nn.Module], inputs, batch_size: int) -> dict[str, list]:
-    """The output of each of ``units`` (given in execution order) in each batch: one forward pass a
-    batch, stopped once the last of them has run. Outputs are copied, so that the rest of the pass
-    cannot change them in place; a unit called twice in a pass keeps its first call's."""
-    kept: dict[str, list] = {name: [] for name in units}
-    last, called = next(reversed(units)), set()
-
-    def post(name):
-        def hook(module, args, kwargs, output):
-            if name not in called:
-                called.add(name)
-                kept[name].append(tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, output))
-            if name == last:
-                raise _Stop
-
-        return hook
-
-    handles = [unit.register_forward_hook(post(name), with_kwargs=True) for name, unit in units.items()]
-    try:
-        _run_batches(model, inputs, batch_size, before_each=called.clear)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return kept
+    return [(name, units[name]) for name in execution_order(units, run_once)]
 
 
 def _batched(value) -> bool:
@@ -284,6 +213,7 @@ def adaround(
     make_weighting=None,
     steps=None,
     checkpoints: Checkpoints | None = None,
+    target_bytes: int = 1 << 30,
 ) -> dict[str, dict]:
     """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model`` on
     ``inputs`` = (x, t) or (x, t, cond) (models: bare UNets or :class:`~pipeline.models.denoiser.Denoiser`).
@@ -292,12 +222,14 @@ def adaround(
     With ``checkpoints`` every reconstructed unit is saved at once, and units found there are restored
     instead of reconstructed. A unit's inputs come from the units before it, so those are restored
     exactly (the rounding variables themselves); each unit draws its batches from its own generator,
-    so a resumed run ends bit-identical to an uninterrupted one."""
+    so a resumed run ends bit-identical to an uninterrupted one. The FP targets of consecutive units
+    are captured in one forward pass, up to ``target_bytes`` together (one unit at least)."""
     capture_batch = max(settings.batch_size, 64)
     units = reconstruction_units(q_model, lambda: q_model(*(v[:1] for v in inputs)))
     fp_modules = dict(fp_model.named_modules())
     fp_units = {name: fp_modules[name] for name, _ in units}
-    target_bytes = _target_bytes(fp_model, fp_units, inputs)
+    sizes = _target_bytes(fp_model, fp_units, inputs)
+    names = [name for name, _ in units]
     targets: dict[str, list] = {}
     report = {}
     for index, (name, unit) in enumerate(tqdm(units, desc="adaround")):
@@ -305,15 +237,10 @@ def adaround(
             restore_rounding(unit, saved[0])
             report[name] = saved[1]
             continue
-        q_inputs = capture_unit_inputs(q_model, unit, inputs, capture_batch)
+        q_inputs = unit_inputs(q_model, unit, inputs, capture_batch)
         if name not in targets:  # the FP targets of this unit and of as many next ones as fit the budget
-            window, total = {}, 0
-            for later, _ in units[index:]:
-                total += target_bytes[later]
-                if window and total > FP_TARGET_BYTES:
-                    break
-                window[later] = fp_units[later]
-            targets = capture_unit_outputs(fp_model, window, inputs, capture_batch)
+            window = windows(names[index:], sizes, target_bytes)[0]
+            targets = unit_outputs(fp_model, {later: fp_units[later] for later in window}, inputs, capture_batch)
         fp_outputs = targets.pop(name)
         weighting = make_weighting() if make_weighting is not None else None
         report[name] = reconstruct_unit(name, unit, q_inputs, fp_outputs, settings, weighting, steps)
@@ -324,6 +251,6 @@ def adaround(
 
 def _target_bytes(fp_model: nn.Module, fp_units: dict[str, nn.Module], inputs) -> dict[str, int]:
     """Bytes of each unit's FP output over all records, from a pass over one record."""
-    one = capture_unit_outputs(fp_model, fp_units, tuple(v[:1] for v in inputs), 1)
+    one = unit_outputs(fp_model, fp_units, tuple(v[:1] for v in inputs), 1)
     tensors = {name: [v for v in tree_leaves(out) if isinstance(v, torch.Tensor)] for name, out in one.items()}
     return {name: len(inputs[0]) * sum(v.numel() * v.element_size() for v in found) for name, found in tensors.items()}

@@ -1,7 +1,7 @@
 """Learned Equivalent Scaling (DESIGN.md §2 step 2): one γ ∈ R^{C_in}, γ > 0, per quantized layer.
 
 γ = exp(θ), θ = 0 at the start, so γ stays positive without clamping. The loss compares the FP layer
-output stored by the dump stage with ``Qw(W · diag(γ)) ⊛ Qa(x / γ) + b`` where both quantizers take
+output, captured from the calibration trajectories, with ``Qw(W · diag(γ)) ⊛ Qa(x / γ) + b`` where both quantizers take
 their range on the fly (per output channel and part for weights, per tensor and part for activations)
 and round straight-through, so the gradient reaches γ through the rounding and through the ranges.
 
@@ -16,19 +16,18 @@ timestep weighting lives on the device, and the loss is checked for NaN / Inf ev
 from __future__ import annotations
 
 import hashlib
-import math
 import multiprocessing
 import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
-from pathlib import Path
 
 import torch
-import zarr
+import torch.nn as nn
 from tqdm import tqdm
 
+from pipeline.calibration.capture import Budget, execution_order, io_numel, layer_io, windows
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import to_device
 from pipeline.infra.distributed import SINGLE, World
@@ -144,29 +143,8 @@ def _check_finite(losses: torch.Tensor, name: str) -> None:
         raise FloatingPointError(f"LES on {name}: loss is {losses[i].item()} at iteration {i}")
 
 
-def load_layer_io(calib_path: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """A layer's stored FP inputs and outputs (float16, as stored) and the number of steps."""
-    root = zarr.open_group(str(calib_path), mode="r")
-    try:
-        inputs, outputs = (torch.from_numpy(root[f"layers/{name}/{kind}"][:]) for kind in ("input", "output"))
-    except KeyError:
-        raise ValueError(f"{calib_path} has no layer I/O for {name!r}; rerun the dump stage for this model") from None
-    steps, per_step = root.attrs["steps"], root.attrs["layer_records_per_step"]
-    if len(inputs) != steps * per_step or len(outputs) != len(inputs):
-        raise ValueError(f"{calib_path}: layer {name!r} has {len(inputs)} records, expected {steps} x {per_step}")
-    for kind, values in (("input", inputs), ("output", outputs)):
-        bad = ~torch.isfinite(values.reshape(len(values), -1)).all(1)
-        if bad.any():
-            record = int(bad.nonzero()[0])
-            raise ValueError(
-                f"{calib_path}: layer {name!r} {kind} is not finite (NaN or Inf) at step {record // per_step} "
-                f"(record {record}); rerun the dump stage"
-            )
-    return inputs, outputs, steps
-
-
-def _learn_from_store(name, layer, calib_path, weighting, r, momentum, device, **kwargs):
-    inputs, outputs, steps = load_layer_io(calib_path, name)
+def _learn_captured(name, layer, steps, weighting, r, momentum, device, **kwargs):
+    inputs, outputs = _CAPTURED[name]
     w = make_weighting(weighting, steps, r, momentum)
     gamma, before, after = learn_gamma(
         layer.to(device), to_device(inputs, device), to_device(outputs, device), steps, w, name=name, **kwargs
@@ -174,18 +152,13 @@ def _learn_from_store(name, layer, calib_path, weighting, r, momentum, device, *
     return name, gamma.cpu(), before, after
 
 
-def assign_layers(layers: dict[str, QuantLayer], calib_path: str | Path, ranks: int) -> dict[str, int]:
-    """The rank that learns each layer: costliest layer first, each to the least loaded rank. A
-    layer's cost is its multiply-adds over its stored records (a layer missing from the store costs 0;
-    learning it fails with its own message)."""
-    root = zarr.open_group(str(calib_path), mode="r")
+# the captures of the window being learned: forked workers inherit them, copy-on-write, instead of
+# receiving a pickled copy of every layer's records
+_CAPTURED: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cost(name: str, layer: QuantLayer) -> int:
-        key = f"layers/{name}/input"
-        weight = layer.module.weight
-        return math.prod(root[key].shape) * weight.numel() // weight.shape[1] if key in root else 0
 
-    costs = {name: cost(name, layer) for name, layer in layers.items()}
+def assign_layers(costs: dict[str, int], ranks: int) -> dict[str, int]:
+    """The rank that learns each layer: costliest layer first, each to the least loaded rank."""
     load, owner = [0] * ranks, {}
     for name in sorted(costs, key=costs.get, reverse=True):
         rank = load.index(min(load))
@@ -209,7 +182,10 @@ def _start_worker(parent: int) -> None:
 
 def learn_all(
     layers: dict[str, QuantLayer],
-    calib_path: str | Path,
+    fp_model: nn.Module,
+    fp_layers: dict[str, nn.Module],
+    records: tuple[torch.Tensor, ...],
+    steps: int,
     *,
     weighting: str,
     iters: int,
@@ -218,6 +194,8 @@ def learn_all(
     r: float,
     momentum: float,
     seed: int,
+    budget: Budget,
+    capture_batch: int = 64,
     workers: int = 1,
     checkpoints: Checkpoints | None = None,
     device: torch.device = torch.device("cpu"),
@@ -225,18 +203,36 @@ def learn_all(
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]]]:
     """γ for every layer: ({name: γ}, {name: (loss at γ = 1, loss at γ)}), in the order of ``layers``.
 
-    Every layer runs on one intra-op thread, inline (``workers`` = 1) or in ``workers`` processes:
-    torch's CPU reductions split work by thread count, so a fixed count keeps γ bit-identical for any
-    ``workers``. Use more workers, not more threads, to use more cores. With ``checkpoints`` each
-    finished layer is saved at once and layers found there are not learned again: γ is the same
-    whether a run resumed or not, because each layer's result depends on that layer alone.
+    Each layer learns from its FP input and output on ``records`` = (x, t) or (x, t, cond), step by
+    step (record r is at step r // (len / ``steps``)), captured from ``fp_model`` (the FP network
+    whose layers have the names of ``layers``) a window of consecutive layers at a time within
+    ``budget`` (:mod:`pipeline.calibration.capture`).
+
+    Every layer runs on one intra-op thread, inline (``workers`` = 1) or in ``workers`` forked
+    processes: torch's CPU reductions split work by thread count, so a fixed count keeps γ
+    bit-identical for any ``workers``. Use more workers, not more threads, to use more cores. With
+    ``checkpoints`` each finished layer is saved at once and layers found there are not learned
+    again: γ is the same whether a run resumed or not, because each layer's result depends on that
+    layer alone.
 
     With several torchrun ranks (``world``) each rank learns the layers :func:`assign_layers` gives
     it and every rank returns all results. On CUDA a rank learns its layers one after another on its
-    GPU (``workers`` applies to CPU: forked workers cannot share a CUDA context)."""
+    GPU (forked workers cannot share a CUDA context)."""
+    if missing := sorted(set(layers) - set(fp_layers)):
+        raise ValueError(f"LES: the FP model has no layer {missing[0]!r}")
+    fp_layers = {name: fp_layers[name] for name in layers}
+    one = tuple(v[:1].to(device) for v in records)
+    order = execution_order(fp_layers, lambda: fp_model(*one))
+    if unreached := [name for name in layers if name not in order]:
+        raise ValueError(f"LES: a forward pass never reaches {unreached[0]!r}")
+    numel = io_numel(fp_model, fp_layers, one)
+    n = len(records[0])
+    capture_bytes = {name: n * sum(numel[name]) * 4 for name in order}  # float32 input and output
+    if device.type == "cuda" or "fork" not in multiprocessing.get_all_start_methods():
+        workers = 1
     job = partial(
-        _learn_from_store,
-        calib_path=str(calib_path),
+        _learn_captured,
+        steps=steps,
         weighting=weighting,
         r=r,
         momentum=momentum,
@@ -246,18 +242,22 @@ def learn_all(
         batch_size=batch_size,
         seed=seed,
     )
-    if device.type == "cuda":
-        workers = 1
     results = {}
     if checkpoints:
         for name in layers:
             if (saved := checkpoints.load(name)) is not None:
                 tensors, losses = saved
                 results[name] = (tensors["gamma"], losses["before"], losses["after"])
-    todo = {name: layer for name, layer in layers.items() if name not in results}
+    # rank 0's view of what is done: a rank that looked later could see layers other ranks already learned
+    # in this run, and split the rest differently
+    done = world.broadcast(list(results))
+    results = {name: results[name] for name in done}
+    todo = [name for name in order if name not in results]
     if world.size > 1:
-        owner = assign_layers(todo, calib_path, world.size)
-        todo = {name: layer for name, layer in todo.items() if owner[name] == world.rank}
+        # a layer's cost: its multiply-adds over the records
+        costs = {name: n * numel[name][0] * (w := layers[name].module.weight).numel() // w.shape[1] for name in todo}
+        owner = assign_layers(costs, world.size)
+        todo = [name for name in todo if owner[name] == world.rank]
     with tqdm(
         total=len(results) + len(todo), initial=len(results), desc="LES", unit="layer", disable=not world.main
     ) as bar:
@@ -268,28 +268,38 @@ def learn_all(
                 checkpoints.save(name, {"gamma": gamma}, {"before": before, "after": after})
             bar.update()
 
-        if workers == 1:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                for name, layer in todo.items():
-                    finished(*job(name, layer))
-            finally:
-                torch.set_num_threads(threads)
-        elif todo:
-            # fork starts in milliseconds; it is safe because workers run torch single-threaded
-            context = multiprocessing.get_context(
-                "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            )
-            with ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
-            ) as pool:
-                futures = [pool.submit(job, name, layer) for name, layer in todo.items()]
+        for window in windows(todo, capture_bytes, budget.window_bytes):
+            with layer_io(
+                fp_model, {name: fp_layers[name] for name in window}, records, capture_batch, budget, device
+            ) as captured:
+                _CAPTURED.update(captured)
                 try:
-                    for future in as_completed(futures):
-                        finished(*future.result())
-                except BaseException:
-                    pool.shutdown(cancel_futures=True)  # one failed layer fails the stage; skip the queue
-                    raise
+                    _learn_window(window, layers, job, workers, finished)
+                finally:
+                    _CAPTURED.clear()
     results = world.merge(results)
     return {n: results[n][0] for n in layers}, {n: (results[n][1], results[n][2]) for n in layers}
+
+
+def _learn_window(window: list[str], layers: dict[str, QuantLayer], job, workers: int, finished) -> None:
+    if workers == 1 or len(window) == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for name in window:
+                finished(*job(name, layers[name]))
+        finally:
+            torch.set_num_threads(threads)
+        return
+    # fork starts in milliseconds and shares the captures; it is safe because workers run torch single-threaded
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(
+        min(workers, len(window)), mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
+    ) as pool:
+        futures = [pool.submit(job, name, layers[name]) for name in window]
+        try:
+            for future in as_completed(futures):
+                finished(*future.result())
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # one failed layer fails the stage; skip the queue
+            raise
