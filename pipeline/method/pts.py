@@ -12,6 +12,7 @@ import re
 
 import torch
 
+from pipeline.calibration.capture import observing, run_batches
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.quantizers import fake_quantize
 
@@ -67,16 +68,10 @@ class PTSVoter:
     def __call__(self, unet, step: int, records: tuple[torch.Tensor, ...], batch_size: int) -> None:
         """Vote at ``step`` on the model inputs ``records`` = (x, t) or (x, t, cond)."""
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        handles = [
-            layer.register_forward_pre_hook(lambda mod, args, n=name: inputs[n].append(mod.scale_input(args[0])))
-            for name, layer in self.layers.items()
-        ]
-        try:
-            for start in range(0, len(records[0]), batch_size):
-                unet(*(v[start : start + batch_size] for v in records))
-        finally:
-            for handle in handles:
-                handle.remove()
+        with observing(
+            self.layers, lambda name, layer, args, _: inputs[name].append(layer.scale_input(args[0])), before=True
+        ):
+            run_batches(unet, records, batch_size)
         for name, layer in self.layers.items():
             aq = layer.act_quantizer
             aq.exponent[step].zero_()
