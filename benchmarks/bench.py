@@ -203,7 +203,7 @@ def case_les(model: str, device) -> dict:
 def case_adaround(model: str, device) -> dict:
     import torch
 
-    from pipeline.calibration.capture import unit_inputs, unit_outputs
+    from pipeline.calibration.capture import GB, Budget, placement, unit_inputs, unit_outputs
     from pipeline.method.adaround import AdaRoundSettings, reconstruct_unit, reconstruction_units
     from pipeline.method.weight_init import init_weight_quantizers
     from pipeline.quant import QuantSpec, quantize
@@ -226,8 +226,9 @@ def case_adaround(model: str, device) -> dict:
         picked["attention"] = max(attentions, key=lambda u: size(u[1]))
     rows = {}
     for role, (name, unit) in picked.items():
-        q_inputs = unit_inputs(q, unit, (x, t), RECORDS)
-        fp_outputs = unit_outputs(fp, {name: fp_modules[name]}, (x, t), RECORDS)[name]
+        with placement(Budget(4 * GB, 0), device) as allocate:
+            q_inputs = unit_inputs(q, unit, (x, t), RECORDS, allocate)
+            fp_outputs = unit_outputs(fp, {name: fp_modules[name]}, (x, t), RECORDS, allocate)[name]
 
         def run(iters):
             settings = AdaRoundSettings(
@@ -237,8 +238,8 @@ def case_adaround(model: str, device) -> dict:
 
         base, more, rounds = ITERS[model]
         fp_unit = copy.deepcopy(fp_modules[name]).requires_grad_(True)
-        args, kwargs = q_inputs[0]
-        target = fp_outputs[0]
+        args, kwargs = q_inputs
+        target = fp_outputs
         params = list(fp_unit.parameters())
 
         def plain():

@@ -1,5 +1,6 @@
 """Stage dump: FP DDIM trajectories and a sample of per-layer FP inputs/outputs -> artifacts/calib.zarr."""
 
+from pipeline.calibration.capture import GB
 from pipeline.calibration.dump import dump_calibration
 from pipeline.infra.distributed import init, shared_store
 from pipeline.infra.fingerprint import model_hash
@@ -38,6 +39,7 @@ def main() -> None:
             device=device,
             attrs={**stage_provenance(cfg, "dump", model_hash(FP_MODEL)), "prompts": prompts},
             world=world,
+            capture_bytes=int(cfg.capture.device_gb * GB),
         )
 
 

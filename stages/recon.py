@@ -86,7 +86,7 @@ def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
             make_weighting=weighting,
             steps=to_device(step, device),
             checkpoints=checkpoints,
-            target_bytes=Budget.of(cfg.capture.device_gb, cfg.capture.host_gb).window_bytes,
+            budget=Budget.of(cfg.capture.device_gb, cfg.capture.host_gb, cfg.capture.scratch),
         )
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)

@@ -1,4 +1,5 @@
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn as nn
 
 import pipeline.method.adaround
 from helpers import Killed, TwoConvs, dies_on_the_second_call
-from pipeline.calibration.capture import unit_inputs, unit_outputs
+from pipeline.calibration.capture import GB, Budget, placement, unit_inputs, unit_outputs
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.method.adaround import (
     AdaRoundSettings,
@@ -135,9 +136,10 @@ def test_reconstruction_does_not_depend_on_the_capture_batches():
     for capture_batch in (16, 96):
         q = copy.deepcopy(fp)
         init_weight_quantizers(quantize(q, QuantSpec(w_bits=3, split=())), grid=20, p=2.4)
-        q_inputs = unit_inputs(q, q.block, (x, t), capture_batch)
-        fp_outputs = unit_outputs(fp, {"block": fp.block}, (x, t), capture_batch)["block"]
-        report = reconstruct_unit("block", q.block, q_inputs, fp_outputs, settings)
+        with placement(Budget(GB, 0), torch.device("cpu")) as allocate:
+            q_inputs = unit_inputs(q, q.block, (x, t), capture_batch, allocate)
+            fp_outputs = unit_outputs(fp, {"block": fp.block}, (x, t), capture_batch, allocate)["block"]
+            report = reconstruct_unit("block", q.block, q_inputs, fp_outputs, settings)
         results.append((report, rounding_state(q.block)["conv"].clone()))
     (report_a, v_a), (report_b, v_b) = results
     assert report_a == report_b
@@ -146,7 +148,7 @@ def test_reconstruction_does_not_depend_on_the_capture_batches():
 
 def test_fp_targets_of_several_units_from_one_pass_equal_one_pass_per_unit(monkeypatch):
     """The FP targets of consecutive units are captured together within a memory budget; a budget of
-    one unit per pass must end bit-identical."""
+    one unit per pass, whose captures all spill to memory-mapped scratch files, must end bit-identical."""
     torch.manual_seed(0)
     fp = ThreeConvs().eval()
     x, t = torch.randn(48, 4, 8, 8), torch.zeros(48, dtype=torch.long)
@@ -161,14 +163,28 @@ def test_fp_targets_of_several_units_from_one_pass_equal_one_pass_per_unit(monke
 
     monkeypatch.setattr(pipeline.method.adaround, "unit_outputs", counted)
     results = []
-    for budget in (1 << 30, 1):
+    scratch = []
+    real_placement = pipeline.method.adaround.placement
+
+    @contextmanager
+    def watched(budget, device):
+        with real_placement(budget, device) as allocate:
+            yield allocate
+            scratch.append(allocate.files)
+
+    monkeypatch.setattr(pipeline.method.adaround, "placement", watched)
+    for budget in (Budget(2 * GB, 0), Budget(0, 2)):
         passes.clear()
+        scratch.clear()
         q = copy.deepcopy(fp)
         layers = quantize(q, QuantSpec(w_bits=3, split=()))
         init_weight_quantizers(layers, grid=20, p=2.4)
-        report = adaround(q, fp, (x, t), settings, target_bytes=budget)
-        results.append((report, {name: layer.integer_weight() for name, layer in layers.items()}, passes[1:]))
-    (report_a, ints_a, passes_a), (report_b, ints_b, passes_b) = results
-    assert passes_a == [["a", "b", "c"]] and passes_b == [["a"], ["b"], ["c"]]  # after the one-record sizing pass
+        report = adaround(q, fp, (x, t), settings, budget=budget)
+        ints = {name: layer.integer_weight() for name, layer in layers.items()}
+        results.append((report, ints, passes[1:], scratch[1:]))  # after the one-record sizing pass
+    (report_a, ints_a, passes_a, scratch_a), (report_b, ints_b, passes_b, scratch_b) = results
+    assert passes_a == [["a", "b", "c"]] and passes_b == [["a"], ["b"], ["c"]]
+    assert len(scratch_a) == 4 and not any(scratch_a)  # in memory
+    assert len(scratch_b) == 6 and all(scratch_b)  # every capture in memory-mapped scratch files
     assert report_a == report_b
     assert all(torch.equal(ints_a[name], ints_b[name]) for name in ints_a)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 GB = 1 << 30
 
@@ -33,12 +33,20 @@ class _Stop(Exception):
     """Ends a forward pass early: everything the window needs has been captured."""
 
 
-def run_batches(model: nn.Module, inputs, batch_size: int, before_each: Callable[[], None] = lambda: None) -> None:
-    """``model`` over ``inputs`` = (x, t) or (x, t, cond) in batches; a hook may end a pass with _Stop."""
+def run_batches(
+    model: nn.Module,
+    inputs,
+    batch_size: int,
+    before_each: Callable[[int, int], None] = lambda start, count: None,
+    device: torch.device | None = None,
+) -> None:
+    """``model`` over ``inputs`` = (x, t) or (x, t, cond) in batches (moved to ``device`` if given);
+    ``before_each(start, count)`` names each batch's records; a hook may end a pass with _Stop."""
     for start in range(0, len(inputs[0]), batch_size):
-        before_each()
+        batch = [v[start : start + batch_size] for v in inputs]
+        before_each(start, len(batch[0]))
         try:
-            model(*(v[start : start + batch_size] for v in inputs))
+            model(*(v if device is None else v.to(device) for v in batch))
         except _Stop:
             pass
 
@@ -106,41 +114,6 @@ def io_numel(model: nn.Module, layers: dict[str, nn.Module], one_record) -> dict
     return found
 
 
-@torch.no_grad()
-def unit_inputs(model: nn.Module, unit: nn.Module, inputs, batch_size: int) -> list:
-    """``unit``'s call (args, kwargs) in each batch, each forward pass stopped as the unit is reached."""
-    kept = []
-
-    def pre(module, args, kwargs):
-        kept.append((args, kwargs))
-        raise _Stop
-
-    handle = unit.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        run_batches(model, inputs, batch_size)
-    finally:
-        handle.remove()
-    return kept
-
-
-@torch.no_grad()
-def unit_outputs(model: nn.Module, units: dict[str, nn.Module], inputs, batch_size: int) -> dict[str, list]:
-    """The output of each of ``units`` (given in execution order) in each batch: one forward pass a
-    batch, stopped once the last of them has run. Outputs are copied, so that the rest of the pass
-    cannot change them in place; a unit called twice in a pass keeps its first call's."""
-    kept: dict[str, list] = {name: [] for name in units}
-    called: set[str] = set()
-
-    def observe(name, module, args, output):
-        if name not in called:
-            called.add(name)
-            kept[name].append(tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, output))
-
-    with observing(units, observe, stop_after=next(reversed(units))):
-        run_batches(model, inputs, batch_size, before_each=called.clear)
-    return kept
-
-
 @dataclass(frozen=True)
 class Budget:
     """Bytes of captures kept on the device, then in host memory; beyond both, in ``scratch``
@@ -191,6 +164,89 @@ class _Allocator:
         return torch.from_numpy(array)
 
 
+def batched(value) -> bool:
+    """A tensor with a batch dimension (captures gather and index these by record)."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0
+
+
+class _Rows:
+    """One capture of every record from per-batch captures (a tensor, or a tree of them such as a
+    call's (args, kwargs)): each tensor with a batch dimension is written into a tensor holding every
+    record's rows, placed by the allocator; anything else is taken from the first batch. A tensor with
+    k rows a record (a classifier-free-guidance pair) keeps them as the batches had them."""
+
+    def __init__(self, allocate: _Allocator, records: int) -> None:
+        self.allocate, self.records, self.tree = allocate, records, None
+
+    def put(self, value, start: int, count: int) -> None:
+        """Write ``value``, the capture of records ``start`` to ``start + count``."""
+        for v in tree_leaves(value):
+            if batched(v) and len(v) % count:
+                raise ValueError(f"a captured tensor of {len(v)} rows in a batch of {count} records")
+        if self.tree is None:
+            self.tree = tree_map(
+                lambda v: (
+                    self.allocate.empty((v.shape[0] // count * self.records, *v.shape[1:]), v.dtype)
+                    if batched(v)
+                    else v
+                ),
+                value,
+            )
+
+        def write(store, v):
+            if batched(v):
+                rows = v.shape[0] // count
+                store[rows * start : rows * (start + count)] = v
+
+        tree_map(write, self.tree, value)
+
+
+@contextmanager
+def placement(budget: Budget, device: torch.device) -> Iterator[_Allocator]:
+    """An allocator placing captures by ``budget``; its scratch files are removed when the block exits."""
+    with tempfile.TemporaryDirectory(prefix="capture-", dir=budget.scratch) as scratch:
+        yield _Allocator(budget, device, Path(scratch))
+
+
+@torch.no_grad()
+def unit_inputs(model: nn.Module, unit: nn.Module, inputs, batch_size: int, allocate: _Allocator):
+    """``unit``'s call (args, kwargs) over every record, each forward pass stopped as the unit is reached."""
+    kept, batch = _Rows(allocate, len(inputs[0])), {}
+
+    def pre(module, args, kwargs):
+        kept.put((args, kwargs), **batch)
+        raise _Stop
+
+    handle = unit.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        run_batches(model, inputs, batch_size, lambda start, count: batch.update(start=start, count=count))
+    finally:
+        handle.remove()
+    return kept.tree
+
+
+@torch.no_grad()
+def unit_outputs(model: nn.Module, units: dict[str, nn.Module], inputs, batch_size: int, allocate: _Allocator) -> dict:
+    """The output of each of ``units`` (given in execution order) over every record: one forward pass a
+    batch, stopped once the last of them has run. Outputs are copied as they come, so that the rest of
+    the pass cannot change them in place; a unit called twice in a pass keeps its first call's."""
+    kept = {name: _Rows(allocate, len(inputs[0])) for name in units}
+    batch, called = {}, set()
+
+    def next_batch(start: int, count: int) -> None:
+        batch.update(start=start, count=count)
+        called.clear()
+
+    def observe(name, module, args, output):
+        if name not in called:
+            called.add(name)
+            kept[name].put(output, **batch)
+
+    with observing(units, observe, stop_after=next(reversed(units))):
+        run_batches(model, inputs, batch_size, next_batch)
+    return {name: rows.tree for name, rows in kept.items()}
+
+
 @contextmanager
 def layer_io(
     model: nn.Module,
@@ -204,26 +260,13 @@ def layer_io(
     call per record and forward pass), as ``{name: (inputs, outputs)}`` in the model's dtype, placed
     by ``budget``. The forward passes run on ``device`` and stop after the last layer; scratch files
     are removed when the block exits."""
-    n, last = len(inputs[0]), next(reversed(layers))
-    with tempfile.TemporaryDirectory(prefix="capture-", dir=budget.scratch) as scratch:
-        allocate = _Allocator(budget, device, Path(scratch))
-        kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        start = 0
+    batch = {}
 
-        def observe(name, module, args, output):
-            if name not in kept:
-                x = args[0]
-                kept[name] = (
-                    allocate.empty((n, *x.shape[1:]), x.dtype),
-                    allocate.empty((n, *output.shape[1:]), x.dtype),
-                )
-            for store, value in zip(kept[name], (args[0], output)):
-                store[start : start + len(value)] = value
+    def observe(name, module, args, output):
+        kept[name].put((args[0], output), **batch)
 
-        with torch.no_grad(), observing(layers, observe, stop_after=last):
-            for start in range(0, n, batch_size):
-                try:
-                    model(*(v[start : start + batch_size].to(device) for v in inputs))
-                except _Stop:
-                    pass
-        yield kept
+    with placement(budget, device) as allocate:
+        kept = {name: _Rows(allocate, len(inputs[0])) for name in layers}
+        with torch.no_grad(), observing(layers, observe, stop_after=next(reversed(layers))):
+            run_batches(model, inputs, batch_size, lambda start, count: batch.update(start=start, count=count), device)
+        yield {name: rows.tree for name, rows in kept.items()}

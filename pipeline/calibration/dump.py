@@ -63,6 +63,7 @@ def dump_calibration(
     device: torch.device,
     guidance_scale: float = 1.0,
     world: World = SINGLE,
+    capture_bytes: int | None = None,
 ) -> None:
     """Write the calibration store at ``store_path``. ``model``: a
     :class:`~pipeline.models.denoiser.Denoiser` or a bare unconditional UNet. Sample n gets the condition
@@ -73,7 +74,10 @@ def dump_calibration(
     (:func:`pipeline.infra.distributed.shared_store`): rank 0 creates the arrays, each rank fills whole
     chunks of them, and the store equals a one-process one byte for byte. Trajectory records
     ``s*N + n`` of one chunk belong to one step only when ``chunk_records`` divides N; otherwise the
-    trajectories are one unit of work (rank 0 runs them all)."""
+    trajectories are one unit of work (rank 0 runs them all).
+
+    A layer-I/O pass holds every layer's float32 input and output of its batch at once (1.8 GB a
+    record for SD v1.4): with ``capture_bytes`` its batches are cut to fit them (one record at least)."""
     denoiser = as_denoiser(model)
     steps = len(scheduler.timesteps)
     shape = denoiser.sample_shape
@@ -84,7 +88,8 @@ def dump_calibration(
     probe = (torch.zeros(1, *shape), scheduler.timesteps[:1], *(() if keys is None else (keys[:1],)))
     numel = io_numel(denoiser, layers, tuple(to_device(v, device) for v in probe))
     per_step = min(layer_records_per_step, 2 * num_samples if guided else num_samples)
-    stored = layer_io_sample(steps, per_step, 2 * sum(map(sum, numel.values())), layer_io_gb)
+    io_elements = sum(map(sum, numel.values()))  # of one record's layer inputs and outputs
+    stored = layer_io_sample(steps, per_step, 2 * io_elements, layer_io_gb)
     sample_chunk = chunk_records if num_samples % chunk_records == 0 else num_samples
     if world.main:
         root = zarr.open_group(str(store_path), mode="w")
@@ -123,7 +128,8 @@ def dump_calibration(
 
         x0[start:stop] = ddim_sample(denoiser, scheduler, noise, eta, record, cond, guidance_scale).cpu().numpy()
     world.barrier()  # layer I/O replays trajectory records that other ranks wrote
-    dump_layer_io(root, denoiser, layers, stored, num_samples, batch_size, chunk_records, device, world)
+    layer_batch = batch_size if capture_bytes is None else max(1, min(batch_size, capture_bytes // (4 * io_elements)))
+    dump_layer_io(root, denoiser, layers, stored, num_samples, layer_batch, chunk_records, device, world)
     world.barrier()
     if world.main:
         root.attrs.update(

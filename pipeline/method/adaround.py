@@ -13,7 +13,7 @@ gradient scaler looks at the gradients on the host every iteration).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,16 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 from tqdm import tqdm
 
-from pipeline.calibration.capture import execution_order, unit_inputs, unit_outputs, windows
+from pipeline.calibration.capture import (
+    GB,
+    Budget,
+    batched,
+    execution_order,
+    placement,
+    unit_inputs,
+    unit_outputs,
+    windows,
+)
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import autocast, to_device
 from pipeline.quant.layers import QuantLayer
@@ -104,19 +113,18 @@ def reconstruction_units(model: nn.Module, run_once) -> list[tuple[str, nn.Modul
     return [(name, units[name]) for name in execution_order(units, run_once)]
 
 
-def _batched(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0
+def _take(capture, index: tuple[torch.Tensor, torch.Tensor], device: torch.device):
+    """Records ``index`` = (on the host, on ``device``) of a capture, on ``device``: captures lie on the
+    device, in host memory or in scratch files as :class:`~pipeline.calibration.capture.Budget` placed them."""
 
+    def take(v):
+        if not batched(v):
+            return v
+        if v.device.type == device.type:
+            return v[index[1]]
+        return v[index[0]].to(device, non_blocking=True)
 
-def _concat(batches):
-    """One capture from per-batch captures (tensors, or (args, kwargs)): tensors with a batch
-    dimension concatenated, anything else taken from the first batch."""
-    return tree_map(lambda *parts: torch.cat(parts) if _batched(parts[0]) else parts[0], *batches)
-
-
-def _take(capture, index: torch.Tensor):
-    """Records ``index`` of a capture made by :func:`_concat`."""
-    return tree_map(lambda value: value[index] if _batched(value) else value, capture)
+    return tree_map(take, capture)
 
 
 def _main_output(output):
@@ -133,31 +141,28 @@ def reconstruct_unit(
     layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
     offsets = [attach_rounding(layer) for layer in layers]
     optimizer = torch.optim.Adam([o.v for o in offsets], lr=settings.lr)
-    # concatenated once, not per iteration: gathering a batch from the whole capture is then one index
-    q_inputs, fp_outputs = _concat(q_inputs), _concat(fp_outputs)
     n = len(_main_output(fp_outputs))
     device = offsets[0].v.device
     generator = torch.Generator().manual_seed(settings.seed)
-    # the same draws as one randint per iteration, copied to the device once
-    batches = to_device(
-        torch.stack(
-            [torch.randint(0, n, (min(settings.batch_size, n),), generator=generator) for _ in range(settings.iters)]
-        ),
-        device,
+    # the same draws as one randint per iteration, on the host for captures kept there
+    batches = torch.stack(
+        [torch.randint(0, n, (min(settings.batch_size, n),), generator=generator) for _ in range(settings.iters)]
     )
+    batches_on_device = to_device(batches, device)  # copied once, so the loop does not wait for the device
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
 
-    def per_sample_loss(index: torch.Tensor) -> torch.Tensor:
-        args, kwargs = _take(q_inputs, index)
+    def per_sample_loss(index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        args, kwargs = _take(q_inputs, index, device)
         with autocast(device, settings.precision):
             out = _main_output(unit(*args, **kwargs))
-        target = _main_output(_take(fp_outputs, index))
+        target = _main_output(_take(fp_outputs, index, device))
         return (out.float() - target).pow(2).sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
 
     def full_loss() -> float:
         with torch.no_grad():
             total = sum(
-                per_sample_loss(idx).sum().double() for idx in torch.arange(n, device=device).split(settings.batch_size)
+                per_sample_loss((idx, to_device(idx, device))).sum().double()
+                for idx in torch.arange(n).split(settings.batch_size)
             )
             return total.item() / n
 
@@ -165,11 +170,11 @@ def reconstruct_unit(
     losses = torch.empty(settings.iters, device=device)
     with soft_rounding(offsets):
         for i in range(settings.iters):
-            index = batches[i]
+            index = batches[i], batches_on_device[i]
             per_sample = per_sample_loss(index)
             if weighting is not None:
-                weighting.update(steps[index], per_sample.detach())
-                per_sample = per_sample * weighting.weights(steps[index])
+                weighting.update(steps[index[1]], per_sample.detach())
+                per_sample = per_sample * weighting.weights(steps[index[1]])
             loss = per_sample.mean()
             beta = beta_at(i, settings)
             if beta is not None:
@@ -213,7 +218,7 @@ def adaround(
     make_weighting=None,
     steps=None,
     checkpoints: Checkpoints | None = None,
-    target_bytes: int = 1 << 30,
+    budget: Budget = Budget.of(0.5, 0.5),
 ) -> dict[str, dict]:
     """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model`` on
     ``inputs`` = (x, t) or (x, t, cond) (models: bare UNets or :class:`~pipeline.models.denoiser.Denoiser`).
@@ -222,35 +227,46 @@ def adaround(
     With ``checkpoints`` every reconstructed unit is saved at once, and units found there are restored
     instead of reconstructed. A unit's inputs come from the units before it, so those are restored
     exactly (the rounding variables themselves); each unit draws its batches from its own generator,
-    so a resumed run ends bit-identical to an uninterrupted one. The FP targets of consecutive units
-    are captured in one forward pass, up to ``target_bytes`` together (one unit at least)."""
+    so a resumed run ends bit-identical to an uninterrupted one.
+
+    Captures are placed by ``budget``, half of it for the unit's inputs from the quantized network and
+    half for the FP targets of a window of consecutive units, captured in one forward pass a batch
+    (one unit at least): on the device first, then in host memory, then in scratch files, so no unit
+    needs its records on the device at once; training batches are gathered from wherever they lie."""
     capture_batch = max(settings.batch_size, 64)
+    device = inputs[0].device
+    half = Budget(budget.device_bytes // 2, budget.host_bytes // 2, budget.scratch)
     units = reconstruction_units(q_model, lambda: q_model(*(v[:1] for v in inputs)))
     fp_modules = dict(fp_model.named_modules())
     fp_units = {name: fp_modules[name] for name, _ in units}
     sizes = _target_bytes(fp_model, fp_units, inputs)
     names = [name for name, _ in units]
-    targets: dict[str, list] = {}
+    targets: dict = {}
     report = {}
-    for index, (name, unit) in enumerate(tqdm(units, desc="adaround")):
-        if checkpoints and (saved := checkpoints.load(name)) is not None:
-            restore_rounding(unit, saved[0])
-            report[name] = saved[1]
-            continue
-        q_inputs = unit_inputs(q_model, unit, inputs, capture_batch)
-        if name not in targets:  # the FP targets of this unit and of as many next ones as fit the budget
-            window = windows(names[index:], sizes, target_bytes)[0]
-            targets = unit_outputs(fp_model, {later: fp_units[later] for later in window}, inputs, capture_batch)
-        fp_outputs = targets.pop(name)
-        weighting = make_weighting() if make_weighting is not None else None
-        report[name] = reconstruct_unit(name, unit, q_inputs, fp_outputs, settings, weighting, steps)
-        if checkpoints:
-            checkpoints.save(name, rounding_state(unit), report[name])
+    with ExitStack() as window:
+        for index, (name, unit) in enumerate(tqdm(units, desc="adaround")):
+            if checkpoints and (saved := checkpoints.load(name)) is not None:
+                restore_rounding(unit, saved[0])
+                report[name] = saved[1]
+                continue
+            if name not in targets:  # the FP targets of this unit and of as many next ones as fit
+                targets = {}
+                window.close()  # the previous window's captures and scratch files
+                later = {n: fp_units[n] for n in windows(names[index:], sizes, half.window_bytes)[0]}
+                allocate = window.enter_context(placement(half, device))
+                targets = unit_outputs(fp_model, later, inputs, capture_batch, allocate)
+            with placement(half, device) as allocate:
+                q_inputs = unit_inputs(q_model, unit, inputs, capture_batch, allocate)
+                weighting = make_weighting() if make_weighting is not None else None
+                report[name] = reconstruct_unit(name, unit, q_inputs, targets.pop(name), settings, weighting, steps)
+            if checkpoints:
+                checkpoints.save(name, rounding_state(unit), report[name])
     return report
 
 
 def _target_bytes(fp_model: nn.Module, fp_units: dict[str, nn.Module], inputs) -> dict[str, int]:
     """Bytes of each unit's FP output over all records, from a pass over one record."""
-    one = unit_outputs(fp_model, fp_units, tuple(v[:1] for v in inputs), 1)
+    with placement(Budget(0, GB), torch.device("cpu")) as allocate:
+        one = unit_outputs(fp_model, fp_units, tuple(v[:1] for v in inputs), 1, allocate)
     tensors = {name: [v for v in tree_leaves(out) if isinstance(v, torch.Tensor)] for name, out in one.items()}
     return {name: len(inputs[0]) * sum(v.numel() * v.element_size() for v in found) for name, found in tensors.items()}
