@@ -60,12 +60,15 @@ def check_params(path: Path = typer.Argument(Path("params.yaml"))) -> None:
 def doctor(
     params: Path = typer.Option(Path("params.yaml"), help="the params file a run would use"),
     artifacts: Path = typer.Option(Path("artifacts"), help="where the stages write their stores"),
+    gpu_gb: float = typer.Option(None, help="predict for a GPU of this many GiB (present or not)"),
 ) -> None:
     """Check the environment before a long run: package versions, torch threads, the device, the
-    model, and disk space for the Zarr stores that the params imply."""
+    model, disk space for the Zarr stores that the params imply, and each stage's predicted peak
+    device memory, host memory and scratch disk, against what this machine (or --gpu-gb) has."""
     from pipeline.preflight import diagnose
 
-    findings = diagnose(params, artifacts, copies=2)  # each store lives in the workspace and in the DVC cache
+    # outputs are hard links into the DVC cache (.dvc/config cache.type): one copy of each store
+    findings = diagnose(params, artifacts, copies=1, gpu_gb=gpu_gb)
     for finding in findings:
         typer.echo(f"{'ok' if finding.ok else 'PROBLEM':>7}  {finding.check}: {finding.detail}")
     problems = sum(not finding.ok for finding in findings)
@@ -155,10 +158,20 @@ def run_pipeline(
     targets: list[str] = typer.Argument(None, help="stages to bring up to date (default: all, i.e. the whole table)"),
     force: bool = typer.Option(False, help="rerun the stages even when nothing changed (dvc repro --force)"),
 ) -> None:
-    """``dvc repro`` with a readable account: the stages it will run, progress as each starts, how
+    """``dvc repro`` with a readable account: each stage's predicted peak memory (a run that cannot fit
+    this machine is refused before it starts), the stages it will run, progress as each starts, how
     long each took, then the table."""
     import subprocess
     import time
+
+    from pipeline.preflight import load_config, memory
+
+    findings = memory(load_config(Path("params.yaml")))
+    for finding in findings:
+        typer.echo(f"{'ok' if finding.ok else 'PROBLEM':>7}  {finding.check}: {finding.detail}")
+    if not all(finding.ok for finding in findings):
+        typer.secho("refused: a stage would not fit this machine (`dvc repro` runs it anyway)", fg="red", err=True)
+        raise typer.Exit(1)
 
     command = ["dvc", "repro", *(["--force"] if force else []), *(targets or [])]
     always = _always_changed()  # they run on every repro; they rerun others only when their output changes

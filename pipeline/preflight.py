@@ -3,15 +3,18 @@
 * :func:`load_config`, which every stage calls: ``params.yaml`` through the schema, then against a
   weightless skeleton of the UNet (layer names, PTS patterns) and the files the params name.
 * :func:`diagnose` (``cli.py doctor``): package versions, torch threads, disk space for the Zarr
-  stores the parameters imply, the device and the model.
+  stores the parameters imply, the device, the model, and each stage's predicted peak memory.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
+import resource
 import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from pipeline.calibration.capture import io_numel
+from pipeline.calibration.capture import GB, io_numel
 from pipeline.calibration.dump import layer_io_sample
 from pipeline.config import Config, ConfigError, read_params
 from pipeline.deploy.integer import int8_kernels_available, kernels_add_pairs_in_int16
@@ -32,6 +35,7 @@ from pipeline.models.denoiser import probe_kwargs, read_prompts
 from pipeline.models.diffusion import unet_skeleton
 from pipeline.models.local import find_layout
 from pipeline.quant import quantizable_layers
+from pipeline.resources import gib, stage_costs
 
 DISTRIBUTION = "dmq-pipeline"
 
@@ -287,6 +291,65 @@ def cpu() -> Finding:
     return Finding("cpu", True, detail)
 
 
+# the params that lower each stage's peak, first the one that lowers it most
+KNOBS = {
+    "dump": "calib.batch_size",
+    "stats": "capture.batch_size, capture.device_gb",
+    "les": "capture.device_gb, capture.batch_size",
+    "recon": "capture.device_gb, capture.batch_size, recon.batch_size",
+    "pts": "pts.batch_size",
+    "sample": "sample.batch_size",
+}
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def process_baseline() -> int:
+    """This process's peak resident bytes so far: the interpreter, torch, diffusers and this package,
+    about what every stage process holds before it loads a model."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def text_length(model_cfg) -> int:
+    """Tokens of the text model's prompts: its tokenizer's ``model_max_length`` (CLIP's 77 otherwise)."""
+    tokenizer = find_layout(model_cfg.path).tokenizer if model_cfg.source == "local" else None
+    config = None if tokenizer is None else tokenizer / "tokenizer_config.json"
+    if config is not None and config.exists():
+        return int(json.loads(config.read_text()).get("model_max_length", 77))
+    return 77
+
+
+def memory(cfg: Config, gpu_gb: float | None = None) -> list[Finding]:
+    """Predicted peak memory and scratch disk of every stage that runs the network
+    (:mod:`pipeline.resources`) against the device (``gpu_gb``: a GPU of that size, present or not),
+    host memory and the scratch folder's free space."""
+    cuda = gpu_gb is not None or (cfg.device != "cpu" and torch.cuda.is_available())
+    gpu = gpu_gb * GB if gpu_gb is not None else torch.cuda.get_device_properties(0).total_memory if cuda else None
+    host, baseline = host_memory(), process_baseline()
+    scratch = Path(cfg.capture.scratch or tempfile.gettempdir())
+    free = shutil.disk_usage(next(p for p in (scratch, *scratch.resolve().parents) if p.exists())).free
+    findings = []
+    for cost in stage_costs(cfg, unet_skeleton(cfg.model), text_length(cfg.model)):
+        on_host = baseline + cost.host + (cost.staged if cuda else cost.device)
+        fits = {
+            "GPU": not cuda or cost.device <= gpu,
+            "host": on_host <= host,
+            "scratch": cost.disk <= free,
+        }
+        where = f"GPU {gib(cost.device)} of {gib(gpu)}, " if cuda else ""
+        detail = f"{where}host {gib(on_host)} of {gib(host)} (process {gib(baseline)} included)"
+        if cost.disk:
+            detail += f", scratch {gib(cost.disk)} at {scratch} ({gib(free)} free)"
+        detail += f"; {cost.detail}"
+        if not all(fits.values()):
+            short = " and ".join(name for name, ok in fits.items() if not ok)
+            detail += f": too much for the {short}; lower {KNOBS[cost.stage]}"
+        findings.append(Finding(f"predicted peak of {cost.stage}", all(fits.values()), detail))
+    return findings
+
+
 def model(cfg: Config) -> Finding:
     if cfg.model.source == "embedded":
         return Finding("model", True, "embedded default (the fp_model stage trains it)")
@@ -296,7 +359,7 @@ def model(cfg: Config) -> Finding:
     )
 
 
-def diagnose(params: Path, artifacts: Path, copies: int) -> list[Finding]:
+def diagnose(params: Path, artifacts: Path, copies: int, gpu_gb: float | None = None) -> list[Finding]:
     findings = package_versions()
     try:
         cfg = load_config(params)
@@ -310,4 +373,5 @@ def diagnose(params: Path, artifacts: Path, copies: int) -> list[Finding]:
         device(cfg),
         model(cfg),
         disk_space(cfg, artifacts, copies),
+        *memory(cfg, gpu_gb),
     ]

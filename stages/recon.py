@@ -87,6 +87,7 @@ def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
             steps=to_device(step, device),
             checkpoints=checkpoints,
             budget=Budget.of(cfg.capture.device_gb, cfg.capture.host_gb, cfg.capture.scratch),
+            capture_batch=cfg.capture.batch_size,
         )
         report.update(seconds=round(time.perf_counter() - start, 1), units=units)
         report["mean_loss_before"] = sum(u["before"] for u in units.values()) / len(units)

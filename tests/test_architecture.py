@@ -15,7 +15,7 @@ import yaml
 from helpers import ROOT
 
 # Roles in the order imports may flow: a module imports its own role or an earlier one.
-ROLES = ["schema", "infra", "quant", "models", "calibration", "method", "eval", "deploy", "preflight"]
+ROLES = ["schema", "infra", "quant", "models", "calibration", "method", "eval", "deploy", "resources", "preflight"]
 SCHEMA = {"pipeline.config", "pipeline.methods"}
 SAME_TIER = {"eval": "deploy"}  # neither imports the other
 

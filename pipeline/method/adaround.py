@@ -219,6 +219,7 @@ def adaround(
     steps=None,
     checkpoints: Checkpoints | None = None,
     budget: Budget = Budget.of(0.5, 0.5),
+    capture_batch: int = 64,
 ) -> dict[str, dict]:
     """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model`` on
     ``inputs`` = (x, t) or (x, t, cond) (models: bare UNets or :class:`~pipeline.models.denoiser.Denoiser`).
@@ -232,8 +233,8 @@ def adaround(
     Captures are placed by ``budget``, half of it for the unit's inputs from the quantized network and
     half for the FP targets of a window of consecutive units, captured in one forward pass a batch
     (one unit at least): on the device first, then in host memory, then in scratch files, so no unit
-    needs its records on the device at once; training batches are gathered from wherever they lie."""
-    capture_batch = max(settings.batch_size, 64)
+    needs its records on the device at once; training batches are gathered from wherever they lie.
+    Captures run ``capture_batch`` records a forward pass."""
     device = inputs[0].device
     half = Budget(budget.device_bytes // 2, budget.host_bytes // 2, budget.scratch)
     units = reconstruction_units(q_model, lambda: q_model(*(v[:1] for v in inputs)))

@@ -1,0 +1,254 @@
+"""Predicted against measured memory and disk per stage, on the real topologies at reduced width.
+
+    python benchmarks/scale.py [--divisors 8 4 2] [--json benchmarks/scale.json]
+
+Stable Diffusion v1's UNet (4 levels, 2 layers a block, cross-attention transformers with GEGLU
+feed-forwards, classifier-free guidance) and LDM-4's (4 levels, self-attention) are built from their
+published configs with every channel width divided by each divisor, random weights, 16x16 latents and
+tiny text encoders / autoencoders, saved as local model folders (pipeline/models/local.py) and taken
+through the stage scripts with small iteration counts and a small capture budget, so that captures
+spill to host memory and scratch files as they would at full size. Each stage runs in its own
+process; its peak resident memory is read from the kernel (``wait4``), and its outputs' bytes on disk
+are counted. Predicted: :func:`pipeline.resources.stage_costs` from the model's shapes on the meta
+device, plus the measured resident memory of a process that only imports the stage's modules (the
+interpreter, torch, diffusers: the process baseline), and :func:`pipeline.preflight.store_sizes` for
+the stores. On a CPU every byte is host memory, so the device and host predictions add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from diffusers import UNet2DConditionModel, UNet2DModel  # noqa: E402
+
+from helpers import init_repo, reduced_params  # noqa: E402
+from pipeline.models.diffusion import unet_skeleton  # noqa: E402
+from pipeline.preflight import load_config, store_sizes, text_length  # noqa: E402
+from pipeline.quant import quantizable_layers  # noqa: E402
+from pipeline.resources import stage_costs  # noqa: E402
+from tiny_models import save_tiny_model, write_prompts  # noqa: E402
+
+LATENT = 16  # latent side: the real models' 64 divided by 4
+SD_V1 = dict(  # Stable Diffusion v1.x UNet (diffusers' defaults for UNet2DConditionModel are SD v1's)
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32
+)
+LDM4 = dict(  # LDM-4 LSUN bedrooms, from its published config
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(224, 448, 672, 896),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=32,
+    norm_num_groups=32,
+)
+ENTRY, ROW = "dmq-w4a8", "dmq-w4a8"
+STAGES = ("dump", "stats", f"les {ENTRY}", f"recon {ENTRY}", f"pts {ROW}", f"sample {ROW}")
+PARAMS = {  # small iteration counts; a capture budget small enough that captures spill at every width
+    "diffusion": {"steps": 4},
+    "calib": {"num_samples": 8, "layer_records_per_step": 2, "batch_size": 4, "layer_io_gb": 0.5},
+    "capture": {"device_gb": 0.02, "host_gb": 0.05, "batch_size": 4},
+    "les": {"iters": 5, "batch_size": 4, "workers": 1},
+    "recon": {"iters": 5, "batch_size": 4, "records": 8},
+    "pts": {"calib_records": 4, "batch_size": 4},
+    "sample": {"num_samples": 8, "batch_size": 4, "seeds": [1]},
+    "quant": {"seeds": [0]},
+    "weights": {ENTRY: {"method": "dmq", "w_bits": 4, "a_bits": 8}},
+    "rows": {ROW: {"weights": ENTRY, "a_bits": 8}},
+    "guards": {},
+    "peers": {},
+    "report": {"table": [ROW], "ablation": []},
+}
+
+
+def model_folder(topology: str, divisor: int, folder: Path) -> Path:
+    """A local model folder: the topology's UNet at 1/divisor of its widths, random weights."""
+    torch.manual_seed(divisor)
+    if topology == "sd-v1":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        save_tiny_model("text", folder)
+        cross = SD_V1["cross_attention_dim"] // divisor
+        config = json.loads((folder / "text_encoder/config.json").read_text())
+        text = {k: config[k] for k in ("vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id")}
+        sizes = dict(hidden_size=cross, intermediate_size=2 * cross, num_hidden_layers=1, num_attention_heads=2)
+        CLIPTextModel(CLIPTextConfig(**sizes, **text)).save_pretrained(folder / "text_encoder")
+        unet = UNet2DConditionModel(
+            sample_size=LATENT,
+            block_out_channels=tuple(c // divisor for c in SD_V1["block_out_channels"]),
+            cross_attention_dim=cross,
+            attention_head_dim=SD_V1["attention_head_dim"],
+            norm_num_groups=SD_V1["norm_num_groups"] // divisor,
+        )
+    else:
+        save_tiny_model("latent", folder)
+        unet = UNet2DModel(
+            sample_size=LATENT,
+            **{
+                **LDM4,
+                "block_out_channels": tuple(c // divisor for c in LDM4["block_out_channels"]),
+                "attention_head_dim": LDM4["attention_head_dim"] // divisor,
+                "norm_num_groups": LDM4["norm_num_groups"] // divisor,
+            },
+        )
+    unet.save_pretrained(folder / "unet")
+    return folder
+
+
+def run_measured(command: list[str], cwd: Path) -> tuple[int, float]:
+    """Peak resident bytes and wall seconds of ``command`` run as its own process."""
+    start = time.perf_counter()
+    with open(cwd / "stage.log", "a") as log:
+        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed in {cwd}: see {cwd / 'stage.log'}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - start
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def topology_repo(topology: str, divisor: int, work: Path, overrides: dict | None = None) -> Path:
+    """A repository of the stage scripts whose params take ``topology`` at 1/``divisor`` width through
+    the stages with small budgets (:data:`PARAMS`, then ``overrides``)."""
+    folder = model_folder(topology, divisor, work / "model")
+    repo = init_repo(work / "repo", reduced_params())
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update(source="local", path=str(folder))
+    for section, values in {**PARAMS, **(overrides or {})}.items():  # the matrix replaced, the rest merged
+        matrix = section in ("weights", "rows", "guards", "peers", "report")
+        params[section] = values if matrix else {**params.get(section, {}), **values}
+    if topology == "sd-v1":
+        prompts = str(write_prompts(work / "prompts.txt"))
+        params["calib"]["prompts"] = params["sample"]["prompts"] = prompts
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo
+
+
+def measure(topology: str, divisor: int, work: Path) -> dict:
+    repo = topology_repo(topology, divisor, work)
+    cwd = Path.cwd()
+    os.chdir(repo)
+    try:
+        cfg = load_config("params.yaml")
+        unet = unet_skeleton(cfg.model)
+        predicted = {c.stage: c for c in stage_costs(cfg, unet, text_length(cfg.model))}
+        stores = store_sizes(cfg)
+    finally:
+        os.chdir(cwd)
+    run_measured([sys.executable, "-m", "stages.fp_model"], repo)
+    rows = {}
+    for stage in STAGES:
+        name, *entry = stage.split()
+        baseline, _ = run_measured([sys.executable, "-c", f"import stages.{name}"], repo)
+        before = du(repo / "artifacts")
+        peak, seconds = run_measured([sys.executable, "-m", f"stages.{name}", *entry], repo)
+        cost = predicted[name]
+        rows[name] = {
+            "measured_peak_rss": peak,
+            "process_baseline": baseline,
+            "predicted_peak_rss": baseline + cost.device + cost.host,
+            "ratio": (baseline + cost.device + cost.host) / peak,
+            "measured_outputs_bytes": du(repo / "artifacts") - before,
+            "predicted_scratch_bytes": cost.disk,
+            "seconds": round(seconds, 1),
+            "detail": cost.detail,
+        }
+        print(
+            f"{topology} /{divisor} {name:7s} measured {peak / 2**20:8.0f} MiB, predicted "
+            f"{rows[name]['predicted_peak_rss'] / 2**20:8.0f} MiB ({rows[name]['ratio']:.2f}x), {seconds:.0f} s",
+            flush=True,
+        )
+    rows["stores"] = {
+        "calib.zarr": {"predicted": stores["calib.zarr"], "measured": du(repo / "artifacts/calib.zarr")},
+        "stats.zarr": {"predicted": stores["stats.zarr"], "measured": du(repo / "artifacts/stats.zarr")},
+    }
+    return {
+        "topology": topology,
+        "divisor": divisor,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "quantized_layers": len(quantizable_layers(unet)),
+        "stages": rows,
+    }
+
+
+def config_folder(topology: str, folder: Path) -> Path:
+    """The full-width topology as a local model folder for predictions only: the tiny model's parts
+    with the real UNet's config.json and an empty weights file (nothing reads weights to predict)."""
+    save_tiny_model("text" if topology == "sd-v1" else "latent", folder)
+    with torch.device("meta"):
+        if topology == "sd-v1":
+            unet = UNet2DConditionModel(sample_size=64, **SD_V1)
+            tokenizer = folder / "tokenizer/tokenizer_config.json"
+            tokenizer.write_text(json.dumps({**json.loads(tokenizer.read_text()), "model_max_length": 77}))
+        else:
+            unet = UNet2DModel(sample_size=64, **LDM4)
+    unet.save_config(folder / "unet")
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"")
+    return folder
+
+
+def docs_params(heading: str) -> dict:
+    """The params block under ``heading`` in docs/real-models.md, without the files it names."""
+    text = (ROOT / "docs/real-models.md").read_text()
+    block = text[text.index(heading) :].split("```yaml\n", 1)[1].split("```", 1)[0]
+    params = yaml.safe_load(block)
+    params.pop("eval", None)
+    return params
+
+
+def predicted_at_full_width(topology: str, params: dict, gpu_gb: float, work: Path) -> list[str]:
+    """`cli.py doctor --gpu-gb` on the full-width topology with ``params`` (the docs' settings)."""
+    folder = config_folder(topology, work / "model")
+    repo = init_repo(work / "repo")
+    params = {**params, "model": {"source": "local", "path": str(folder)}}
+    if topology == "sd-v1":
+        prompts = str(write_prompts(work / "prompts.txt"))
+        params["calib"] = {**params["calib"], "prompts": prompts}
+        params["sample"] = {**params["sample"], "prompts": prompts}
+    (repo / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load((repo / "params.yaml").read_text()), **params}))
+    out = subprocess.run(
+        [sys.executable, "cli.py", "doctor", "--gpu-gb", str(gpu_gb)], cwd=repo, capture_output=True, text=True
+    ).stdout
+    return [line.strip() for line in out.splitlines() if "predicted peak" in line]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--divisors", type=int, nargs="+", default=[8, 4, 2])
+    parser.add_argument("--topologies", nargs="+", default=["sd-v1", "ldm-4"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results = []
+    for topology in args.topologies:
+        for divisor in sorted(args.divisors, reverse=True):
+            with tempfile.TemporaryDirectory(prefix="scale-") as work:
+                results.append(measure(topology, divisor, Path(work)))
+    full = {}
+    for topology, heading in (("sd-v1", "## Stable Diffusion v1.4"), ("ldm-4", "## LSUN bedrooms, LDM-4")):
+        with tempfile.TemporaryDirectory(prefix="scale-") as work:
+            full[topology] = predicted_at_full_width(topology, docs_params(heading), 24, Path(work))
+        print("\n".join(full[topology]))
+    if args.json:
+        summary = {"latent": LATENT, "params": PARAMS, "runs": results, "full_width_docs_params_24gb": full}
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

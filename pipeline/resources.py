@@ -1,0 +1,251 @@
+"""Predicted peak memory and disk of each stage, known before a run: from the model's shapes on the meta
+device, nothing allocated and nothing computed.
+
+A pass's peak is simulated rather than guessed: the UNet runs on meta tensors under :class:`LiveBytes`,
+a dispatch mode that adds a storage's bytes when an operator creates it and removes them when the last
+tensor on it is gone, as the allocator sees them (less its rounding and caching). Training passes keep
+what autograd saves until their backward pass. A stage's peak adds what it holds besides: the weights
+(one network, or FP and quantized), the captures the capture budget places on the device and in host
+memory (:mod:`pipeline.calibration.capture`, cut into the same windows), the dump's layer I/O batch.
+
+Not counted: the text encoder and autoencoder of latent models (the sample stage decodes with them),
+allocator rounding and fragmentation, and the process's own baseline (the interpreter and libraries),
+which callers add from a measurement of their own process.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from pipeline.calibration.capture import GB, Budget, capture_io, io_numel, windows
+from pipeline.config import Config
+from pipeline.method.adaround import reconstruction_units
+from pipeline.methods import METHODS
+from pipeline.models.denoiser import probe_kwargs
+from pipeline.quant import QuantSpec, quantizable_layers, quantize
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that operators create, live and at their peak, while the mode is on.
+
+    Attention runs as the fused kernel that CPU and CUDA pick (output and log-sum-exp, no score
+    matrix); on the meta device torch would otherwise decompose it into matmuls and a softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage -> [bytes, tensors on it]
+        self.now = self.peak = 0
+        self._attention = F.scaled_dot_product_attention
+
+    def __enter__(self):
+        F.scaled_dot_product_attention = _fused_attention
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self._attention
+        return super().__exit__(*exc)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.now -= entry[0]
+                del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                if key not in self.live:
+                    if key in inputs:  # a view or an in-place result of a tensor made before the mode
+                        continue
+                    self.live[key] = [storage.nbytes(), 0]
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                self.live[key][1] += 1
+                weakref.finalize(tensor, self._release, key)
+        return out
+
+
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return fused(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def _inputs(unet: nn.Module, batch: int, text_length: int) -> tuple[tuple, dict]:
+    c = unet.config
+    x = torch.empty(batch, c.in_channels, c.sample_size, c.sample_size, device="meta")
+    return (x, torch.zeros(batch, dtype=torch.long, device="meta")), probe_kwargs(unet, batch, "meta", text_length)
+
+
+def forward_peak(unet: nn.Module, batch: int, text_length: int = 77, keep_layer_io: bool = False) -> int:
+    """Peak bytes of one no-grad forward pass of ``batch`` records; with ``keep_layer_io`` every
+    quantized layer's input and output stays alive to the end of the pass (the dump's layer I/O pass)."""
+    args, kwargs = _inputs(unet, batch, text_length)
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if keep_layer_io:
+            stack.enter_context(capture_io(quantizable_layers(unet)))
+        live = stack.enter_context(LiveBytes())
+        unet(*args, **kwargs)
+    return live.peak
+
+
+def _unit_calls(unet: nn.Module, batch: int, text_length: int) -> dict[str, tuple[nn.Module, tuple, object]]:
+    """Per reconstruction unit of the weight-quantized network (blocks, stray layers): the unit, its
+    call's (args, kwargs) and its output on ``batch`` records, meta tensors."""
+    q_unet = copy.deepcopy(unet)
+    with torch.device("meta"):
+        for layer in quantize(q_unet, QuantSpec(w_bits=4)).values():
+            layer.quantize_weights = True
+    args, kwargs = _inputs(q_unet, 1, text_length)
+    units = dict(reconstruction_units(q_unet, lambda: q_unet(*args, **kwargs)))
+    calls: dict[str, tuple] = {}
+
+    def keep(name, module, a, k, output):
+        calls.setdefault(name, (module, a, k, output))
+
+    handles = [m.register_forward_hook(partial(keep, n), with_kwargs=True) for n, m in units.items()]
+    try:
+        with torch.no_grad():
+            args, kwargs = _inputs(q_unet, batch, text_length)
+            q_unet(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (module, (a, k), output) for name, (module, a, k, output) in calls.items()}
+
+
+def unit_training_peak(calls: dict) -> int:
+    """Peak bytes of the costliest unit's forward and backward pass (an AdaRound iteration), its
+    inputs not counted (they are the captures')."""
+    peak = 0
+    for module, (args, kwargs), _ in calls.values():
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), LiveBytes() as live:
+            out = module(*args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().pow(2).mean().backward()
+        module.zero_grad(set_to_none=True)
+        peak = max(peak, live.peak)
+    return peak
+
+
+def _tensor_bytes(value, rows: int) -> int:
+    """Float32 bytes of the tensors in ``value`` for one record of ``rows`` batch rows."""
+    return sum(
+        4 * v.numel() // v.shape[0] * rows for v in tree_leaves(value) if isinstance(v, torch.Tensor) and v.dim()
+    )
+
+
+@dataclass(frozen=True)
+class StageCost:
+    stage: str
+    device: int  # peak bytes on the device (with device: cpu, in host memory)
+    host: int  # peak host bytes beyond the device's, the process baseline not included
+    disk: int  # scratch files the capture budget spills to, beyond the stage's outputs
+    detail: str
+    staged: int = 0  # host bytes of the weights, loaded there before they move to the device
+
+
+def _placed(sizes: list[int], budget: Budget) -> tuple[int, int, int]:
+    """Device, host and scratch bytes of the largest window that ``budget`` cuts ``sizes`` into."""
+    names = [str(i) for i in range(len(sizes))]
+    by_name = dict(zip(names, sizes))
+    total = max(sum(by_name[n] for n in window) for window in windows(names, by_name, budget.window_bytes))
+    device = min(total, budget.device_bytes)
+    host = min(total - device, budget.host_bytes)
+    return device, host, total - device - host
+
+
+def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[StageCost]:
+    """Predicted peaks of the stages that run the network, for the params ``cfg`` and the UNet (meta)."""
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    conditional = probe_kwargs(unet) != {}
+    guided = conditional and cfg.calib.guidance_scale != 1
+    rows = 2 if guided else 1  # UNet rows a record takes (classifier-free guidance runs both)
+    layers = quantizable_layers(unet)
+    args, kwargs = _inputs(unet, 1, text_length)
+    numel = io_numel(partial(unet, **kwargs), layers, args)
+    layer_io = [4 * (a + b) for a, b in numel.values()]  # float32 input and output of one record
+    budget = Budget.of(cfg.capture.device_gb, cfg.capture.host_gb, cfg.capture.scratch)
+    batch = cfg.capture.batch_size
+    steps, samples = cfg.diffusion.steps, cfg.calib.num_samples
+    costs = []
+
+    layer_batch = max(1, min(cfg.calib.batch_size, budget.device_bytes // sum(layer_io)))
+    dump = forward_peak(unet, cfg.calib.batch_size * rows, text_length)
+    dump_io = forward_peak(unet, layer_batch * rows, text_length, keep_layer_io=True)
+    costs.append(
+        StageCost(
+            "dump",
+            weights + max(dump, dump_io),
+            0,
+            0,
+            f"trajectories in batches of {cfg.calib.batch_size}, layer I/O in batches of {layer_batch}",
+            weights,
+        )
+    )
+
+    forward = forward_peak(unet, batch * rows, text_length)
+    stats_records = steps * min(cfg.calib.layer_records_per_step, samples * rows)
+    d, h, s = _placed([stats_records * size for size in layer_io], budget)
+    costs.append(StageCost("stats", weights + forward + d, h, s, f"layer I/O of {stats_records} records", weights))
+
+    les_records = cfg.les.records or steps * samples * rows
+    d, h, s = _placed([les_records * size for size in layer_io], budget)
+    # a layer's LES iteration: an allowance of eight float32 copies of its batch's input and output
+    # (the batch, its quantized input, the output, their gradients)
+    les_train = 8 * cfg.les.batch_size * max(layer_io) // 4
+    costs.append(
+        StageCost(
+            "les", 2 * weights + max(forward, les_train) + d, h, s, f"layer I/O of {les_records} records", 2 * weights
+        )
+    )
+
+    if any(METHODS[v.method].adaround for v in cfg.weights.values()):
+        recon_records = cfg.recon.records
+        half = Budget(budget.device_bytes // 2, budget.host_bytes // 2, budget.scratch)
+        calls = _unit_calls(unet, cfg.recon.batch_size * rows, text_length)
+        targets = [recon_records * _tensor_bytes(out, rows) for _, _, out in calls.values()]
+        unit_inputs = [recon_records * _tensor_bytes(call, rows) for _, call, _ in calls.values()]
+        d, h, s = _placed(targets, half)
+        di, hi, si = _placed([max(unit_inputs)], half)
+        train = unit_training_peak(calls)
+        costs.append(
+            StageCost(
+                "recon",
+                2 * weights + max(forward, train) + d + di,
+                h + hi,
+                s + si,
+                f"block inputs and FP targets of {recon_records} records",
+                2 * weights,
+            )
+        )
+
+    # the quantized network's passes: an allowance of twice the FP pass (quantizer temporaries), and
+    # twice the weights (the FP ones and their dequantized copies)
+    pts = forward_peak(unet, cfg.pts.batch_size * rows, text_length)
+    costs.append(StageCost("pts", 2 * weights + 2 * pts, 0, 0, f"batches of {cfg.pts.batch_size}", 2 * weights))
+    sample_rows = 2 if conditional and cfg.sample.guidance_scale != 1 else 1
+    sample = forward_peak(unet, cfg.sample.batch_size * sample_rows, text_length)
+    sampled = f"batches of {cfg.sample.batch_size}"
+    costs.append(StageCost("sample", 2 * weights + 2 * sample, 0, 0, sampled, 2 * weights))
+    return costs
+
+
+def gib(size: int) -> str:
+    return f"{size / GB:.2f} GiB"
