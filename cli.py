@@ -61,14 +61,15 @@ def doctor(
     params: Path = typer.Option(Path("params.yaml"), help="the params file a run would use"),
     artifacts: Path = typer.Option(Path("artifacts"), help="where the stages write their stores"),
     gpu_gb: float = typer.Option(None, help="predict for a GPU of this many GiB (present or not)"),
+    host_gb: float = typer.Option(None, help="predict for this many GiB of host memory (default: this machine's)"),
 ) -> None:
     """Check the environment before a long run: package versions, torch threads, the device, the
     model, disk space for the Zarr stores that the params imply, and each stage's predicted peak
-    device memory, host memory and scratch disk, against what this machine (or --gpu-gb) has."""
+    device memory, host memory and scratch disk, against what this machine (or --gpu-gb / --host-gb) has."""
     from pipeline.preflight import diagnose
 
     # outputs are hard links into the DVC cache (.dvc/config cache.type): one copy of each store
-    findings = diagnose(params, artifacts, copies=1, gpu_gb=gpu_gb)
+    findings = diagnose(params, artifacts, copies=1, gpu_gb=gpu_gb, host_gb=host_gb)
     for finding in findings:
         typer.echo(f"{'ok' if finding.ok else 'PROBLEM':>7}  {finding.check}: {finding.detail}")
     problems = sum(not finding.ok for finding in findings)

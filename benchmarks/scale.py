@@ -8,7 +8,7 @@ published configs with every channel width divided by each divisor, random weigh
 tiny text encoders / autoencoders, saved as local model folders (pipeline/models/local.py) and taken
 through the stage scripts with small iteration counts and a small capture budget, so that captures
 spill to host memory and scratch files as they would at full size. Each stage runs in its own
-process; its peak resident memory is read from the kernel (``wait4``), and its outputs' bytes on disk
+process; its peak resident memory is read by GNU time (`/usr/bin/time`), and its outputs' bytes on disk
 are counted. Predicted: :func:`pipeline.resources.stage_costs` from the model's shapes on the meta
 device, plus the measured resident memory of a process that only imports the stage's modules (the
 interpreter, torch, diffusers: the process baseline), and :func:`pipeline.preflight.store_sizes` for
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,6 @@ from diffusers import UNet2DConditionModel, UNet2DModel  # noqa: E402
 from helpers import init_repo, reduced_params  # noqa: E402
 from pipeline.models.diffusion import unet_skeleton  # noqa: E402
 from pipeline.preflight import load_config, store_sizes, text_length  # noqa: E402
-from pipeline.quant import quantizable_layers  # noqa: E402
 from pipeline.resources import stage_costs  # noqa: E402
 from tiny_models import save_tiny_model, write_prompts  # noqa: E402
 
@@ -108,15 +108,17 @@ def model_folder(topology: str, divisor: int, folder: Path) -> Path:
 
 
 def run_measured(command: list[str], cwd: Path) -> tuple[int, float]:
-    """Peak resident bytes and wall seconds of ``command`` run as its own process."""
+    """Peak resident bytes and wall seconds of ``command`` run as its own process. GNU time reports the
+    peak: a child forked from this process would inherit this process's own peak in its accounting
+    (Linux carries ``maxrss`` across exec), and this process holds the models it built."""
     start = time.perf_counter()
-    with open(cwd / "stage.log", "a") as log:
-        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed in {cwd}: see {cwd / 'stage.log'}")
-    return usage.ru_maxrss * 1024, time.perf_counter() - start
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as peak, open(cwd / "stage.log", "a") as log:
+        done = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", peak.name, *command], cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+        )
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed in {cwd}: see {cwd / 'stage.log'}")
+        return int(peak.read().split()[-1]) * 1024, time.perf_counter() - start
 
 
 def du(path: Path) -> int:
@@ -140,17 +142,37 @@ def topology_repo(topology: str, divisor: int, work: Path, overrides: dict | Non
     return repo
 
 
-def measure(topology: str, divisor: int, work: Path) -> dict:
-    repo = topology_repo(topology, divisor, work)
+def predictions(repo: Path) -> tuple[dict, dict, int]:
+    """Per stage the predicted costs, the predicted store sizes and the UNet's parameter count."""
     cwd = Path.cwd()
     os.chdir(repo)
     try:
         cfg = load_config("params.yaml")
         unet = unet_skeleton(cfg.model)
-        predicted = {c.stage: c for c in stage_costs(cfg, unet, text_length(cfg.model))}
-        stores = store_sizes(cfg)
+        costs = {c.stage: c for c in stage_costs(cfg, unet, text_length(cfg.model))}
+        return costs, store_sizes(cfg), sum(p.numel() for p in unet.parameters())
     finally:
         os.chdir(cwd)
+
+
+def repredict(run: dict, work: Path) -> None:
+    """Predict a recorded run again with this checkout's code (the measurements stay as measured): the
+    model folder and params are rebuilt as the run had them (seeded, deterministic)."""
+    predicted, stores, _ = predictions(topology_repo(run["topology"], run["divisor"], work))
+    for name, row in run["stages"].items():
+        if name == "stores":
+            for store, sizes in row.items():
+                sizes["predicted"] = stores[store]
+            continue
+        cost = predicted[name]
+        row["predicted_peak_rss"] = row["process_baseline"] + cost.device + cost.host
+        row["ratio"] = row["predicted_peak_rss"] / row["measured_peak_rss"]
+        row["predicted_scratch_bytes"], row["detail"] = cost.disk, cost.detail
+
+
+def measure(topology: str, divisor: int, work: Path) -> dict:
+    repo = topology_repo(topology, divisor, work)
+    predicted, stores, parameters = predictions(repo)
     run_measured([sys.executable, "-m", "stages.fp_model"], repo)
     rows = {}
     for stage in STAGES:
@@ -181,8 +203,7 @@ def measure(topology: str, divisor: int, work: Path) -> dict:
     return {
         "topology": topology,
         "divisor": divisor,
-        "parameters": sum(p.numel() for p in unet.parameters()),
-        "quantized_layers": len(quantizable_layers(unet)),
+        "parameters": parameters,
         "stages": rows,
     }
 
@@ -214,7 +235,7 @@ def docs_params(heading: str) -> dict:
 
 
 def predicted_at_full_width(topology: str, params: dict, gpu_gb: float, work: Path) -> list[str]:
-    """`cli.py doctor --gpu-gb` on the full-width topology with ``params`` (the docs' settings)."""
+    """`cli.py doctor --gpu-gb N --host-gb 64` on the full-width topology with ``params`` (the docs')."""
     folder = config_folder(topology, work / "model")
     repo = init_repo(work / "repo")
     params = {**params, "model": {"source": "local", "path": str(folder)}}
@@ -224,9 +245,52 @@ def predicted_at_full_width(topology: str, params: dict, gpu_gb: float, work: Pa
         params["sample"] = {**params["sample"], "prompts": prompts}
     (repo / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load((repo / "params.yaml").read_text()), **params}))
     out = subprocess.run(
-        [sys.executable, "cli.py", "doctor", "--gpu-gb", str(gpu_gb)], cwd=repo, capture_output=True, text=True
+        [sys.executable, "cli.py", "doctor", "--gpu-gb", str(gpu_gb), "--host-gb", "64"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
     ).stdout
     return [line.strip() for line in out.splitlines() if "predicted peak" in line]
+
+
+def tables(summary: dict) -> str:
+    """The measured-against-predicted table and the full-width predictions, in markdown."""
+    mib = 2**20
+    lines = [
+        "| topology | width | parameters | stage | measured peak | predicted | predicted / measured |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for run in summary["runs"]:
+        for stage, row in run["stages"].items():
+            if stage != "stores":
+                lines.append(
+                    f"| {run['topology']} | 1/{run['divisor']} | {run['parameters'] / 1e6:.1f} M | {stage} "
+                    f"| {row['measured_peak_rss'] / mib:,.0f} MiB | {row['predicted_peak_rss'] / mib:,.0f} MiB "
+                    f"| {row['ratio']:.2f} |"
+                )
+    lines += [
+        "",
+        "| topology | width | store | measured on disk | predicted (uncompressed) | ratio |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for run in summary["runs"]:
+        for store, row in run["stages"]["stores"].items():
+            lines.append(
+                f"| {run['topology']} | 1/{run['divisor']} | {store} | {row['measured'] / mib:,.1f} MiB "
+                f"| {row['predicted'] / mib:,.1f} MiB | {row['predicted'] / row['measured']:.2f} |"
+            )
+    lines += ["", "| stage | SD v1.4: GPU | host | LDM-4: GPU | host |", "|---|---:|---:|---:|---:|"]
+    parsed = {
+        topology: {
+            line.split("predicted peak of ")[1].split(":")[0]: re.findall(r"(GPU|host) ([\d.]+) GiB of", line)
+            for line in found
+        }
+        for topology, found in summary["full_width_docs_params_24gb"].items()
+    }
+    for stage in parsed.get("sd-v1", {}):
+        cells = [f"{value} GiB" for topology in ("sd-v1", "ldm-4") for _, value in parsed[topology].get(stage, [])]
+        lines.append(f"| {stage} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -234,20 +298,36 @@ def main() -> None:
     parser.add_argument("--divisors", type=int, nargs="+", default=[8, 4, 2])
     parser.add_argument("--topologies", nargs="+", default=["sd-v1", "ldm-4"])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tables", type=Path, help="print the tables of a results file and exit")
+    parser.add_argument("--repredict", type=Path, help="predict a results file's runs again with this code")
     args = parser.parse_args()
-    results = []
+    if args.tables:
+        print(tables(json.loads(args.tables.read_text())))
+        return
+    if args.repredict:
+        summary = json.loads(args.repredict.read_text())
+        for run in summary["runs"]:
+            with tempfile.TemporaryDirectory(prefix="scale-") as work:
+                repredict(run, Path(work))
+        args.repredict.write_text(json.dumps(summary, indent=1) + "\n")
+        return
+    results, full = [], {}
+
+    def write() -> None:  # after every run, so that a long benchmark cut short keeps what it measured
+        if args.json:
+            summary = {"latent": LATENT, "params": PARAMS, "runs": results, "full_width_docs_params_24gb": full}
+            args.json.write_text(json.dumps(summary, indent=1) + "\n")
+
     for topology in args.topologies:
         for divisor in sorted(args.divisors, reverse=True):
             with tempfile.TemporaryDirectory(prefix="scale-") as work:
                 results.append(measure(topology, divisor, Path(work)))
-    full = {}
+            write()
     for topology, heading in (("sd-v1", "## Stable Diffusion v1.4"), ("ldm-4", "## LSUN bedrooms, LDM-4")):
         with tempfile.TemporaryDirectory(prefix="scale-") as work:
             full[topology] = predicted_at_full_width(topology, docs_params(heading), 24, Path(work))
         print("\n".join(full[topology]))
-    if args.json:
-        summary = {"latent": LATENT, "params": PARAMS, "runs": results, "full_width_docs_params_24gb": full}
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        write()
 
 
 if __name__ == "__main__":

@@ -291,15 +291,16 @@ def cpu() -> Finding:
     return Finding("cpu", True, detail)
 
 
-# the params that lower each stage's peak, first the one that lowers it most
-KNOBS = {
+# the params that lower each stage's peak on the GPU, first the one that lowers it most
+GPU_KNOBS = {
     "dump": "calib.batch_size",
     "stats": "capture.batch_size, capture.device_gb",
     "les": "capture.device_gb, capture.batch_size",
-    "recon": "capture.device_gb, capture.batch_size, recon.batch_size",
+    "recon": "capture.device_gb, recon.batch_size, capture.batch_size",
     "pts": "pts.batch_size",
     "sample": "sample.batch_size",
 }
+HOST_KNOBS = {**GPU_KNOBS, "stats": "capture.host_gb", "les": "capture.host_gb", "recon": "capture.host_gb"}
 
 
 def host_memory() -> int:
@@ -321,13 +322,13 @@ def text_length(model_cfg) -> int:
     return 77
 
 
-def memory(cfg: Config, gpu_gb: float | None = None) -> list[Finding]:
+def memory(cfg: Config, gpu_gb: float | None = None, host_gb: float | None = None) -> list[Finding]:
     """Predicted peak memory and scratch disk of every stage that runs the network
-    (:mod:`pipeline.resources`) against the device (``gpu_gb``: a GPU of that size, present or not),
-    host memory and the scratch folder's free space."""
+    (:mod:`pipeline.resources`) against the device, host memory and the scratch folder's free space;
+    ``gpu_gb`` / ``host_gb``: a GPU / host memory of that size instead of this machine's."""
     cuda = gpu_gb is not None or (cfg.device != "cpu" and torch.cuda.is_available())
     gpu = gpu_gb * GB if gpu_gb is not None else torch.cuda.get_device_properties(0).total_memory if cuda else None
-    host, baseline = host_memory(), process_baseline()
+    host, baseline = (host_memory() if host_gb is None else host_gb * GB), process_baseline()
     scratch = Path(cfg.capture.scratch or tempfile.gettempdir())
     free = shutil.disk_usage(next(p for p in (scratch, *scratch.resolve().parents) if p.exists())).free
     findings = []
@@ -343,9 +344,9 @@ def memory(cfg: Config, gpu_gb: float | None = None) -> list[Finding]:
         if cost.disk:
             detail += f", scratch {gib(cost.disk)} at {scratch} ({gib(free)} free)"
         detail += f"; {cost.detail}"
-        if not all(fits.values()):
-            short = " and ".join(name for name, ok in fits.items() if not ok)
-            detail += f": too much for the {short}; lower {KNOBS[cost.stage]}"
+        knobs = {"GPU": GPU_KNOBS[cost.stage], "host": HOST_KNOBS[cost.stage], "scratch": "les.records, recon.records"}
+        for name in (name for name, ok in fits.items() if not ok):
+            detail += f": too much for the {name}, lower {knobs[name]}"
         findings.append(Finding(f"predicted peak of {cost.stage}", all(fits.values()), detail))
     return findings
 
@@ -359,7 +360,9 @@ def model(cfg: Config) -> Finding:
     )
 
 
-def diagnose(params: Path, artifacts: Path, copies: int, gpu_gb: float | None = None) -> list[Finding]:
+def diagnose(
+    params: Path, artifacts: Path, copies: int, gpu_gb: float | None = None, host_gb: float | None = None
+) -> list[Finding]:
     findings = package_versions()
     try:
         cfg = load_config(params)
@@ -373,5 +376,5 @@ def diagnose(params: Path, artifacts: Path, copies: int, gpu_gb: float | None = 
         device(cfg),
         model(cfg),
         disk_space(cfg, artifacts, copies),
-        *memory(cfg, gpu_gb),
+        *memory(cfg, gpu_gb, host_gb),
     ]

@@ -225,10 +225,13 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
         d, h, s = _placed(targets, half)
         di, hi, si = _placed([max(unit_inputs)], half)
         train = unit_training_peak(calls)
+        # the FP and the quantized network, the rounding variables every reconstructed layer keeps (as
+        # large as its weights), and the 8-bit integer weights written at the end
+        held = 3 * weights + weights // 4
         costs.append(
             StageCost(
                 "recon",
-                2 * weights + max(forward, train) + d + di,
+                held + max(forward, train) + d + di,
                 h + hi,
                 s + si,
                 f"block inputs and FP targets of {recon_records} records",

@@ -16,7 +16,7 @@ from stages.layout import CLASSIFIER
 PARAMS = {
     "fp_model": ("seed", "model"),
     "classifier": ("classifier", "model.image_size"),
-    "dump": ("device", "diffusion", "calib"),
+    "dump": ("device", "diffusion", "calib", "capture.device_gb"),
     "stats": ("device", "calib.layer_records_per_step", "capture", "stats"),
     "les": ("device", "capture", "les", "quant.seeds"),
     "recon": ("device", "autocast", "capture", "quant", "recon", "les.focal_r", "les.focal_momentum"),
