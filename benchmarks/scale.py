@@ -10,9 +10,10 @@ through the stage scripts with small iteration counts and a small capture budget
 spill to host memory and scratch files as they would at full size. Each stage runs in its own
 process; its peak resident memory is read by GNU time (`/usr/bin/time`), and its outputs' bytes on disk
 are counted. Predicted: :func:`pipeline.resources.stage_costs` from the model's shapes on the meta
-device, plus the measured resident memory of a process that only imports the stage's modules (the
-interpreter, torch, diffusers: the process baseline), and :func:`pipeline.preflight.store_sizes` for
-the stores. On a CPU every byte is host memory, so the device and host predictions add up.
+device, plus the process baseline as `cli.py doctor` measures it (the interpreter, torch, diffusers,
+the model's classes: the peak of a process that imported the stage's modules and predicted), and
+:func:`pipeline.preflight.store_sizes` for the stores. On a CPU every byte is host memory: a stage's
+figure is its device and host predictions added up.
 """
 
 from __future__ import annotations
@@ -32,8 +33,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from diffusers import UNet2DConditionModel, UNet2DModel  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel, VQModel  # noqa: E402
 
+from benchmarks.topologies import (  # noqa: E402
+    LDM4_AUTOENCODER,
+    LDM4_UNET,
+    SD_V1_AUTOENCODER,
+    SD_V1_TEXT_ENCODER,
+    SD_V1_UNET,
+)
 from helpers import init_repo, reduced_params  # noqa: E402
 from pipeline.models.diffusion import unet_skeleton  # noqa: E402
 from pipeline.preflight import load_config, store_sizes, text_length  # noqa: E402
@@ -41,18 +49,11 @@ from pipeline.resources import stage_costs  # noqa: E402
 from tiny_models import save_tiny_model, write_prompts  # noqa: E402
 
 LATENT = 16  # latent side: the real models' 64 divided by 4
-SD_V1 = dict(  # Stable Diffusion v1.x UNet (diffusers' defaults for UNet2DConditionModel are SD v1's)
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32
-)
-LDM4 = dict(  # LDM-4 LSUN bedrooms, from its published config
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(224, 448, 672, 896),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=32,
-    norm_num_groups=32,
+# the process baseline as `cli.py doctor` measures it: its own peak after predicting, in a process that
+# imported the stage's modules
+BASELINE = (
+    "import stages.{stage}; from pipeline.preflight import load_config, memory, process_baseline; "
+    "memory(load_config()); print(process_baseline())"
 )
 ENTRY, ROW = "dmq-w4a8", "dmq-w4a8"
 STAGES = ("dump", "stats", f"les {ENTRY}", f"recon {ENTRY}", f"pts {ROW}", f"sample {ROW}")
@@ -80,27 +81,27 @@ def model_folder(topology: str, divisor: int, folder: Path) -> Path:
         from transformers import CLIPTextConfig, CLIPTextModel
 
         save_tiny_model("text", folder)
-        cross = SD_V1["cross_attention_dim"] // divisor
+        cross = SD_V1_UNET["cross_attention_dim"] // divisor
         config = json.loads((folder / "text_encoder/config.json").read_text())
         text = {k: config[k] for k in ("vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id")}
         sizes = dict(hidden_size=cross, intermediate_size=2 * cross, num_hidden_layers=1, num_attention_heads=2)
         CLIPTextModel(CLIPTextConfig(**sizes, **text)).save_pretrained(folder / "text_encoder")
         unet = UNet2DConditionModel(
             sample_size=LATENT,
-            block_out_channels=tuple(c // divisor for c in SD_V1["block_out_channels"]),
+            block_out_channels=tuple(c // divisor for c in SD_V1_UNET["block_out_channels"]),
             cross_attention_dim=cross,
-            attention_head_dim=SD_V1["attention_head_dim"],
-            norm_num_groups=SD_V1["norm_num_groups"] // divisor,
+            attention_head_dim=SD_V1_UNET["attention_head_dim"],
+            norm_num_groups=SD_V1_UNET["norm_num_groups"] // divisor,
         )
     else:
         save_tiny_model("latent", folder)
         unet = UNet2DModel(
-            sample_size=LATENT,
             **{
-                **LDM4,
-                "block_out_channels": tuple(c // divisor for c in LDM4["block_out_channels"]),
-                "attention_head_dim": LDM4["attention_head_dim"] // divisor,
-                "norm_num_groups": LDM4["norm_num_groups"] // divisor,
+                **LDM4_UNET,
+                "sample_size": LATENT,
+                "block_out_channels": tuple(c // divisor for c in LDM4_UNET["block_out_channels"]),
+                "attention_head_dim": LDM4_UNET["attention_head_dim"] // divisor,
+                "norm_num_groups": LDM4_UNET["norm_num_groups"] // divisor,
             },
         )
     unet.save_pretrained(folder / "unet")
@@ -155,17 +156,27 @@ def predictions(repo: Path) -> tuple[dict, dict, int]:
         os.chdir(cwd)
 
 
+def process_baseline(stage: str, repo: Path) -> int:
+    """Peak resident bytes of a process that imports ``stage``'s modules and predicts as `cli.py doctor`
+    does (its own peak is the baseline doctor adds to its predictions)."""
+    command = [sys.executable, "-c", BASELINE.format(stage=stage)]
+    return int(subprocess.run(command, cwd=repo, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
 def repredict(run: dict, work: Path) -> None:
-    """Predict a recorded run again with this checkout's code (the measurements stay as measured): the
-    model folder and params are rebuilt as the run had them (seeded, deterministic)."""
-    predicted, stores, _ = predictions(topology_repo(run["topology"], run["divisor"], work))
+    """Predict a recorded run again with this checkout's code, the process baselines measured again
+    (the stages' peaks stay as measured): the model folder and params are rebuilt as the run had them
+    (seeded, deterministic)."""
+    repo = topology_repo(run["topology"], run["divisor"], work)
+    predicted, stores, _ = predictions(repo)
     for name, row in run["stages"].items():
         if name == "stores":
             for store, sizes in row.items():
                 sizes["predicted"] = stores[store]
             continue
         cost = predicted[name]
-        row["predicted_peak_rss"] = row["process_baseline"] + cost.device + cost.host
+        row["process_baseline"] = process_baseline(name, repo)
+        row["predicted_peak_rss"] = row["process_baseline"] + cost.host_peak(cuda=False)
         row["ratio"] = row["predicted_peak_rss"] / row["measured_peak_rss"]
         row["predicted_scratch_bytes"], row["detail"] = cost.disk, cost.detail
 
@@ -177,15 +188,15 @@ def measure(topology: str, divisor: int, work: Path) -> dict:
     rows = {}
     for stage in STAGES:
         name, *entry = stage.split()
-        baseline, _ = run_measured([sys.executable, "-c", f"import stages.{name}"], repo)
+        baseline = process_baseline(name, repo)
         before = du(repo / "artifacts")
         peak, seconds = run_measured([sys.executable, "-m", f"stages.{name}", *entry], repo)
         cost = predicted[name]
         rows[name] = {
             "measured_peak_rss": peak,
             "process_baseline": baseline,
-            "predicted_peak_rss": baseline + cost.device + cost.host,
-            "ratio": (baseline + cost.device + cost.host) / peak,
+            "predicted_peak_rss": baseline + cost.host_peak(cuda=False),
+            "ratio": (baseline + cost.host_peak(cuda=False)) / peak,
             "measured_outputs_bytes": du(repo / "artifacts") - before,
             "predicted_scratch_bytes": cost.disk,
             "seconds": round(seconds, 1),
@@ -209,18 +220,23 @@ def measure(topology: str, divisor: int, work: Path) -> dict:
 
 
 def config_folder(topology: str, folder: Path) -> Path:
-    """The full-width topology as a local model folder for predictions only: the tiny model's parts
-    with the real UNet's config.json and an empty weights file (nothing reads weights to predict)."""
+    """The full-width model as a local model folder for predictions only: the tiny model's layout with
+    the real UNet's, text encoder's and autoencoder's configs and empty weights files (nothing reads
+    weights to predict)."""
     save_tiny_model("text" if topology == "sd-v1" else "latent", folder)
     with torch.device("meta"):
         if topology == "sd-v1":
-            unet = UNet2DConditionModel(sample_size=64, **SD_V1)
+            from transformers import CLIPTextConfig
+
+            UNet2DConditionModel(**SD_V1_UNET).save_config(folder / "unet")
+            AutoencoderKL(**SD_V1_AUTOENCODER).save_config(folder / "vae")
+            CLIPTextConfig(**SD_V1_TEXT_ENCODER).to_json_file(folder / "text_encoder/config.json")
             tokenizer = folder / "tokenizer/tokenizer_config.json"
             tokenizer.write_text(json.dumps({**json.loads(tokenizer.read_text()), "model_max_length": 77}))
         else:
-            unet = UNet2DModel(sample_size=64, **LDM4)
-    unet.save_config(folder / "unet")
-    for weights in (folder / "unet").glob("*.safetensors"):
+            UNet2DModel(**LDM4_UNET).save_config(folder / "unet")
+            VQModel(**LDM4_AUTOENCODER).save_config(folder / "vqvae")
+    for weights in folder.rglob("*.safetensors"):
         weights.write_bytes(b"")
     return folder
 
@@ -251,6 +267,16 @@ def predicted_at_full_width(topology: str, params: dict, gpu_gb: float, work: Pa
         text=True,
     ).stdout
     return [line.strip() for line in out.splitlines() if "predicted peak" in line]
+
+
+def full_width() -> dict[str, list[str]]:
+    """Both topologies at full width with the docs' params, predicted for a 24 GB GPU."""
+    full = {}
+    for topology, heading in (("sd-v1", "## Stable Diffusion v1.4"), ("ldm-4", "## LSUN bedrooms, LDM-4")):
+        with tempfile.TemporaryDirectory(prefix="scale-") as work:
+            full[topology] = predicted_at_full_width(topology, docs_params(heading), 24, Path(work))
+        print("\n".join(full[topology]), flush=True)
+    return full
 
 
 def tables(summary: dict) -> str:
@@ -309,6 +335,7 @@ def main() -> None:
         for run in summary["runs"]:
             with tempfile.TemporaryDirectory(prefix="scale-") as work:
                 repredict(run, Path(work))
+        summary["full_width_docs_params_24gb"] = full_width()
         args.repredict.write_text(json.dumps(summary, indent=1) + "\n")
         return
     results, full = [], {}
@@ -323,11 +350,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="scale-") as work:
                 results.append(measure(topology, divisor, Path(work)))
             write()
-    for topology, heading in (("sd-v1", "## Stable Diffusion v1.4"), ("ldm-4", "## LSUN bedrooms, LDM-4")):
-        with tempfile.TemporaryDirectory(prefix="scale-") as work:
-            full[topology] = predicted_at_full_width(topology, docs_params(heading), 24, Path(work))
-        print("\n".join(full[topology]))
-        write()
+    full.update(full_width())
+    write()
 
 
 if __name__ == "__main__":

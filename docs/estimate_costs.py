@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
+from benchmarks.topologies import LDM4_UNET, SD_V1_UNET  # noqa: E402
 from pipeline.calibration.capture import Budget  # noqa: E402
 from pipeline.calibration.dump import dump_calibration, open_calibration, random_records, records_by_step  # noqa: E402
 from pipeline.config import CalibConfig  # noqa: E402
@@ -36,17 +37,6 @@ from pipeline.preflight import calibration_store_bytes, layer_io_record_bytes  #
 from pipeline.quant import QuantSpec, quantizable_layers, quantize  # noqa: E402
 
 TEXT_LENGTH = 16  # tokens of the small models' prompts
-SD = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # Stable Diffusion v1.x UNet
-LDM4_BEDROOM = dict(  # LDM-4 LSUN bedrooms (VQ-f4 latents 64x64x3), from its published config
-    sample_size=64,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(224, 448, 672, 896),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=32,
-)
 
 
 def sd_like(width: int, size: int) -> UNet2DConditionModel:
@@ -189,8 +179,8 @@ def main() -> None:
     torch.set_num_threads(1)
     with torch.device("meta"):
         real = {
-            "sd-v1.4": shape_facts(UNet2DConditionModel(**SD)),
-            "ldm4-bedroom": shape_facts(UNet2DModel(**LDM4_BEDROOM)),
+            "sd-v1.4": shape_facts(UNet2DConditionModel(**SD_V1_UNET)),
+            "ldm4-bedroom": shape_facts(UNet2DModel(**LDM4_UNET)),
         }
     small = {}
     for name, (width, size) in {"tiny (8 ch, 8x8)": (8, 8), "small (32 ch, 16x16)": (32, 16)}.items():

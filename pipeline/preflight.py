@@ -14,6 +14,7 @@ import os
 import platform
 import resource
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import partial
@@ -308,9 +309,15 @@ def host_memory() -> int:
 
 
 def process_baseline() -> int:
-    """This process's peak resident bytes so far: the interpreter, torch, diffusers and this package,
-    about what every stage process holds before it loads a model."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident bytes so far: the interpreter, torch, diffusers, this package and
+    the model's classes, about what every stage process holds before it loads a model. On Linux the
+    high-water mark of the process's own memory (VmHWM): ``ru_maxrss`` would carry the peak of a larger
+    process that started this one."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        peak = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(peak.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def text_length(model_cfg) -> int:
@@ -328,12 +335,14 @@ def memory(cfg: Config, gpu_gb: float | None = None, host_gb: float | None = Non
     ``gpu_gb`` / ``host_gb``: a GPU / host memory of that size instead of this machine's."""
     cuda = gpu_gb is not None or (cfg.device != "cpu" and torch.cuda.is_available())
     gpu = gpu_gb * GB if gpu_gb is not None else torch.cuda.get_device_properties(0).total_memory if cuda else None
+    costs = stage_costs(cfg, unet_skeleton(cfg.model), text_length(cfg.model))
+    # measured after the prediction, which imports the model's classes as a stage does
     host, baseline = (host_memory() if host_gb is None else host_gb * GB), process_baseline()
     scratch = Path(cfg.capture.scratch or tempfile.gettempdir())
     free = shutil.disk_usage(next(p for p in (scratch, *scratch.resolve().parents) if p.exists())).free
     findings = []
-    for cost in stage_costs(cfg, unet_skeleton(cfg.model), text_length(cfg.model)):
-        on_host = baseline + cost.host + (cost.staged if cuda else cost.device)
+    for cost in costs:
+        on_host = baseline + cost.host_peak(cuda)
         fits = {
             "GPU": not cuda or cost.device <= gpu,
             "host": on_host <= host,

@@ -6,16 +6,19 @@ a dispatch mode that adds a storage's bytes when an operator creates it and remo
 tensor on it is gone, as the allocator sees them (less its rounding and caching). Training passes keep
 what autograd saves until their backward pass. A stage's peak adds what it holds besides: the weights
 (one network, or FP and quantized), the captures the capture budget places on the device and in host
-memory (:mod:`pipeline.calibration.capture`, cut into the same windows), the dump's layer I/O batch.
+memory (:mod:`pipeline.calibration.capture`, cut into the same windows), the dump's layer I/O batch,
+reconstruction's rounding variables with their gradients and Adam's moments, the text encoder that
+embeds the prompts (host memory, while the stage loads) and the autoencoder that decodes samples.
 
-Not counted: the text encoder and autoencoder of latent models (the sample stage decodes with them),
-allocator rounding and fragmentation, and the process's own baseline (the interpreter and libraries),
-which callers add from a measurement of their own process.
+Not counted: allocator rounding, caching and fragmentation, and the process's own baseline (the
+interpreter and libraries), which callers add from a measurement of their own process.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -29,9 +32,10 @@ from torch.utils._pytree import tree_leaves
 
 from pipeline.calibration.capture import GB, Budget, capture_io, io_numel, windows
 from pipeline.config import Config
-from pipeline.method.adaround import reconstruction_units
+from pipeline.method.adaround import RoundingOffsets, attach_rounding, reconstruction_units, soft_rounding
 from pipeline.methods import METHODS
-from pipeline.models.denoiser import probe_kwargs
+from pipeline.models.denoiser import Decoder, probe_kwargs
+from pipeline.models.local import diffusers_class, find_layout
 from pipeline.quant import QuantSpec, quantizable_layers, quantize
 
 
@@ -106,12 +110,14 @@ def forward_peak(unet: nn.Module, batch: int, text_length: int = 77, keep_layer_
 
 
 def _unit_calls(unet: nn.Module, batch: int, text_length: int) -> dict[str, tuple[nn.Module, tuple, object]]:
-    """Per reconstruction unit of the weight-quantized network (blocks, stray layers): the unit, its
-    call's (args, kwargs) and its output on ``batch`` records, meta tensors."""
+    """Per reconstruction unit of the weight-quantized network (blocks, stray layers) with AdaRound's
+    rounding variables attached: the unit, its call's (args, kwargs) and its output on ``batch``
+    records, meta tensors."""
     q_unet = copy.deepcopy(unet)
     with torch.device("meta"):
         for layer in quantize(q_unet, QuantSpec(w_bits=4)).values():
             layer.quantize_weights = True
+            attach_rounding(layer)
     args, kwargs = _inputs(q_unet, 1, text_length)
     units = dict(reconstruction_units(q_unet, lambda: q_unet(*args, **kwargs)))
     calls: dict[str, tuple] = {}
@@ -131,17 +137,49 @@ def _unit_calls(unet: nn.Module, batch: int, text_length: int) -> dict[str, tupl
 
 
 def unit_training_peak(calls: dict) -> int:
-    """Peak bytes of the costliest unit's forward and backward pass (an AdaRound iteration), its
-    inputs not counted (they are the captures')."""
+    """Peak bytes of the costliest unit's AdaRound iteration: the forward pass with soft rounding, the
+    backward pass into the rounding variables and Adam's step (its moments made on the first), the
+    unit's inputs not counted (they are the captures')."""
     peak = 0
     for module, (args, kwargs), _ in calls.values():
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), LiveBytes() as live:
+        offsets = [m for m in module.modules() if isinstance(m, RoundingOffsets)]
+        # the identity hooks keep what autograd saves alive as Python tensors, so LiveBytes sees it held
+        saved = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with soft_rounding(offsets), saved, LiveBytes() as live:
             out = module(*args, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
             out.float().pow(2).mean().backward()
+            torch.optim.Adam([o.v for o in offsets], foreach=True).step()  # as on CUDA: all at once
         module.zero_grad(set_to_none=True)
         peak = max(peak, live.peak)
     return peak
+
+
+def _companions(model_cfg) -> tuple[int, nn.Module | None]:
+    """Bytes of the model's text encoder (0 without one) and its autoencoder on the meta device (None
+    without one), from their configs."""
+    if model_cfg.source != "local":
+        return 0, None
+    layout = find_layout(model_cfg.path)
+    text = 0
+    if layout.text_encoder is not None:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(layout.text_encoder))
+        text = sum(p.numel() * 4 for p in encoder.parameters())  # loaded in float32
+    if layout.autoencoder is None:
+        return text, None
+    config = json.loads((layout.autoencoder / "config.json").read_text())
+    with torch.device("meta"):
+        return text, diffusers_class(config["_class_name"]).from_config(config)
+
+
+def decode_peak(autoencoder: nn.Module, latents: tuple[int, ...]) -> int:
+    """Peak bytes of decoding a batch of ``latents`` (B, C, H, W) to pixels."""
+    with torch.no_grad(), LiveBytes() as live:
+        autoencoder.decode(torch.empty(latents, device="meta"))
+    return live.peak
 
 
 def _tensor_bytes(value, rows: int) -> int:
@@ -158,7 +196,14 @@ class StageCost:
     host: int  # peak host bytes beyond the device's, the process baseline not included
     disk: int  # scratch files the capture budget spills to, beyond the stage's outputs
     detail: str
-    staged: int = 0  # host bytes of the weights, loaded there before they move to the device
+    staged: int = 0  # host bytes while the stage loads: the weights before they move, the text encoder
+    # weights the stage holds but never reads: mapped from the weights file, they take no memory until
+    # read (on a GPU they are, when they are copied there)
+    unread: int = 0
+
+    def host_peak(self, cuda: bool) -> int:
+        """Host bytes at the stage's peak, the process baseline not included."""
+        return self.host + (self.staged if cuda else max(self.device, self.staged) - self.unread)
 
 
 def _placed(sizes: list[int], budget: Budget) -> tuple[int, int, int]:
@@ -174,6 +219,7 @@ def _placed(sizes: list[int], budget: Budget) -> tuple[int, int, int]:
 def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[StageCost]:
     """Predicted peaks of the stages that run the network, for the params ``cfg`` and the UNet (meta)."""
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    text_encoder, autoencoder = _companions(cfg.model)
     conditional = probe_kwargs(unet) != {}
     guided = conditional and cfg.calib.guidance_scale != 1
     rows = 2 if guided else 1  # UNet rows a record takes (classifier-free guidance runs both)
@@ -196,14 +242,16 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
             0,
             0,
             f"trajectories in batches of {cfg.calib.batch_size}, layer I/O in batches of {layer_batch}",
-            weights,
+            weights + text_encoder,
         )
     )
 
     forward = forward_peak(unet, batch * rows, text_length)
     stats_records = steps * min(cfg.calib.layer_records_per_step, samples * rows)
     d, h, s = _placed([stats_records * size for size in layer_io], budget)
-    costs.append(StageCost("stats", weights + forward + d, h, s, f"layer I/O of {stats_records} records", weights))
+    costs.append(
+        StageCost("stats", weights + forward + d, h, s, f"layer I/O of {stats_records} records", weights + text_encoder)
+    )
 
     les_records = cfg.les.records or steps * samples * rows
     d, h, s = _placed([les_records * size for size in layer_io], budget)
@@ -212,7 +260,12 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
     les_train = 8 * cfg.les.batch_size * max(layer_io) // 4
     costs.append(
         StageCost(
-            "les", 2 * weights + max(forward, les_train) + d, h, s, f"layer I/O of {les_records} records", 2 * weights
+            "les",
+            2 * weights + max(forward, les_train) + d,
+            h,
+            s,
+            f"layer I/O of {les_records} records",
+            2 * weights + text_encoder,
         )
     )
 
@@ -225,28 +278,43 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
         d, h, s = _placed(targets, half)
         di, hi, si = _placed([max(unit_inputs)], half)
         train = unit_training_peak(calls)
-        # the FP and the quantized network, the rounding variables every reconstructed layer keeps (as
-        # large as its weights), and the 8-bit integer weights written at the end
-        held = 3 * weights + weights // 4
+        # the FP and the quantized network, and the rounding variables every reconstructed layer keeps
+        # with their last gradient (each as large as its weights); at the end the 8-bit integer weights
+        held = 4 * weights
         costs.append(
             StageCost(
                 "recon",
-                held + max(forward, train) + d + di,
+                held + max(forward, train, weights // 4) + d + di,
                 h + hi,
                 s + si,
                 f"block inputs and FP targets of {recon_records} records",
-                2 * weights,
+                2 * weights + text_encoder,
             )
         )
 
     # the quantized network's passes: an allowance of twice the FP pass (quantizer temporaries), and
-    # twice the weights (the FP ones and their dequantized copies)
+    # twice the weights (the FP ones and the dequantized integer ones the layers run on; the FP ones are
+    # never read, so on the CPU they stay in the file)
+    unread = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
     pts = forward_peak(unet, cfg.pts.batch_size * rows, text_length)
-    costs.append(StageCost("pts", 2 * weights + 2 * pts, 0, 0, f"batches of {cfg.pts.batch_size}", 2 * weights))
+    costs.append(
+        StageCost(
+            "pts", 2 * weights + 2 * pts, 0, 0, f"batches of {cfg.pts.batch_size}", 2 * weights + text_encoder, unread
+        )
+    )
     sample_rows = 2 if conditional and cfg.sample.guidance_scale != 1 else 1
     sample = forward_peak(unet, cfg.sample.batch_size * sample_rows, text_length)
     sampled = f"batches of {cfg.sample.batch_size}"
-    costs.append(StageCost("sample", 2 * weights + 2 * sample, 0, 0, sampled, 2 * weights))
+    sample, decoder = 2 * sample, 0
+    if autoencoder is not None:  # it stays on the device while the samples are decoded a batch at a time
+        c = unet.config
+        batch = min(cfg.sample.batch_size, inspect.signature(Decoder.__call__).parameters["batch_size"].default)
+        decoder = sum(p.numel() * 4 for p in autoencoder.parameters())
+        sample = max(sample, decode_peak(autoencoder, (batch, c.out_channels, c.sample_size, c.sample_size)))
+        sampled += f", decoded {batch} at a time"
+    costs.append(
+        StageCost("sample", 2 * weights + decoder + sample, 0, 0, sampled, 2 * weights + text_encoder + decoder, unread)
+    )
     return costs
 
 

@@ -1,6 +1,7 @@
 """The commands people use around the pipeline: run (dvc repro with an account), table, compare."""
 
 import json
+import subprocess
 import sys
 
 from helpers import ROOT, run, set_params
@@ -19,6 +20,17 @@ def test_table_prints_fp_first_then_the_configured_rows(pipeline_copy):
 def test_run_with_nothing_changed_says_so_and_prints_the_table(pipeline_copy):
     output = run([*CLI, "run"], pipeline_copy)
     assert "everything is up to date" in output and "0 stage(s) ran" in output and "| FP | 32/32 |" in output
+
+
+def test_run_refuses_a_run_that_cannot_fit_this_machine_naming_the_param(pipeline_copy):
+    """Sampling 4 M images a batch is predicted beyond this machine's memory: refused before dvc runs."""
+    set_params(pipeline_copy, {"sample": {"batch_size": 2**22}})
+    lock = (pipeline_copy / "dvc.lock").read_text()
+    done = subprocess.run([*CLI, "run"], cwd=pipeline_copy, capture_output=True, text=True)
+    assert done.returncode == 1 and "refused: a stage would not fit this machine" in done.stderr
+    sample = next(line for line in done.stdout.splitlines() if "predicted peak of sample" in line)
+    assert sample.lstrip().startswith("PROBLEM") and "too much for the host, lower sample.batch_size" in sample
+    assert (pipeline_copy / "dvc.lock").read_text() == lock
 
 
 def test_compare_shows_the_params_and_the_metric_that_differ(pipeline_copy):

@@ -44,6 +44,22 @@ def _unet2d(in_channels: int, **extra) -> UNet2DModel:
     )
 
 
+def text_unet() -> UNet2DConditionModel:
+    """The text-to-image model's UNet: a cross-attention down and up block, 16-dim text features."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+
+
 def _autoencoder(cls, latent_channels: int, **extra):
     """One down / up step: 8x8 latents decode to 16x16 images."""
     return cls(
@@ -102,18 +118,7 @@ def save_tiny_model(kind: str, folder: Path) -> Path:
         tokenizer, vocab_size = _tokenizer(folder / "tokenizer", max_length=16)
         tokenizer.save_pretrained(folder / "tokenizer")
         CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **TINY_TEXT)).save_pretrained(folder / "text_encoder")
-        UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            norm_num_groups=4,
-        ).save_pretrained(folder / "unet")
+        text_unet().save_pretrained(folder / "unet")
         _autoencoder(AutoencoderKL, 4).save_pretrained(folder / "vae")
         # Stable Diffusion's schedule and DDIM keys
         scheduler = DDIMScheduler(
