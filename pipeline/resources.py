@@ -167,7 +167,7 @@ def _companions(model_cfg) -> tuple[int, nn.Module | None]:
 
         with torch.device("meta"):
             encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(layout.text_encoder))
-        text = sum(p.numel() * 4 for p in encoder.parameters())  # loaded in float32
+        text = _parameter_bytes(encoder)  # float32, as it is loaded
     if layout.autoencoder is None:
         return text, None
     config = json.loads((layout.autoencoder / "config.json").read_text())
@@ -180,6 +180,10 @@ def decode_peak(autoencoder: nn.Module, latents: tuple[int, ...]) -> int:
     with torch.no_grad(), LiveBytes() as live:
         autoencoder.decode(torch.empty(latents, device="meta"))
     return live.peak
+
+
+def _parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _tensor_bytes(value, rows: int) -> int:
@@ -218,7 +222,7 @@ def _placed(sizes: list[int], budget: Budget) -> tuple[int, int, int]:
 
 def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[StageCost]:
     """Predicted peaks of the stages that run the network, for the params ``cfg`` and the UNet (meta)."""
-    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    weights = _parameter_bytes(unet)
     text_encoder, autoencoder = _companions(cfg.model)
     conditional = probe_kwargs(unet) != {}
     guided = conditional and cfg.calib.guidance_scale != 1
@@ -309,7 +313,7 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
     if autoencoder is not None:  # it stays on the device while the samples are decoded a batch at a time
         c = unet.config
         batch = min(cfg.sample.batch_size, inspect.signature(Decoder.__call__).parameters["batch_size"].default)
-        decoder = sum(p.numel() * 4 for p in autoencoder.parameters())
+        decoder = _parameter_bytes(autoencoder)
         sample = max(sample, decode_peak(autoencoder, (batch, c.out_channels, c.sample_size, c.sample_size)))
         sampled += f", decoded {batch} at a time"
     costs.append(
