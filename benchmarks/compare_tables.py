@@ -5,9 +5,10 @@ the table prints.
 Each workspace is a repo root after ``dvc repro`` (its ``params.yaml``, ``metrics/`` and
 ``artifacts/samples``). Quantization seeds are paired in order, as the report pairs rows: for each row
 the per-seed difference A − B of ΔFID (FID minus FP's on the same noise) and of the per-sample error
-against FP, with the verdict of :func:`pipeline.eval.report.compare_rows` (a difference counts only
-beyond both the seed spread and twice the standard error over samples). Refuses workspaces whose FP
-models differ: then rows are not paired.
+against FP (left out where a workspace has no samples: a committed table checked out from git), with
+the verdict of :func:`pipeline.eval.report.compare_rows` (a difference counts only beyond both the
+seed spread and twice the standard error over samples). Refuses workspaces whose FP models differ:
+then rows are not paired.
 
     python benchmarks/compare_tables.py /work/full /work/half --json benchmarks/budget_half.json
 """
@@ -20,6 +21,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import yaml
 
 from pipeline.eval.report import compare_rows, mean_std, rows_against_fp
@@ -56,16 +58,28 @@ def table_of(root: Path, rows: list[str] | None):
         cfg = load_config(model_checks=False)
         rows = rows or list(dict.fromkeys(cfg.report.table + cfg.report.ablation))
         fp_record = read_json(metrics_path(FP))
-        fp_samples, _ = read_samples(samples_path(FP))
+        kept = samples_path(FP).exists()  # a committed table checked out without its artifacts has none
+        fp_samples = read_samples(samples_path(FP))[0] if kept else None
         found = {"model_hash": fp_record["provenance"]["model_hash"], "rows": {}}
         for name in rows:
             record = read_json(metrics_path(name))
             runs = rows_against_fp([fp_record, record])[1].runs
             found["rows"][name] = {
-                "errors": sample_errors(cfg, name, record, fp_samples),
+                "errors": sample_errors(cfg, name, record, fp_samples) if kept else None,
                 "fid_vs_fp": [run["fid_vs_fp"] for run in runs],
             }
         return cfg, found
+
+
+def fid_only(fid_a: list[float], fid_b: list[float]) -> dict:
+    """:func:`compare_rows`'s ΔFID verdict where a workspace has metrics but no samples (a committed
+    table checked out from git): the pixel comparison is left out and the verdict says so."""
+    no_errors = {seed: torch.zeros(1) for seed in range(len(fid_a))}
+    found = compare_rows(no_errors, no_errors, fid_a, fid_b)
+    pixels = dict.fromkeys(
+        ("mse_diff", "mse_diff_std", "mse_diff_se", "mse_diff_median", "a_closer_share"), float("nan")
+    )
+    return {**found, **pixels, "verdict": "no samples"}
 
 
 def main() -> None:
@@ -87,7 +101,10 @@ def main() -> None:
     results = {}
     for name in rows:
         ra, rb = a["rows"][name], b["rows"][name]
-        found = compare_rows(ra["errors"], rb["errors"], ra["fid_vs_fp"], rb["fid_vs_fp"])
+        if ra["errors"] is None or rb["errors"] is None:
+            found = fid_only(ra["fid_vs_fp"], rb["fid_vs_fp"])
+        else:
+            found = compare_rows(ra["errors"], rb["errors"], ra["fid_vs_fp"], rb["fid_vs_fp"])
         (fa, sa), (fb, sb) = mean_std(ra["fid_vs_fp"]), mean_std(rb["fid_vs_fp"])
         results[name] = {"fid_vs_fp_a": [fa, sa], "fid_vs_fp_b": [fb, sb], **found}
         print(
@@ -95,9 +112,8 @@ def main() -> None:
             f"{found['fid_diff']:>+8.1f} ± {found['fid_diff_std']:>5.1f} {found['fid_verdict']:<20} "
             f"{found['mse_diff']:>+9.5f} ± {found['mse_diff_std']:.5f} {found['verdict']}"
         )
-    counted = [
-        n for n, r in results.items() if r["fid_verdict"] != "within the spread" or r["verdict"] != "within the spread"
-    ]
+    unmoved = ("within the spread", "no samples")
+    counted = [n for n, r in results.items() if r["fid_verdict"] not in unmoved or r["verdict"] not in unmoved]
     print(
         f"\n{len(rows) - len(counted)} of {len(rows)} rows within the spread on both; "
         f"beyond: {', '.join(counted) or 'none'}"

@@ -155,6 +155,11 @@ class RowEntry(Section):
         description="the row's method where it differs from its weights entry's: an ablation whose weights equal "
         "another method's (dmq-no-pts on dmq's weights) shares them; the weight switches must match",
     )
+    attention: bool | None = Field(
+        None,
+        description="quantize the attention matmuls' inputs (q, k, v at a_bits, the softmax output at "
+        "attention.softmax_bits); null: as the method's paper does (Q-Diffusion's methods on, DMQ's off)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -252,8 +257,36 @@ class PTSConfig(Section):
     calib_records: int = Field(64, ge=1, description="records per step for activation calibration")
     batch_size: int = Field(16, ge=1)
     momentum: float = Field(0.95, ge=0, lt=1)
-    shared_clip_grid: int = Field(
-        50, ge=1, le=99, description="clipping ratios 1 - 0.01 i searched for shared activation ranges (Q-Diffusion)"
+
+
+class SharedActsConfig(Section):
+    """Q-Diffusion's activation step shared by all steps (methods qdiff*): an Lp-searched initialisation on
+    records with the layers before quantized, then the steps learned block by block (its second phase)."""
+
+    clip_grid: int = Field(80, ge=1, le=99, description="clipping ratios 1 - 0.01 i of the initialisation")
+    clip_p: float = Field(2.4, gt=0, description="p of the initialisation's Lp error")
+    init_records: int = Field(64, ge=1, description="records of the initialisation's one forward pass, all steps")
+    learn: bool = Field(True, description="learn the steps block by block after the initialisation")
+    iters: int = Field(100, ge=0, description="Adam iterations per block (Q-Diffusion: 5000)")
+    lr: float = Field(4e-4, gt=0, description="Adam learning rate, cosine-decayed to 0")
+    p: float = Field(2.4, gt=0, description="p of the block output's Lp error")
+    records: int = Field(256, ge=1, description="calibration records (from all steps) the steps learn from")
+    batch_size: int = Field(32, ge=1)
+
+    @field_validator("iters")
+    @classmethod
+    def _learning_needs_iterations(cls, iters: int, info: ValidationInfo) -> int:
+        if iters == 0 and info.data.get("learn", True):
+            raise ValueError("no iterations with shared_acts.learn on; set learn: false to keep the initialisation")
+        return iters
+
+
+class AttentionConfig(Section):
+    """The attention matmuls of the rows that quantize them (``rows.<row>.attention``, by default the methods
+    of Q-Diffusion): their inputs fake-quantized per tensor, each with the row's kind of activation ranges."""
+
+    softmax_bits: int = Field(
+        8, ge=2, le=8, description="bits of the softmax output (Q-Diffusion's sm_abit); q, k, v take the row's a_bits"
     )
 
 
@@ -339,6 +372,8 @@ class Config(Section):
     les: LESConfig = LESConfig()
     recon: ReconConfig = ReconConfig()
     pts: PTSConfig = PTSConfig()
+    shared_acts: SharedActsConfig = SharedActsConfig()
+    attention: AttentionConfig = AttentionConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
     report: ReportConfig = ReportConfig()
@@ -405,6 +440,11 @@ class Config(Section):
             elif weights.a_bits not in (None, row.a_bits):
                 problems.append(
                     f"rows.{name}.a_bits: {row.a_bits}, but weights.{row.weights} learned γ for a_bits {weights.a_bits}"
+                )
+            elif self.row_attention(name) is not None and row.a_bits > 8:
+                problems.append(
+                    f"rows.{name}.attention: the attention matmuls are quantized to at most 8 bits, the row's a_bits "
+                    f"is {row.a_bits}; set attention: false"
                 )
         problems += self._guard_problems()
         if self.sample.backend == "int8":
@@ -489,6 +529,13 @@ class Config(Section):
         row = self.entry("rows", name)
         variant = self.weights_variant(row.weights)._replace(a_bits=row.a_bits)
         return variant._replace(method=row.method) if row.method else variant
+
+    def row_attention(self, name: str) -> int | None:
+        """The softmax bits of a row that quantizes its attention matmuls, None for one that does not."""
+        row = self.rows[name]
+        method = row.method or self.weights[row.weights].method
+        on = METHODS[method].attention if row.attention is None else row.attention
+        return self.attention.softmax_bits if on else None
 
 
 class ConfigError(ValueError):

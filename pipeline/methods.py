@@ -20,6 +20,7 @@ class Method:
     split: tuple[str, ...]  # decoder layers whose concat(h, skip) input gets a quantizer per half
     weighting: str  # timestep weighting of the LES loss: uniform | linear | focal
     shared_acts: bool = False  # one set of activation parameters for all steps (Q-Diffusion), else one per step
+    attention: bool = False  # the attention matmuls quantized by default (Q-Diffusion's paper; DMQ's code does not)
 
     def weight_switches(self, recon_weighted: bool) -> tuple:
         """The switches that shape this method's weights (LES, its weighting, AdaRound, split): two
@@ -32,9 +33,13 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "minmax": Method(les=False, adaround=False, pts=False, split=(), weighting="uniform"),
-    "qdiff": Method(les=False, adaround=True, pts=False, split=SHORTCUT, weighting="uniform", shared_acts=True),
-    "qdiff-steps": Method(les=False, adaround=True, pts=False, split=SHORTCUT, weighting="uniform"),
-    "qdiff-steps-conv1": Method(les=False, adaround=True, pts=False, split=SHORTCUT_AND_CONV1, weighting="uniform"),
+    "qdiff": Method(
+        les=False, adaround=True, pts=False, split=SHORTCUT, weighting="uniform", shared_acts=True, attention=True
+    ),
+    "qdiff-steps": Method(les=False, adaround=True, pts=False, split=SHORTCUT, weighting="uniform", attention=True),
+    "qdiff-steps-conv1": Method(
+        les=False, adaround=True, pts=False, split=SHORTCUT_AND_CONV1, weighting="uniform", attention=True
+    ),
     "dmq": Method(les=True, adaround=True, pts=True, split=SHORTCUT, weighting="focal"),
     "dmq-no-les": Method(les=False, adaround=True, pts=True, split=SHORTCUT, weighting="focal"),
     "dmq-no-pts": Method(les=True, adaround=True, pts=False, split=SHORTCUT, weighting="focal"),

@@ -100,12 +100,19 @@ def _file_problems(cfg: Config) -> list[str]:
 
 
 def notices(cfg: Config) -> list[str]:
-    """What valid params leave out, one line each: a local model without Inception weights or reference
-    images gets the paired metrics only, and its guards compare pixels."""
+    """What valid params leave out, one line each: the int8 backend keeps quantized attention matmuls in
+    float; a local model without Inception weights or reference images gets the paired metrics only, and
+    its guards compare pixels."""
     e = cfg.eval
-    if cfg.model.source != "local":
-        return []
     found = []
+    attention_rows = [name for name in cfg.rows if cfg.row_attention(name) is not None]
+    if cfg.sample.backend == "int8" and attention_rows:
+        found.append(
+            f"notice: sample.backend int8 runs the conv / linear layers on int8 kernels; the attention matmuls of "
+            f"{', '.join(attention_rows)} stay float32 on their fake-quantized inputs (no int8 batched matmul kernel)"
+        )
+    if cfg.model.source != "local":
+        return found
     missing = [
         key
         for key, value in (

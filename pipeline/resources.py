@@ -7,7 +7,8 @@ tensor on it is gone, as the allocator sees them (less its rounding and caching)
 what autograd saves until their backward pass. A stage's peak adds what it holds besides: the weights
 (one network, or FP and quantized), the captures the capture budget places on the device and in host
 memory (:mod:`pipeline.calibration.capture`, cut into the same windows), the dump's layer I/O batch,
-reconstruction's rounding variables with their gradients and Adam's moments, the text encoder that
+reconstruction's rounding variables with their gradients and Adam's moments (the shared activation steps'
+learning is counted as a reconstruction), the score matrices of quantized attention matmuls, the text encoder that
 embeds the prompts (host memory, while the stage loads) and the autoencoder that decodes samples.
 
 Not counted: allocator rounding, caching and fragmentation, and the process's own baseline (the
@@ -36,14 +37,16 @@ from pipeline.method.adaround import RoundingOffsets, attach_rounding, reconstru
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import Decoder, probe_kwargs
 from pipeline.models.local import diffusers_class, find_layout
-from pipeline.quant import QuantSpec, quantizable_layers, quantize
+from pipeline.quant import QuantSpec, quant_layers, quantizable_layers, quantize
+from pipeline.quant.attention import quantize_attention
 
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages that operators create, live and at their peak, while the mode is on.
 
     Attention runs as the fused kernel that CPU and CUDA pick (output and log-sum-exp, no score
-    matrix); on the meta device torch would otherwise decompose it into matmuls and a softmax."""
+    matrix); on the meta device torch would otherwise decompose it into matmuls and a softmax. Quantized
+    attention matmuls (:func:`with_unfused_attention`) hold the score matrix, and are counted so."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,13 +112,25 @@ def forward_peak(unet: nn.Module, batch: int, text_length: int = 77, keep_layer_
     return live.peak
 
 
-def _unit_calls(unet: nn.Module, batch: int, text_length: int) -> dict[str, tuple[nn.Module, tuple, object]]:
-    """Per reconstruction unit of the weight-quantized network (blocks, stray layers) with AdaRound's
-    rounding variables attached: the unit, its call's (args, kwargs) and its output on ``batch``
-    records, meta tensors."""
+def with_unfused_attention(unet: nn.Module) -> nn.Module:
+    """A meta copy of ``unet`` whose attention runs as the quantized attention matmuls do: two matmuls and
+    the score matrix between them (quantizers off: their temporaries are the passes' allowance)."""
     q_unet = copy.deepcopy(unet)
     with torch.device("meta"):
-        for layer in quantize(q_unet, QuantSpec(w_bits=4)).values():
+        quantize(q_unet, QuantSpec(w_bits=4, a_bits=8))
+        quantize_attention(q_unet, 8, 8, 1)
+    return q_unet
+
+
+def _unit_calls(
+    unet: nn.Module, batch: int, text_length: int, unfused: bool = False
+) -> dict[str, tuple[nn.Module, tuple, object]]:
+    """Per reconstruction unit of the weight-quantized network (blocks, stray layers) with AdaRound's
+    rounding variables attached: the unit, its call's (args, kwargs) and its output on ``batch``
+    records, meta tensors. ``unfused``: attention as :func:`with_unfused_attention` runs it."""
+    q_unet = with_unfused_attention(unet) if unfused else copy.deepcopy(unet)
+    with torch.device("meta"):
+        for layer in (quant_layers(q_unet) if unfused else quantize(q_unet, QuantSpec(w_bits=4))).values():
             layer.quantize_weights = True
             attach_rounding(layer)
     args, kwargs = _inputs(q_unet, 1, text_length)
@@ -282,8 +297,10 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
         d, h, s = _placed(targets, half)
         di, hi, si = _placed([max(unit_inputs)], half)
         train = unit_training_peak(calls)
-        # the FP and the quantized network, and the rounding variables every reconstructed layer keeps
-        # with their last gradient (each as large as its weights); at the end the 8-bit integer weights
+        # the FP and the quantized network, the rounding variables every reconstructed layer keeps (each
+        # as large as its weights) and one more weight copy: their last gradients, which benchmarks/scale.json
+        # measured and reconstruction now drops after each block (an over-estimate until measured again);
+        # at the end the 8-bit integer weights
         held = 4 * weights
         costs.append(
             StageCost(
@@ -300,14 +317,31 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
     # twice the weights (the FP ones and the dequantized integer ones the layers run on; the FP ones are
     # never read, so on the CPU they stay in the file)
     unread = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
-    pts = forward_peak(unet, cfg.pts.batch_size * rows, text_length)
-    costs.append(
-        StageCost(
-            "pts", 2 * weights + 2 * pts, 0, 0, f"batches of {cfg.pts.batch_size}", 2 * weights + text_encoder, unread
-        )
-    )
+    # rows that quantize the attention matmuls hold each attention's score matrix
+    attention = any(cfg.row_attention(row) is not None for row in cfg.rows)
+    network = with_unfused_attention(unet) if attention else unet
+    pts = 2 * weights + 2 * forward_peak(network, cfg.pts.batch_size * rows, text_length)
+    pts_host, pts_disk = 0, 0
+    calibrated = f"batches of {cfg.pts.batch_size}"
+    if any(METHODS[cfg.row_variant(row).method].shared_acts for row in cfg.rows):
+        shared = cfg.shared_acts  # one pass over the initialisation's records, then blocks learned like recon's
+        pts = max(pts, 2 * weights + 2 * forward_peak(network, shared.init_records * rows, text_length))
+        calibrated += f", one pass of {shared.init_records} (shared steps' initialisation)"
+        if shared.learn:
+            half = Budget(budget.device_bytes // 2, budget.host_bytes // 2, budget.scratch)
+            calls = _unit_calls(unet, shared.batch_size * rows, text_length, unfused=attention)
+            d, pts_host, pts_disk = _placed(
+                [shared.records * _tensor_bytes(out, rows) for *_, out in calls.values()], half
+            )
+            di, hi, si = _placed(
+                [max(shared.records * _tensor_bytes(call, rows) for _, call, _ in calls.values())], half
+            )
+            train = unit_training_peak(calls)  # with rounding variables: an over-estimate of the steps' learning
+            pts, pts_host, pts_disk = max(pts, 3 * weights + train + d + di), pts_host + hi, pts_disk + si
+            calibrated += f", block inputs and FP targets of {shared.records} records"
+    costs.append(StageCost("pts", pts, pts_host, pts_disk, calibrated, 2 * weights + text_encoder, unread))
     sample_rows = 2 if conditional and cfg.sample.guidance_scale != 1 else 1
-    sample = forward_peak(unet, cfg.sample.batch_size * sample_rows, text_length)
+    sample = forward_peak(network, cfg.sample.batch_size * sample_rows, text_length)
     sampled = f"batches of {cfg.sample.batch_size}"
     sample, decoder = 2 * sample, 0
     if autoencoder is not None:  # it stays on the device while the samples are decoded a batch at a time

@@ -32,6 +32,8 @@ def main(row: str) -> None:
     else:
         found = evaluate_quant_seeds(runs, fp_runs=fp_runs, **measure)
     provenance = stage_provenance(cfg, "fid_fp" if row == FP else "fid", model, variant)
+    if attrs.get("attention"):  # the tables name the rows whose attention matmuls are quantized
+        variant = variant._replace(method=f"{variant.method}+attn")
     write_json(metrics_path(row), metrics_record(attrs["label"], variant, attrs["steps"], found, provenance))
 
 

@@ -20,7 +20,7 @@ PARAMS = {
     "stats": ("device", "calib.layer_records_per_step", "capture", "stats"),
     "les": ("device", "capture", "les", "quant.seeds"),
     "recon": ("device", "autocast", "capture", "quant", "recon", "les.focal_r", "les.focal_momentum"),
-    "pts": ("device", "pts", "quant.seeds"),
+    "pts": ("device", "autocast", "capture", "pts", "shared_acts", "attention", "quant.seeds"),
     "sample_fp": ("device", "autocast", "diffusion.steps", "sample"),
     "sample": ("device", "autocast", "diffusion.steps", "sample", "quant.seeds"),
     "eval_files": ("eval.reference_images", "eval.inception_weights", "eval.clip_model"),

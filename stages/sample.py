@@ -36,18 +36,23 @@ def main(row: str) -> None:
         weights_variant = cfg.weights_variant(weights)
         check_input(headers["weights"], cfg, "recon", fp_hash, weights_path(weights, seed), weights_variant, seed)
         check_input(headers["act"], cfg, "pts", fp_hash, act_params_path(row, seed), variant, seed)
-        label = f"{variant.method} {variant.label}"
+        attention = headers["act"].get("attention")  # the softmax bits of quantized attention matmuls
+        label = f"{variant.method}{'+attn' if attention else ''} {variant.label}"
         if cfg.sample.backend == "int8":
             try:
                 to_integer(quantized.unet)
             except ValueError as error:
                 raise ValueError(f"sample.backend int8, row {row}: {error}") from None
-        sample_into(cfg, row, seed, quantized.unet, quantized.scheduler, "sample", label, fp_hash, world, device)
+        unet, scheduler = quantized.unet, quantized.scheduler
+        sample_into(cfg, row, seed, unet, scheduler, "sample", label, fp_hash, world, device, attention)
 
 
-def sample_into(cfg: Config, row: str, seed: int | None, unet, train_scheduler, stage, label, fp_hash, world, device):
+def sample_into(
+    cfg: Config, row: str, seed: int | None, unet, train_scheduler, stage, label, fp_hash, world, device, attention=None
+):
     """Sample ``unet`` from every noise seed into the store of ``row`` and quantization seed ``seed``
-    (None: FP's), and draw the grid of the first noise seed's samples (of the first quantization seed)."""
+    (None: FP's), and draw the grid of the first noise seed's samples (of the first quantization seed);
+    the store says the softmax bits ``attention`` of quantized attention matmuls."""
     sample = cfg.sample
     variant = None if row == FP else cfg.row_variant(row)
     scheduler = ddim_scheduler(train_scheduler, cfg.diffusion.steps)
@@ -56,7 +61,7 @@ def sample_into(cfg: Config, row: str, seed: int | None, unet, train_scheduler, 
     ).to(device)
     decode = Decoder(find_layout(FP_MODEL), device)
     provenance = stage_provenance(cfg, stage, fp_hash, variant, seed)
-    attrs = {**provenance, "steps": cfg.diffusion.steps, "label": label, "quant_seed": seed}
+    attrs = {**provenance, "steps": cfg.diffusion.steps, "label": label, "quant_seed": seed, "attention": attention}
     path = samples_path(row, seed)
     write_samples(
         path,

@@ -12,6 +12,7 @@ from pipeline.infra.checkpoint import Checkpoints
 from pipeline.method.adaround import (
     AdaRoundSettings,
     adaround,
+    beta_at,
     reconstruct_unit,
     rounding_state,
 )
@@ -188,3 +189,12 @@ def test_fp_targets_of_several_units_from_one_pass_equal_one_pass_per_unit(monke
     assert len(scratch_b) == 6 and all(scratch_b)  # every capture in memory-mapped scratch files
     assert report_a == report_b
     assert all(torch.equal(ints_a[name], ints_b[name]) for name in ints_a)
+
+
+def test_beta_counts_iterations_from_one_as_the_reference():
+    """β is off until t = i + 1 reaches the warm-up (20 % of 400: t = 80), then falls from 20 to exactly 2."""
+    settings = AdaRoundSettings(
+        iters=400, batch_size=32, lr=1e-3, reg_lambda=0.01, beta_start=20.0, beta_end=2.0, warmup=0.2, seed=0
+    )
+    assert beta_at(78, settings) is None and beta_at(79, settings) == 20.0
+    assert beta_at(399, settings) == 2.0

@@ -12,7 +12,13 @@ CLI = [sys.executable, str(ROOT / "cli.py")]
 def test_table_prints_fp_first_then_the_configured_rows(pipeline_copy):
     lines = run([*CLI, "table"], pipeline_copy).splitlines()
     assert lines[0] == "Paper table"
-    assert [line.split(" | ")[0] for line in lines[4:9]] == ["| FP", "| qdiff", "| optimum-quanto", "| qdiff", "| dmq"]
+    assert [line.split(" | ")[0] for line in lines[4:9]] == [
+        "| FP",
+        "| qdiff+attn",
+        "| optimum-quanto",
+        "| qdiff+attn",
+        "| dmq",
+    ]
     ablation = run([*CLI, "table", "--ablation"], pipeline_copy)
     assert "MSE vs FP" in ablation and "| dmq | W4A6 |" in ablation
 

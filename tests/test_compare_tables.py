@@ -1,6 +1,8 @@
 """benchmarks/compare_tables.py: two workspaces on the same FP model, paired row by row and seed by seed."""
 
 import json
+import math
+import shutil
 import sys
 
 from helpers import ROOT, reduced_params, run, set_params
@@ -25,3 +27,15 @@ def test_a_workspace_against_itself_differs_nowhere_and_a_params_change_is_named
     changed = compare(repo, pipeline_copy, tmp_path / "changed.json", "dmq-w4a6")
     assert list(changed["rows"]) == ["dmq-w4a6"]
     assert changed["params_a_to_b"] == {"les.iters": [5, 6]}
+
+
+def test_a_committed_table_without_samples_is_compared_by_fid_only(reproduced, tmp_path):
+    repo = reproduced[0]
+    bare = tmp_path / "checkout"  # what git holds of a run: its params and metrics, no artifacts
+    bare.mkdir()
+    shutil.copy(repo / "params.yaml", bare)
+    shutil.copytree(repo / "metrics", bare / "metrics")
+    found = compare(bare, repo, tmp_path / "bare.json", "dmq-w4a6", "qdiff-w4a6")
+    for name, row in found["rows"].items():
+        assert row["fid_diff"] == 0 and row["fid_verdict"] == "within the spread", name
+        assert row["verdict"] == "no samples" and math.isnan(row["mse_diff"]), name

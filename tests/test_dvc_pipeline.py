@@ -54,9 +54,9 @@ def test_repro_runs_every_stage_and_writes_metrics_and_report(repo):
     table = (repo / "reports/paper_table.md").read_text().splitlines()
     assert [line.split(" | ")[:2] for line in table[4:10]] == [
         ["| FP", "32/32"],
-        ["| qdiff", "W4A8"],
+        ["| qdiff+attn", "W4A8"],
         ["| optimum-quanto", "W4A8"],
-        ["| qdiff", "W4A6"],
+        ["| qdiff+attn", "W4A6"],
         ["| dmq", "W4A6"],
         ["| dmq+guard", "W4A6"],
     ]

@@ -118,10 +118,9 @@ def test_walking_a_quantized_unet_with_module_apply(tiny_unet):
     assert seen.count("QuantLayer") == len(quant_layers(quantized)) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="frozen_weight is a plain attribute; its fix lands with the next table run")
 def test_integer_weights_follow_the_layer_to_another_device():
     """pts and sample move the quantized network to the device after loading its integer weights; the
-    meta device stands in for CUDA (docs/real-models.md: known to fail on a GPU)."""
+    meta device stands in for CUDA."""
     model = nn.Sequential(nn.Linear(4, 4))
     layer = quantize(model, QuantSpec(w_bits=4))["0"]
     layer.load_integer_weight(layer.integer_weight())

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 
 from helpers import TwoConvs
 from pipeline.calibration.dump import dump_calibration, random_records, step_records
-from pipeline.method.activation_ranges import calibrate_activations, calibrate_shared_activations
+from pipeline.method.activation_ranges import calibrate_activations, init_shared_activations
 from pipeline.method.adaround import AdaRoundSettings, adaround
 from pipeline.method.les import learn_gamma
 from pipeline.method.pts import vote
@@ -109,7 +109,14 @@ def test_non_finite_adaround_loss_names_unit_and_iteration():
     "calibrate",
     [
         lambda unet, layers, root: calibrate_activations(unet, layers, root, PER_STEP, PER_STEP, 0.95, CPU),
-        lambda unet, layers, root: calibrate_shared_activations(unet, layers, root, PER_STEP, PER_STEP, 5, CPU),
+        lambda unet, layers, root: init_shared_activations(
+            unet,
+            layers,
+            (torch.from_numpy(root["trajectory/x_t"][:]), torch.from_numpy(root["trajectory/t"][:])),
+            torch.from_numpy(root["trajectory/step"][:]).long(),
+            5,
+            2.4,
+        ),
     ],
     ids=["per-step", "shared"],
 )
@@ -169,4 +176,4 @@ def test_zero_range_channels_and_layers_divide_nothing_by_zero():
     x = torch.randn(16, 3, 4, 4)
     x[:, 1] = 0
     result = vote(x, torch.full((3,), 0.05), torch.full((3,), 128.0), 8, 4, 0.85, channel_dim=1)
-    assert result["k"][1] == 0 and result["agreement"][1] == 1
+    assert result["k"][1] == 3 and result["agreement"][1] == 1  # every k exact: the tie goes to the finest step

@@ -38,6 +38,16 @@ def test_disagreeing_samples_fall_back_to_zero():
     assert torch.equal(loose["k"], loose["k_mode"])
 
 
+def test_ties_go_to_the_finest_step():
+    """A dead channel (all zeros: every candidate's error is 0) votes for the largest k, as the reference does;
+    so does a channel whose samples split evenly between two exponents."""
+    x, scale, zp, bits = planted(torch.tensor([1, 1]), samples=8)
+    x[:, 0] = 0
+    x[4:, 1] = x[:4, 1] * 0  # half the samples dead: they vote 3, the other half 1
+    result = vote(x, scale, zp, bits, num_candidates=4, threshold=0.5, channel_dim=1)
+    assert result["k_mode"].tolist() == [3, 3] and result["agreement"].tolist() == [1.0, 0.5]
+
+
 def test_vote_handles_channel_last_inputs():
     k_true = torch.tensor([2, 0, 1])
     x, scale, zp, bits = planted(k_true)

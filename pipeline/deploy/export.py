@@ -7,7 +7,7 @@ Contents, keyed ``<module.path>.<field>`` like the pipeline's artifacts:
   (wider weights, one uint8 each); integer weights of ``W · diag(γ)``;
 * ``weight_scale``, ``weight_zero_point`` (per output channel and split part), ``gamma`` (LES);
 * ``act_scale``, ``act_zero_point`` (per sampling step and part), ``pts_exponent`` (per step and
-  input channel).
+  input channel), for the layers and, where the attention matmuls are quantized, their inputs.
 
 The JSON header holds the format, bit-widths, step count, the packed weights' shapes, the parameters
 the checkpoint was made with, and a hash of the FP UNet's weights, checked when the checkpoint is
@@ -23,9 +23,8 @@ import torch
 from pipeline.infra.fingerprint import check_same_model, tensors_hash
 from pipeline.infra.storage import ArtifactError, read_tensors, write_tensors
 from pipeline.models.diffusion import load_fp_model
-from pipeline.models.quantized import QuantizedUNet
-from pipeline.quant import QuantSpec, quantize
-from pipeline.quant.artifacts import load_act_tensors, load_weight_tensors
+from pipeline.models.quantized import QuantizedUNet, build_quantized
+from pipeline.quant import QuantSpec
 
 FORMAT = "dmq-quantized-checkpoint/1"
 PACKED, INTEGER = "weight_packed", "weight_int"
@@ -85,6 +84,7 @@ def export_checkpoint(
         "steps": a_header["steps"],
         "split": w_header["split"],
         "method": a_header.get("method"),
+        "attention": a_header.get("attention"),
         "packed_shapes": shapes,
         "config": config,
     }
@@ -121,11 +121,6 @@ def load_checkpoint(path: str | Path, model_folder: str | Path) -> QuantizedUNet
             f"{path} was exported for another model: its UNet weights hash to {header['unet_hash']}, the UNet in "
             f"{model_folder} to {found}; pass the model folder the checkpoint was made from"
         )
-    layers = quantize(
-        unet,
-        QuantSpec(w_bits=header["w_bits"], a_bits=header["a_bits"], num_steps=header["steps"], split=header["split"]),
-    )
-    with torch.no_grad():
-        load_weight_tensors(layers, weights, str(path))
-        load_act_tensors(layers, act, str(path))
+    spec = QuantSpec(w_bits=header["w_bits"], a_bits=header["a_bits"], num_steps=header["steps"], split=header["split"])
+    layers = build_quantized(unet, spec, header.get("attention"), weights, act, str(path), str(path))
     return QuantizedUNet(unet, scheduler, layers, header)

@@ -23,7 +23,9 @@ split layer's parts. Whether the kernels saturate is found by running them (:fun
 not read from the CPU's name; a layer that cannot be made exact either way is refused, naming the bound.
 
 The fake path computes the same sum in float32 on dequantized values, so the two differ by float rounding
-only. Layers the pipeline keeps in full precision stay float.
+only. Layers the pipeline keeps in full precision stay float, and so do quantized attention matmuls
+(``q·kᵀ``, ``softmax·v``): torch ships no int8 batched matmul for them, so they multiply their
+fake-quantized inputs in float32 (``notices`` says so).
 """
 
 from __future__ import annotations

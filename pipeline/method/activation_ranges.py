@@ -1,8 +1,10 @@
 """Activation calibration on the weight-quantized network: per-step ranges (EMA of min / max per step
-index), or one MSE-searched range per layer shared by every step (Q-Diffusion, arXiv 2302.04304)."""
+index), or one range per layer shared by every step, initialised by an Lp search and then learned block
+by block (Q-Diffusion, arXiv 2302.04304)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -10,11 +12,14 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
-from pipeline.calibration.capture import observing
+from pipeline.calibration.capture import Budget, observing
 from pipeline.calibration.dump import step_records
+from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import to_device
+from pipeline.method.adaround import UnitRecords, fit_unit, unit_by_unit
+from pipeline.quant.attention import MatmulInput
 from pipeline.quant.layers import QuantLayer
-from pipeline.quant.model import calibrating, quantization, set_step
+from pipeline.quant.model import calibrating, set_step
 from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema
 
 RATIO_CHUNK_ELEMENTS = 1 << 23  # quantized copies of a layer input held at once by the shared-range search
@@ -57,123 +62,168 @@ def calibrate_activations(
             after_step(s, inputs)
 
 
-def _run_every_step(
-    unet: nn.Module,
-    calib: zarr.Group,
-    records: int,
-    batch_size: int,
-    device: torch.device,
-    desc: str,
-    after_step: Callable[[int], None] | None = None,
-    seed: int | None = None,
-) -> None:
-    """``records`` records of every step (the first, or a draw by ``seed``) through ``unet`` in batches
-    of ``batch_size``, the step index set first; ``after_step(s)`` runs once step s's records are through."""
-    for s in tqdm(range(calib.attrs["steps"]), desc=desc):
-        set_step(unet, s)
-        inputs = tuple(to_device(v, device) for v in step_records(calib, s, records, seed))
-        for start in range(0, len(inputs[0]), batch_size):
-            unet(*(v[start : start + batch_size] for v in inputs))
-        if after_step is not None:
-            after_step(s)
-
-
-def _scaled_inputs(layers: dict[str, QuantLayer], observe: Callable[[str, torch.Tensor], None]):
-    """``observe(name, x / γ)`` on every call of every layer, x / γ being the tensor its act quantizer sees."""
-    return observing(layers, lambda name, layer, args, _: observe(name, layer.scale_input(args[0])), before=True)
+def _best_ranges(layer: QuantLayer, x: torch.Tensor, grid: int, p: float) -> tuple[torch.Tensor, ...]:
+    """Per part of ``layer``'s channels, the range ``[lo r, hi r]`` minimising ``sum |x - Q(x)|^p`` among
+    the clipping ratios ``r = 1 - 0.01 i`` (i < ``grid``), lo and hi the part's min and max of ``x``:
+    (lo, hi, scale, zero point), each (parts,). Vectorised over channels, parts and ratios, the ratios in
+    chunks of at most ``RATIO_CHUNK_ELEMENTS`` quantized values: all ``grid`` copies of a large input at
+    once would cost ``grid`` times its memory. A tie goes to the least clipping."""
+    aq = layer.act_quantizer
+    lo, hi = part_extrema(x, aq.parts, aq.num_parts, layer.channel_dim)
+    ratios = 1.0 - 0.01 * torch.arange(grid, dtype=x.dtype, device=x.device)  # (G,)
+    lo, hi = lo * ratios[:, None], hi * ratios[:, None]  # (G, P)
+    scale, zero_point = affine_params(lo, hi, aq.bits)
+    errors = torch.zeros(grid, aq.num_parts, dtype=torch.float64, device=x.device)
+    channel_dim = layer.channel_dim % x.ndim + 1  # of x with a leading ratio dimension
+    others = tuple(d for d in range(1, x.ndim + 1) if d != channel_dim)
+    shape = [1] * (x.ndim + 1)
+    shape[channel_dim] = -1
+    chunk = max(1, RATIO_CHUNK_ELEMENTS // x.numel())
+    for start in range(0, grid, chunk):
+        chosen = slice(start, min(start + chunk, grid))
+        shape[0] = chosen.stop - chosen.start
+        x_hat = fake_quantize(
+            x.unsqueeze(0), scale[chosen, aq.parts].view(shape), zero_point[chosen, aq.parts].view(shape), aq.bits
+        )
+        channel_errors = x_hat.sub_(x).abs_().pow_(p).sum(others)  # (ratios, C)
+        errors[chosen].index_add_(1, aq.parts, channel_errors.double())
+    best = errors.argmin(0)  # (P,)
+    part = torch.arange(aq.num_parts, device=best.device)
+    return tuple(t[best, part] for t in (lo, hi, scale, zero_point))
 
 
 @torch.no_grad()
-def calibrate_shared_activations(
-    unet: nn.Module,
-    layers: dict[str, QuantLayer],
-    calib: zarr.Group,
-    records: int,
-    batch_size: int,
-    grid: int,
-    device: torch.device,
-    seed: int | None = None,
+def init_shared_activations(
+    unet: nn.Module, layers: dict[str, QuantLayer], inputs, steps: torch.Tensor, grid: int, p: float
 ) -> None:
-    """One (scale, zero point) per layer and part for all steps, as Q-Diffusion has: the range
-    ``[lo r, hi r]`` minimising the summed squared error ``sum (x - Q(x))^2`` over ``records`` records
-    of every step (the first, or a draw by ``seed``), among the clipping ratios ``r = 1 - 0.01 i``
-    (i < ``grid``), where lo and hi are the part's min and max over those records. Q-Diffusion
-    initialises this shared step block by block during its reconstruction; here every layer is
-    initialised in one go from the inputs it gets with full-precision activations, so no layer's range
-    depends on how earlier layers were quantized.
+    """Q-Diffusion's initialisation of the activation range shared by all steps (arXiv 2302.04304): one
+    forward pass over the records ``inputs`` = (x, t) or (x, t, cond) of any steps (``steps``: each
+    row's step index), weights and activations quantized, every layer choosing at its first call, on the
+    input it gets from the quantized layers before it, the ranges of :func:`_best_ranges` for its
+    x / γ. Every step slot gets them, PTS exponents 0. ``unet`` may be a Denoiser."""
+    pending = dict(layers)
 
-    1. Pass 1: min and max of every layer's input x / γ per part, activations in full precision
-       (the weights as the caller set them).
-    2. Pass 2, the same records: per layer, part and ratio, the summed squared error of fake-quantizing
-       x / γ with that ratio's range. Vectorised over channels, parts and ratios, the ratios in chunks of
-       at most ``RATIO_CHUNK_ELEMENTS`` quantized values: all ``grid`` copies of a large input at once
-       would cost ``grid`` times its memory.
-    3. Every step slot gets the best range's scale and zero point, PTS exponents 0, running min / max
-       the clipped range; the layers then quantize their activations. ``unet`` may be a Denoiser."""
-    # 1. min / max per part, over all steps
-    ranges = {}
-    for name, layer in layers.items():
-        aq = layer.act_quantizer
-        ranges[name] = (
-            aq.running_min.new_full((aq.num_parts,), float("inf")),
-            aq.running_min.new_full((aq.num_parts,), float("-inf")),
-        )
-
-    def extrema(name: str, x: torch.Tensor) -> None:
-        aq = layers[name].act_quantizer
-        lo, hi = part_extrema(x, aq.parts, aq.num_parts, layers[name].channel_dim)
-        torch.minimum(ranges[name][0], lo, out=ranges[name][0])
-        torch.maximum(ranges[name][1], hi, out=ranges[name][1])
-
-    def check_finite(s: int) -> None:
-        for name, (lo, hi) in ranges.items():
-            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-                raise FloatingPointError(
-                    f"activation calibration: the input range of {name} is not finite (NaN or Inf) at step {s}"
-                )
-
-    with quantization(layers.values(), acts=False), _scaled_inputs(layers, extrema):
-        _run_every_step(unet, calib, records, batch_size, device, "shared activation ranges (1/2)", check_finite, seed)
-
-    # 2. squared error per (ratio, part) of every candidate range
-    candidates, errors = {}, {}
-    for name, layer in layers.items():
-        aq = layer.act_quantizer
-        ratios = 1.0 - 0.01 * torch.arange(grid, dtype=aq.scale.dtype, device=aq.scale.device)  # (G,)
-        lo = ranges[name][0] * ratios[:, None]  # (G, P)
-        hi = ranges[name][1] * ratios[:, None]
-        candidates[name] = (lo, hi, *affine_params(lo, hi, aq.bits))
-        errors[name] = torch.zeros(grid, aq.num_parts, dtype=torch.float64, device=lo.device)
-
-    def squared_errors(name: str, x: torch.Tensor) -> None:
-        layer = layers[name]
-        aq = layer.act_quantizer
-        _, _, scale, zero_point = candidates[name]
-        channel_dim = layer.channel_dim % x.ndim + 1  # of x with a leading ratio dimension
-        others = tuple(d for d in range(1, x.ndim + 1) if d != channel_dim)
-        shape = [1] * (x.ndim + 1)
-        shape[channel_dim] = -1
-        chunk = max(1, RATIO_CHUNK_ELEMENTS // x.numel())
-        for start in range(0, grid, chunk):
-            ratios = slice(start, min(start + chunk, grid))
-            shape[0] = ratios.stop - ratios.start
-            x_hat = fake_quantize(
-                x.unsqueeze(0), scale[ratios, aq.parts].view(shape), zero_point[ratios, aq.parts].view(shape), aq.bits
+    def initialise(name: str, layer: QuantLayer, args, _) -> None:
+        if pending.pop(name, None) is None:
+            return  # a layer called twice in a pass keeps its first call's range
+        x = layer.scale_input(args[0])
+        finite = torch.isfinite(x).flatten(1).all(1)
+        if not finite.all():
+            step = int(steps[int((~finite).nonzero()[0])])
+            raise FloatingPointError(
+                f"activation calibration: the input range of {name} is not finite (NaN or Inf) at step {step}"
             )
-            channel_errors = x_hat.sub_(x).square_().sum(others)  # (ratios, C)
-            errors[name][ratios].index_add_(1, aq.parts, channel_errors.double())
-
-    with quantization(layers.values(), acts=False), _scaled_inputs(layers, squared_errors):
-        _run_every_step(unet, calib, records, batch_size, device, "shared activation ranges (2/2)", seed=seed)
-
-    # 3. the best candidate per part, in every step slot (argmin: a tie goes to the least clipping)
-    for name, layer in layers.items():
         aq = layer.act_quantizer
-        best = errors[name].argmin(0)  # (P,)
-        part = torch.arange(aq.num_parts, device=best.device)
-        lo, hi, scale, zero_point = (t[best, part] for t in candidates[name])
+        lo, hi, scale, zero_point = _best_ranges(layer, x, grid, p)
         aq.scale[:], aq.zero_point[:] = scale, zero_point
         aq.running_min[:], aq.running_max[:] = lo, hi
         aq.exponent.zero_()
         aq.calibrated[:] = True
+
+    for layer in layers.values():
         layer.quantize_acts = True
+    with observing(layers, initialise, before=True):
+        unet(*inputs)
+    if pending:
+        raise RuntimeError(f"activation calibration: {', '.join(pending)} not reached by a forward pass")
+
+
+@dataclass(frozen=True)
+class StepLearning:
+    """Q-Diffusion's second activation phase: Adam on the shared steps, cosine-decayed to 0."""
+
+    iters: int
+    lr: float
+    batch_size: int
+    p: float  # of the block output's Lp error
+    seed: int
+    precision: str = "none"
+
+
+def learn_unit_steps(name: str, unit: nn.Module, fp_inputs, fp_outputs, settings: StepLearning) -> dict:
+    """Learn the shared step (one per layer and part) of every act quantizer inside ``unit``, weights and
+    activations quantized, on FP inputs against FP outputs; zero points stay. Returns the Lp loss
+    before and after."""
+    layers = [m for m in act_quantized(unit).values() if m.quantize_acts]
+    unit.requires_grad_(False)  # only the steps learn (the weights are frozen integers)
+    steps = [nn.Parameter(layer.act_quantizer.scale[0].clone()) for layer in layers]
+    optimizer = torch.optim.Adam(steps, lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.iters, eta_min=0.0)
+    records = UnitRecords(unit, fp_inputs, fp_outputs, settings.precision, settings.p)
+    before = records.mean_loss(settings.batch_size)
+    try:
+        for layer, step in zip(layers, steps):
+            layer.act_quantizer.learned_scale = step
+        fit_unit(
+            "activation step",
+            name,
+            records,
+            optimizer,
+            settings.iters,
+            settings.batch_size,
+            settings.seed,
+            lambda i, index: records.per_sample_loss(index).mean(),
+            schedule,
+        )
+    finally:
+        for layer in layers:
+            layer.act_quantizer.learned_scale = None
+    with torch.no_grad():
+        for layer, step in zip(layers, steps):
+            _set_steps(layer.act_quantizer, step.clamp_min(1e-8))
+    return {"before": before, "after": records.mean_loss(settings.batch_size)}
+
+
+def _set_steps(aq, scale: torch.Tensor) -> None:
+    """Every step slot quantizes with ``scale`` (parts,) and its zero point; the running range follows."""
+    levels = 2**aq.bits - 1
+    aq.scale[:] = scale
+    aq.running_min[:], aq.running_max[:] = -aq.zero_point * scale, (levels - aq.zero_point) * scale
+
+
+def act_quantized(unit: nn.Module) -> dict[str, QuantLayer | MatmulInput]:
+    """The modules of ``unit`` with an activation quantizer (layers and attention matmul inputs), by path."""
+    return {name: m for name, m in unit.named_modules() if isinstance(m, (QuantLayer, MatmulInput))}
+
+
+def shared_steps(unit: nn.Module) -> dict[str, torch.Tensor]:
+    """The learned steps of a unit's act quantizers, by module path inside the unit."""
+    return {name: m.act_quantizer.scale[0] for name, m in act_quantized(unit).items()}
+
+
+@torch.no_grad()
+def restore_shared_steps(unit: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, m in act_quantized(unit).items():
+        _set_steps(m.act_quantizer, state[name].to(m.act_quantizer.scale.device))
+
+
+def learn_shared_steps(
+    q_model: nn.Module,
+    fp_model: nn.Module,
+    inputs,
+    settings: StepLearning,
+    checkpoints: Checkpoints | None = None,
+    budget: Budget = Budget.of(0.5, 0.5),
+    capture_batch: int = 64,
+) -> dict[str, dict]:
+    """Q-Diffusion's activation phase after :func:`init_shared_activations`: block by block (the units
+    of AdaRound), each block of ``q_model`` with weights and activations quantized learns its layers'
+    shared steps on the FP network's block inputs against its block outputs, over the records
+    ``inputs``; with ``checkpoints`` every learned block is saved at once and a rerun resumes."""
+
+    def learn(name, unit, fp_inputs, fp_outputs):
+        return learn_unit_steps(name, unit, fp_inputs, fp_outputs, settings)
+
+    return unit_by_unit(
+        q_model,
+        fp_model,
+        inputs,
+        learn,
+        shared_steps,
+        restore_shared_steps,
+        "learn activation steps",
+        checkpoints,
+        budget,
+        capture_batch,
+        fp_inputs=True,
+    )

@@ -85,11 +85,12 @@ class AdaRoundSettings:
 
 
 def beta_at(i: int, s: AdaRoundSettings) -> float | None:
-    """None during warm-up (no regulariser), then β annealed linearly from start to end."""
-    start = int(s.warmup * s.iters)
-    if i < start:
+    """None during warm-up (no regulariser), then β annealed linearly from start to end. Iteration ``i``
+    (from 0) is the reference's t = i + 1 (it counts from 1), so the last iteration has β = end exactly."""
+    t, start = i + 1, int(s.warmup * s.iters)
+    if t < start:
         return None
-    progress = (i - start) / max(1, s.iters - start)
+    progress = (t - start) / max(1, s.iters - start)
     return s.beta_end + (s.beta_start - s.beta_end) * (1 - progress)
 
 
@@ -113,23 +114,87 @@ def reconstruction_units(model: nn.Module, run_once) -> list[tuple[str, nn.Modul
     return [(name, units[name]) for name in execution_order(units, run_once)]
 
 
-def _take(capture, index: tuple[torch.Tensor, torch.Tensor], device: torch.device):
+def take(capture, index: tuple[torch.Tensor, torch.Tensor], device: torch.device):
     """Records ``index`` = (on the host, on ``device``) of a capture, on ``device``: captures lie on the
     device, in host memory or in scratch files as :class:`~pipeline.calibration.capture.Budget` placed them."""
 
-    def take(v):
+    def gather(v):
         if not batched(v):
             return v
         if v.device.type == device.type:
             return v[index[1]]
         return v[index[0]].to(device, non_blocking=True)
 
-    return tree_map(take, capture)
+    return tree_map(gather, capture)
 
 
-def _main_output(output):
+def main_output(output):
     """A block's hidden states: diffusers' Transformer2DModel returns them in a tuple."""
     return output[0] if isinstance(output, tuple) else output
+
+
+class UnitRecords:
+    """A unit's captured inputs and FP targets, and the per-sample error of the unit's output against
+    them: ``|out - target|^p`` summed over channels, averaged over positions (Q-Diffusion's lp_loss)."""
+
+    def __init__(self, unit: nn.Module, inputs, fp_outputs, precision: str = "none", p: float = 2.0) -> None:
+        self.unit, self.inputs, self.fp_outputs, self.precision, self.p = unit, inputs, fp_outputs, precision, p
+        self.device = next(unit.parameters()).device
+        self.count = len(main_output(fp_outputs))
+
+    def per_sample_loss(self, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        args, kwargs = take(self.inputs, index, self.device)
+        with autocast(self.device, self.precision):
+            out = main_output(self.unit(*args, **kwargs))
+        target = main_output(take(self.fp_outputs, index, self.device))
+        error = (out.float() - target).abs().pow(self.p)
+        return error.sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
+
+    @torch.no_grad()
+    def mean_loss(self, batch_size: int) -> float:
+        total = sum(
+            self.per_sample_loss((idx, to_device(idx, self.device))).sum().double()
+            for idx in torch.arange(self.count).split(batch_size)
+        )
+        return total.item() / self.count
+
+
+def fit_unit(
+    what: str,
+    name: str,
+    records: UnitRecords,
+    optimizer,
+    iters: int,
+    batch_size: int,
+    seed: int,
+    loss_at,
+    schedule=None,
+) -> None:
+    """``iters`` steps of ``optimizer`` on ``loss_at(i, index)``, a batch of ``batch_size`` records
+    drawn per iteration from a generator seeded with ``seed``; the loss is checked for NaN / Inf every
+    ``CHECK_EVERY`` iterations; a learning-rate ``schedule`` steps with the optimizer."""
+    generator = torch.Generator().manual_seed(seed)
+    # the same draws as one randint per iteration, on the host for captures kept there
+    n = records.count
+    batches = torch.stack([torch.randint(0, n, (min(batch_size, n),), generator=generator) for _ in range(iters)])
+    batches_on_device = to_device(batches, records.device)  # copied once: the loop does not wait for the device
+    scaler = torch.amp.GradScaler(records.device.type, enabled=records.precision == "fp16")
+    losses = torch.empty(iters, device=records.device)
+    for i in range(iters):
+        loss = loss_at(i, (batches[i], batches_on_device[i]))
+        losses[i] = loss.detach()
+        if (i + 1) % CHECK_EVERY == 0 or i + 1 == iters:
+            bad = (~torch.isfinite(losses[: i + 1])).nonzero()
+            if len(bad):
+                raise FloatingPointError(
+                    f"{what} loss is {losses[int(bad[0])].item()} in {name} at iteration {int(bad[0])}"
+                )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if schedule is not None:
+            schedule.step()
 
 
 def reconstruct_unit(
@@ -141,58 +206,26 @@ def reconstruct_unit(
     layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
     offsets = [attach_rounding(layer) for layer in layers]
     optimizer = torch.optim.Adam([o.v for o in offsets], lr=settings.lr)
-    n = len(_main_output(fp_outputs))
-    device = offsets[0].v.device
-    generator = torch.Generator().manual_seed(settings.seed)
-    # the same draws as one randint per iteration, on the host for captures kept there
-    batches = torch.stack(
-        [torch.randint(0, n, (min(settings.batch_size, n),), generator=generator) for _ in range(settings.iters)]
-    )
-    batches_on_device = to_device(batches, device)  # copied once, so the loop does not wait for the device
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+    records = UnitRecords(unit, q_inputs, fp_outputs, settings.precision)
 
-    def per_sample_loss(index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        args, kwargs = _take(q_inputs, index, device)
-        with autocast(device, settings.precision):
-            out = _main_output(unit(*args, **kwargs))
-        target = _main_output(_take(fp_outputs, index, device))
-        return (out.float() - target).pow(2).sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
+    def loss_at(i: int, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        per_sample = records.per_sample_loss(index)
+        if weighting is not None:
+            weighting.update(steps[index[1]], per_sample.detach())
+            per_sample = per_sample * weighting.weights(steps[index[1]])
+        loss = per_sample.mean()
+        beta = beta_at(i, settings)
+        if beta is not None:
+            loss = loss + settings.reg_lambda * sum(o.regularizer(beta) for o in offsets)
+        return loss
 
-    def full_loss() -> float:
-        with torch.no_grad():
-            total = sum(
-                per_sample_loss((idx, to_device(idx, device))).sum().double()
-                for idx in torch.arange(n).split(settings.batch_size)
-            )
-            return total.item() / n
-
-    before = full_loss()
-    losses = torch.empty(settings.iters, device=device)
+    before = records.mean_loss(settings.batch_size)
     with soft_rounding(offsets):
-        for i in range(settings.iters):
-            index = batches[i], batches_on_device[i]
-            per_sample = per_sample_loss(index)
-            if weighting is not None:
-                weighting.update(steps[index[1]], per_sample.detach())
-                per_sample = per_sample * weighting.weights(steps[index[1]])
-            loss = per_sample.mean()
-            beta = beta_at(i, settings)
-            if beta is not None:
-                loss = loss + settings.reg_lambda * sum(o.regularizer(beta) for o in offsets)
-            losses[i] = loss.detach()
-            if (i + 1) % CHECK_EVERY == 0 or i + 1 == settings.iters:
-                bad = (~torch.isfinite(losses[: i + 1])).nonzero()
-                if len(bad):
-                    raise FloatingPointError(
-                        f"AdaRound loss is {losses[int(bad[0])].item()} in {name} at iteration {int(bad[0])}"
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        fit_unit("AdaRound", name, records, optimizer, settings.iters, settings.batch_size, settings.seed, loss_at)
     for o in offsets:
         o.v.requires_grad_(False)
-    return {"before": before, "after": full_loss()}
+        o.v.grad = None  # the last iteration's gradient: as large as the weights, and never read again
+    return {"before": before, "after": records.mean_loss(settings.batch_size)}
 
 
 def rounding_state(unit: nn.Module) -> dict[str, torch.Tensor]:
@@ -222,19 +255,57 @@ def adaround(
     capture_batch: int = 64,
 ) -> dict[str, dict]:
     """Reconstruct all units of ``q_model`` (weights quantized, activations FP) against ``fp_model`` on
-    ``inputs`` = (x, t) or (x, t, cond) (models: bare UNets or :class:`~pipeline.models.denoiser.Denoiser`).
-    ``make_weighting()`` gives each unit a fresh timestep weighting over the records' ``steps``.
+    ``inputs`` = (x, t) or (x, t, cond), each unit on its inputs from the already quantized network
+    (see :func:`unit_by_unit`). ``make_weighting()`` gives each unit a fresh timestep weighting over
+    the records' ``steps``. Each unit draws its batches from its own generator, so a resumed run ends
+    bit-identical to an uninterrupted one."""
 
-    With ``checkpoints`` every reconstructed unit is saved at once, and units found there are restored
-    instead of reconstructed. A unit's inputs come from the units before it, so those are restored
-    exactly (the rounding variables themselves); each unit draws its batches from its own generator,
-    so a resumed run ends bit-identical to an uninterrupted one.
+    def learn(name, unit, q_inputs, fp_outputs):
+        weighting = make_weighting() if make_weighting is not None else None
+        return reconstruct_unit(name, unit, q_inputs, fp_outputs, settings, weighting, steps)
 
-    Captures are placed by ``budget``, half of it for the unit's inputs from the quantized network and
-    half for the FP targets of a window of consecutive units, captured in one forward pass a batch
-    (one unit at least): on the device first, then in host memory, then in scratch files, so no unit
-    needs its records on the device at once; training batches are gathered from wherever they lie.
-    Captures run ``capture_batch`` records a forward pass."""
+    return unit_by_unit(
+        q_model,
+        fp_model,
+        inputs,
+        learn,
+        rounding_state,
+        restore_rounding,
+        "adaround",
+        checkpoints,
+        budget,
+        capture_batch,
+    )
+
+
+def unit_by_unit(
+    q_model: nn.Module,
+    fp_model: nn.Module,
+    inputs,
+    learn,
+    state,
+    restore,
+    desc: str,
+    checkpoints: Checkpoints | None = None,
+    budget: Budget = Budget.of(0.5, 0.5),
+    capture_batch: int = 64,
+    fp_inputs: bool = False,
+) -> dict[str, dict]:
+    """``learn(name, unit, unit_inputs, fp_outputs) -> report`` for every unit of ``q_model`` in
+    execution order, against the FP targets of ``fp_model`` on ``inputs`` = (x, t) or (x, t, cond)
+    (models: bare UNets or :class:`~pipeline.models.denoiser.Denoiser`). A unit's inputs come from
+    ``q_model`` with the units before it learned (AdaRound), or with ``fp_inputs`` from ``fp_model``
+    (Q-Diffusion's activation phase).
+
+    With ``checkpoints`` every learned unit's ``state(unit)`` is saved at once, and units found there
+    get ``restore(unit, saved)`` instead of learning: a unit's inputs may come from the units before
+    it, so those are restored exactly.
+
+    Captures are placed by ``budget``, half of it for the unit's inputs and half for the FP targets of
+    a window of consecutive units, captured in one forward pass a batch (one unit at least): on the
+    device first, then in host memory, then in scratch files, so no unit needs its records on the
+    device at once; training batches are gathered from wherever they lie. Captures run
+    ``capture_batch`` records a forward pass."""
     device = inputs[0].device
     half = Budget(budget.device_bytes // 2, budget.host_bytes // 2, budget.scratch)
     units = reconstruction_units(q_model, lambda: q_model(*(v[:1] for v in inputs)))
@@ -245,9 +316,9 @@ def adaround(
     targets: dict = {}
     report = {}
     with ExitStack() as window:
-        for index, (name, unit) in enumerate(tqdm(units, desc="adaround")):
+        for index, (name, unit) in enumerate(tqdm(units, desc=desc)):
             if checkpoints and (saved := checkpoints.load(name)) is not None:
-                restore_rounding(unit, saved[0])
+                restore(unit, saved[0])
                 report[name] = saved[1]
                 continue
             if name not in targets:  # the FP targets of this unit and of as many next ones as fit
@@ -257,11 +328,11 @@ def adaround(
                 allocate = window.enter_context(placement(half, device))
                 targets = unit_outputs(fp_model, later, inputs, capture_batch, allocate)
             with placement(half, device) as allocate:
-                q_inputs = unit_inputs(q_model, unit, inputs, capture_batch, allocate)
-                weighting = make_weighting() if make_weighting is not None else None
-                report[name] = reconstruct_unit(name, unit, q_inputs, targets.pop(name), settings, weighting, steps)
+                source, reached = (fp_model, fp_units[name]) if fp_inputs else (q_model, unit)
+                unit_in = unit_inputs(source, reached, inputs, capture_batch, allocate)
+                report[name] = learn(name, unit, unit_in, targets.pop(name))
             if checkpoints:
-                checkpoints.save(name, rounding_state(unit), report[name])
+                checkpoints.save(name, state(unit), report[name])
     return report
 
 

@@ -3,6 +3,8 @@
 Channel c of a PTS layer at step s quantizes with step ``Δ_s · 2^-k_c`` (the per-tensor zero point is
 kept). Every calibration sample votes for the k that minimises its own squared quantization error on
 that channel; the channel takes the mode, unless fewer than τ of the samples agree, then k = 0.
+Ties (equal errors, equal counts: a dead channel, say) go to the finest step, the largest k, as in the
+reference code, which lists its candidates from the finest step down.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ def vote(
         (per_sample - fake_quantize(per_sample, (scale * 2.0**-k)[:, None], zero_point[:, None], bits)).pow(2).sum(2)
         for k in range(num_candidates)
     ])  # fmt: skip  # (K, N, C)
-    choice = errors.argmin(0)  # (N, C); ties go to the smaller k
+    finest_first = num_candidates - 1  # argmin / max return the first of equals: search from the largest k down
+    choice = finest_first - errors.flip(0).argmin(0)  # (N, C)
     counts = torch.nn.functional.one_hot(choice, num_candidates).sum(0)  # (C, K)
-    top, k_mode = counts.max(1)
+    top, first = counts.flip(1).max(1)
+    k_mode = finest_first - first
     agreement = top.float() / x.shape[0]
     k = torch.where(agreement >= threshold, k_mode, torch.zeros_like(k_mode))
     return {"k_mode": k_mode, "agreement": agreement, "k": k}

@@ -35,7 +35,8 @@ class QuantLayer(nn.Module):
         self.act_quantizer = ActQuantizer(c_in, parts, num_parts, a_bits, num_steps) if a_bits else None
         self.quantize_weights = False
         self.quantize_acts = False
-        self.frozen_weight: torch.Tensor | None = None
+        # a buffer, so that .to(device) moves it with the layer; never saved: the stored integers are
+        self.register_buffer("frozen_weight", None, persistent=False)
 
     @property
     def channel_dim(self) -> int:

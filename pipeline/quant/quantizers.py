@@ -179,6 +179,7 @@ class ActQuantizer(nn.Module):
         self.step = 0
         self.calibrating = False
         self.momentum = 0.95
+        self.learned_scale: torch.Tensor | None = None  # (parts,): a step being learned, for every step index
 
     def observe(self, x: torch.Tensor, channel_dim: int) -> None:
         lo, hi = part_extrema(x.detach(), self.parts, self.num_parts, channel_dim)
@@ -192,14 +193,17 @@ class ActQuantizer(nn.Module):
 
     def channel_params(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel step size (PTS refinement applied) and zero point at ``step``."""
-        scale = self.scale[step, self.parts] * torch.exp2(-self.exponent[step].float())
+        base = self.scale[step] if self.learned_scale is None else self.learned_scale
+        scale = base[self.parts] * torch.exp2(-self.exponent[step].float())
         return scale, self.zero_point[step, self.parts]
 
     def forward(self, x: torch.Tensor, channel_dim: int, ste: bool = False, inplace: bool = False) -> torch.Tensor:
-        """Fake-quantize ``x``; ``inplace`` lets it overwrite ``x`` (see :func:`fake_quantize`)."""
+        """Fake-quantize ``x``; ``inplace`` lets it overwrite ``x`` (see :func:`fake_quantize`). A step
+        being learned takes its gradient through the rounding (straight through)."""
         if self.calibrating:
             self.observe(x, channel_dim)
         scale, zp = self.channel_params(self.step)
         shape = [1] * x.ndim
         shape[channel_dim] = -1
+        ste = ste or self.learned_scale is not None
         return fake_quantize(x, scale.view(shape), zp.view(shape), self.bits, ste=ste, inplace=inplace)

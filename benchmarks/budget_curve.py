@@ -1,0 +1,133 @@
+"""The budget curve: how rows of the table move with the LES and AdaRound iterations (issue 28).
+
+Each workspace is a repo root after ``dvc repro`` of the rows at one budget (``les.iters``,
+``recon.iters``; everything else equal), on the same FP model (refused otherwise). Per row and budget:
+ΔFID against FP and the paired per-sample MSE against FP, each as mean ± spread over the quantization
+seeds, and γ's range (rows with LES). Against the largest budget measured (the last workspace), every
+other budget gets :func:`pipeline.eval.report.compare_rows`'s verdict per row: a budget whose rows are
+all "within the spread" of the largest one's changes no verdict of the table.
+
+    python benchmarks/budget_curve.py /work/b300 /work/b1000 /work/b3000 --rows dmq-w4a6 dmq-w4a4 \\
+        --json benchmarks/budget_curve.json --figure reports/figures/budget_curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from benchmarks.compare_tables import flat_params, inside, table_of  # noqa: E402
+from pipeline.eval.report import compare_rows, mean_std  # noqa: E402
+from pipeline.infra.storage import read_json  # noqa: E402
+
+
+def gamma_range(root: Path, cfg, row: str) -> list[float] | None:
+    """γ's min and max over the layers and quantization seeds of the row's LES (None without LES)."""
+    path = root / "reports" / "les" / f"{cfg.rows[row].weights}.json"
+    if not path.exists():
+        return None
+    layers = [layer for seed in read_json(path)["quant_seeds"].values() for layer in seed["layers"].values()]
+    if not layers or "gamma_min" not in layers[0]:
+        return None
+    return [min(layer["gamma_min"] for layer in layers), max(layer["gamma_max"] for layer in layers)]
+
+
+def budget_of(root: Path) -> dict:
+    params = flat_params(root)
+    return {"les_iters": params["les.iters"], "recon_iters": params["recon.iters"]}
+
+
+def curve(workspaces: list[Path], rows: list[str]) -> dict:
+    tables = []
+    for root in workspaces:
+        cfg, found = table_of(root, rows)
+        with inside(root):
+            gammas = {row: gamma_range(root.resolve(), cfg, row) for row in rows}
+        tables.append((root, cfg, found, gammas))
+    hashes = {found["model_hash"] for _, _, found, _ in tables}
+    if len(hashes) > 1:
+        raise SystemExit(f"the FP models differ ({', '.join(sorted(hashes))}): the budgets are not paired")
+    reference = tables[-1][2]["rows"]
+    points = []
+    for root, _, found, gammas in tables:
+        point = {"workspace": str(root), **budget_of(root), "rows": {}}
+        for row in rows:
+            errors, fid = found["rows"][row]["errors"], found["rows"][row]["fid_vs_fp"]
+            per_seed_mse = [float(e.mean()) for e in errors.values()]
+            against = compare_rows(errors, reference[row]["errors"], fid, reference[row]["fid_vs_fp"])
+            point["rows"][row] = {
+                "fid_vs_fp": list(mean_std(fid)),
+                "mse_vs_fp": list(mean_std(per_seed_mse)),
+                "gamma_range": gammas[row],
+                "against_largest": {
+                    key: against[key] for key in ("fid_diff", "fid_diff_std", "fid_verdict", "mse_diff", "verdict")
+                },
+            }
+        point["changes_no_verdict"] = all(
+            r["against_largest"]["fid_verdict"] == r["against_largest"]["verdict"] == "within the spread"
+            for r in point["rows"].values()
+        )
+        points.append(point)
+    return {"model_hash": hashes.pop(), "largest": str(workspaces[-1]), "points": points}
+
+
+def figure(found: dict, rows: list[str], path: Path) -> None:
+    """ΔFID and paired MSE against FP per budget, one line per row, the seed spread as error bars."""
+    points = found["points"]
+    labels = [f"LES {p['les_iters']}\nAdaRound {p['recon_iters']}" for p in points]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in (
+        (axes[0], "fid_vs_fp", "ΔFID vs FP, same noise ↓"),
+        (axes[1], "mse_vs_fp", "paired MSE vs FP ↓"),
+    ):
+        for offset, row in enumerate(rows):
+            xs = [i + 0.06 * (offset - (len(rows) - 1) / 2) for i in range(len(points))]
+            means = [p["rows"][row][key][0] for p in points]
+            spreads = [p["rows"][row][key][1] for p in points]
+            ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=row)
+        ax.set_xticks(range(len(points)), labels, fontsize=8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Rows against the LES / AdaRound budget (mean ± spread over quantization seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workspaces", type=Path, nargs="+", help="one per budget, the largest last")
+    parser.add_argument("--rows", nargs="+", required=True)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--figure", type=Path)
+    args = parser.parse_args()
+    found = curve(args.workspaces, args.rows)
+    for point in found["points"]:
+        budget = f"LES {point['les_iters']}, AdaRound {point['recon_iters']}"
+        print(f"{budget}: changes no verdict against the largest: {point['changes_no_verdict']}")
+        for row, r in point["rows"].items():
+            (fid, fid_s), (mse, mse_s), vs = r["fid_vs_fp"], r["mse_vs_fp"], r["against_largest"]
+            print(
+                f"  {row:<18} ΔFID {fid:7.1f} ± {fid_s:4.1f}  MSE {mse:.5f} ± {mse_s:.5f}  γ {r['gamma_range']}  "
+                f"vs largest: {vs['fid_verdict']} / {vs['verdict']}"
+            )
+    if args.json:
+        args.json.write_text(json.dumps(found, indent=1) + "\n")
+    if args.figure:
+        figure(found, args.rows, args.figure)
+
+
+if __name__ == "__main__":
+    main()
