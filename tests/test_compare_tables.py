@@ -39,3 +39,24 @@ def test_a_committed_table_without_samples_is_compared_by_fid_only(reproduced, t
     for name, row in found["rows"].items():
         assert row["fid_diff"] == 0 and row["fid_verdict"] == "within the spread", name
         assert row["verdict"] == "no samples" and math.isnan(row["mse_diff"]), name
+
+
+def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_largest(
+    reproduced, pipeline_copy, tmp_path
+):
+    repo = reproduced[0]
+    set_params(pipeline_copy, {"les": {"iters": 6}, "recon": {"iters": 9}})  # the same artifacts, other labels
+    out = tmp_path / "curve.json"
+    command = [sys.executable, "benchmarks/budget_curve.py", str(repo), str(pipeline_copy), "--rows", "dmq-w4a6"]
+    run([*command, "--json", str(out), "--figure", str(tmp_path / "curve.png")], ROOT)
+    found = json.loads(out.read_text())
+    assert [(p["les_iters"], p["recon_iters"]) for p in found["points"]] == [
+        (5, reduced_params()["recon"]["iters"]),
+        (6, 9),
+    ]
+    for point in found["points"]:
+        row = point["rows"]["dmq-w4a6"]
+        assert row["against_largest"]["fid_diff"] == 0 and point["changes_no_verdict"]
+        low, high = row["gamma_range"]
+        assert 0 < low <= 1 <= high and row["mse_vs_fp"][0] > 0
+    assert (tmp_path / "curve.png").stat().st_size > 0
