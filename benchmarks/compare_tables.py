@@ -63,6 +63,11 @@ def table_of(root: Path, rows: list[str] | None):
         found = {"model_hash": fp_record["provenance"]["model_hash"], "rows": {}}
         for name in rows:
             record = read_json(metrics_path(name))
+            if record["provenance"]["model_hash"] != found["model_hash"]:  # a FP record left from another run
+                raise SystemExit(
+                    f"{root}: {metrics_path(name)} was measured on FP model {record['provenance']['model_hash']}, "
+                    f"{metrics_path(FP)} on {found['model_hash']}: run dvc repro fid_fp there"
+                )
             runs = rows_against_fp([fp_record, record])[1].runs
             found["rows"][name] = {
                 "errors": sample_errors(cfg, name, record, fp_samples) if kept else None,

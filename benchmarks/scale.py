@@ -13,7 +13,11 @@ are counted. Predicted: :func:`pipeline.resources.stage_costs` from the model's 
 device, plus the process baseline as `cli.py doctor` measures it (the interpreter, torch, diffusers,
 the model's classes: the peak of a process that imported the stage's modules and predicted), and
 :func:`pipeline.preflight.store_sizes` for the stores. On a CPU every byte is host memory: a stage's
-figure is its device and host predictions added up.
+figure is its device and host predictions added up. With ``--device cuda`` the stages run on the GPU
+(`device: cuda`) and each stage's peak of CUDA memory (``torch.cuda.max_memory_allocated``: the tensors,
+not CUDA's context nor the allocator's reserve) is set against the device prediction too.
+
+    python benchmarks/scale.py --device cuda --divisors 4 2 --json scale_cuda.json
 """
 
 from __future__ import annotations
@@ -55,8 +59,27 @@ BASELINE = (
     "import stages.{stage}; from pipeline.preflight import load_config, memory, process_baseline; "
     "memory(load_config()); print(process_baseline())"
 )
+# a stage run as ``python -c CUDA_PEAK FILE stages.NAME ARGS``: at its exit, its peak of CUDA memory
+# written to FILE (the stage scripts stay as they are)
+CUDA_PEAK = (
+    "import atexit, runpy, sys, torch; path = sys.argv.pop(1); "
+    "atexit.register(lambda: open(path, 'w').write(str(torch.cuda.max_memory_allocated()))); "
+    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
+)
 ENTRY, ROW = "dmq-w4a8", "dmq-w4a8"
-STAGES = ("dump", "stats", f"les {ENTRY}", f"recon {ENTRY}", f"pts {ROW}", f"sample {ROW}")
+# Q-Diffusion's row as the table runs it: AdaRound, the shared steps initialised and learned, the attention
+# matmuls quantized (pts and sample run the unfused attention)
+QDIFF_ENTRY, QDIFF_ROW = "qdiff-w4", "qdiff-w4a8"
+QDIFF = {
+    "shared_acts": {"init_records": 8, "iters": 5, "records": 8, "batch_size": 4},
+    "weights": {QDIFF_ENTRY: {"method": "qdiff", "w_bits": 4}},
+    "rows": {QDIFF_ROW: {"weights": QDIFF_ENTRY, "a_bits": 8}},
+    "report": {"table": [QDIFF_ROW], "ablation": []},
+}
+STAGES = {
+    "dmq": ("dump", "stats", f"les {ENTRY}", f"recon {ENTRY}", f"pts {ROW}", f"sample {ROW}"),
+    "qdiff": ("dump", "stats", f"les {QDIFF_ENTRY}", f"recon {QDIFF_ENTRY}", f"pts {QDIFF_ROW}", f"sample {QDIFF_ROW}"),
+}
 PARAMS = {  # small iteration counts; a capture budget small enough that captures spill at every width
     "diffusion": {"steps": 4},
     "calib": {"num_samples": 8, "layer_records_per_step": 2, "batch_size": 4, "layer_io_gb": 0.5},
@@ -117,8 +140,9 @@ def run_measured(command: list[str], cwd: Path) -> tuple[int, float]:
         done = subprocess.run(
             ["/usr/bin/time", "-f", "%M", "-o", peak.name, *command], cwd=cwd, stdout=log, stderr=subprocess.STDOUT
         )
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(command)} failed in {cwd}: see {cwd / 'stage.log'}")
+        if done.returncode:  # the log's end in the message: the work folder goes with the exception
+            tail = (cwd / "stage.log").read_text()[-3000:]
+            raise RuntimeError(f"{' '.join(command)} failed in {cwd}; the end of its log:\n{tail}")
         return int(peak.read().split()[-1]) * 1024, time.perf_counter() - start
 
 
@@ -126,13 +150,14 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def topology_repo(topology: str, divisor: int, work: Path, overrides: dict | None = None) -> Path:
+def topology_repo(topology: str, divisor: int, work: Path, overrides: dict | None = None, device: str = "cpu") -> Path:
     """A repository of the stage scripts whose params take ``topology`` at 1/``divisor`` width through
-    the stages with small budgets (:data:`PARAMS`, then ``overrides``)."""
+    the stages with small budgets (:data:`PARAMS`, then ``overrides``) on ``device``."""
     folder = model_folder(topology, divisor, work / "model")
     repo = init_repo(work / "repo", reduced_params())
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["model"].update(source="local", path=str(folder))
+    params["device"] = device
     for section, values in {**PARAMS, **(overrides or {})}.items():  # the matrix replaced, the rest merged
         matrix = section in ("weights", "rows", "guards", "peers", "report")
         params[section] = values if matrix else {**params.get(section, {}), **values}
@@ -167,7 +192,10 @@ def repredict(run: dict, work: Path) -> None:
     """Predict a recorded run again with this checkout's code, the process baselines measured again
     (the stages' peaks stay as measured): the model folder and params are rebuilt as the run had them
     (seeded, deterministic)."""
-    repo = topology_repo(run["topology"], run["divisor"], work)
+    method, cuda = run.get("method", "dmq"), run.get("device") == "cuda"
+    repo = topology_repo(
+        run["topology"], run["divisor"], work, QDIFF if method == "qdiff" else None, run.get("device", "cpu")
+    )
     predicted, stores, _ = predictions(repo)
     for name, row in run["stages"].items():
         if name == "stores":
@@ -176,35 +204,47 @@ def repredict(run: dict, work: Path) -> None:
             continue
         cost = predicted[name]
         row["process_baseline"] = process_baseline(name, repo)
-        row["predicted_peak_rss"] = row["process_baseline"] + cost.host_peak(cuda=False)
+        row["predicted_peak_rss"] = row["process_baseline"] + cost.host_peak(cuda=cuda)
         row["ratio"] = row["predicted_peak_rss"] / row["measured_peak_rss"]
+        if cuda:
+            row["predicted_device"], row["device_ratio"] = cost.device, cost.device / row["measured_cuda_peak"]
         row["predicted_scratch_bytes"], row["detail"] = cost.disk, cost.detail
 
 
-def measure(topology: str, divisor: int, work: Path) -> dict:
-    repo = topology_repo(topology, divisor, work)
+def measure(topology: str, divisor: int, work: Path, device: str = "cpu", method: str = "dmq") -> dict:
+    cuda = device == "cuda"
+    repo = topology_repo(topology, divisor, work, QDIFF if method == "qdiff" else None, device)
     predicted, stores, parameters = predictions(repo)
     run_measured([sys.executable, "-m", "stages.fp_model"], repo)
     rows = {}
-    for stage in STAGES:
+    for stage in STAGES[method]:
         name, *entry = stage.split()
         baseline = process_baseline(name, repo)
         before = du(repo / "artifacts")
-        peak, seconds = run_measured([sys.executable, "-m", f"stages.{name}", *entry], repo)
+        cuda_peak_file = work / f"{name}.cuda_peak"
+        launch = ["-c", CUDA_PEAK, str(cuda_peak_file)] if cuda else ["-m"]
+        peak, seconds = run_measured([sys.executable, *launch, f"stages.{name}", *entry], repo)
         cost = predicted[name]
         rows[name] = {
             "measured_peak_rss": peak,
             "process_baseline": baseline,
-            "predicted_peak_rss": baseline + cost.host_peak(cuda=False),
-            "ratio": (baseline + cost.host_peak(cuda=False)) / peak,
+            "predicted_peak_rss": baseline + cost.host_peak(cuda=cuda),
+            "ratio": (baseline + cost.host_peak(cuda=cuda)) / peak,
             "measured_outputs_bytes": du(repo / "artifacts") - before,
             "predicted_scratch_bytes": cost.disk,
             "seconds": round(seconds, 1),
             "detail": cost.detail,
         }
+        if cuda:
+            measured = int(cuda_peak_file.read_text())
+            rows[name].update(
+                measured_cuda_peak=measured, predicted_device=cost.device, device_ratio=cost.device / measured
+            )
+        on_gpu = f", GPU measured {measured / 2**20:.0f} MiB, predicted {cost.device / 2**20:.0f} MiB" if cuda else ""
         print(
-            f"{topology} /{divisor} {name:7s} measured {peak / 2**20:8.0f} MiB, predicted "
-            f"{rows[name]['predicted_peak_rss'] / 2**20:8.0f} MiB ({rows[name]['ratio']:.2f}x), {seconds:.0f} s",
+            f"{topology} /{divisor} {method} {name:7s} measured {peak / 2**20:8.0f} MiB, predicted "
+            f"{rows[name]['predicted_peak_rss'] / 2**20:8.0f} MiB ({rows[name]['ratio']:.2f}x){on_gpu}, "
+            f"{seconds:.0f} s",
             flush=True,
         )
     rows["stores"] = {
@@ -214,6 +254,8 @@ def measure(topology: str, divisor: int, work: Path) -> dict:
     return {
         "topology": topology,
         "divisor": divisor,
+        "device": device,
+        "method": method,
         "parameters": parameters,
         "stages": rows,
     }
@@ -279,6 +321,12 @@ def full_width() -> dict[str, list[str]]:
     return full
 
 
+def label(run: dict, stage: str) -> str:
+    """The stage, with the row's method where it is not DMQ's."""
+    method = run.get("method", "dmq")
+    return stage if method == "dmq" else f"{stage} ({method})"
+
+
 def tables(summary: dict) -> str:
     """The measured-against-predicted table and the full-width predictions, in markdown."""
     mib = 2**20
@@ -290,10 +338,28 @@ def tables(summary: dict) -> str:
         for stage, row in run["stages"].items():
             if stage != "stores":
                 lines.append(
-                    f"| {run['topology']} | 1/{run['divisor']} | {run['parameters'] / 1e6:.1f} M | {stage} "
+                    f"| {run['topology']} | 1/{run['divisor']} | {run['parameters'] / 1e6:.1f} M | {label(run, stage)} "
                     f"| {row['measured_peak_rss'] / mib:,.0f} MiB | {row['predicted_peak_rss'] / mib:,.0f} MiB "
                     f"| {row['ratio']:.2f} |"
                 )
+    on_gpu = [
+        (run, stage, row)
+        for run in summary["runs"]
+        for stage, row in run["stages"].items()
+        if "measured_cuda_peak" in row
+    ]
+    if on_gpu:
+        lines += [
+            "",
+            "| topology | width | stage | measured GPU peak | predicted | predicted / measured |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {run['topology']} | 1/{run['divisor']} | {label(run, stage)} "
+            f"| {row['measured_cuda_peak'] / mib:,.0f} MiB | {row['predicted_device'] / mib:,.0f} MiB "
+            f"| {row['device_ratio']:.2f} |"
+            for run, stage, row in on_gpu
+        ]
     lines += [
         "",
         "| topology | width | store | measured on disk | predicted (uncompressed) | ratio |",
@@ -323,6 +389,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--divisors", type=int, nargs="+", default=[8, 4, 2])
     parser.add_argument("--topologies", nargs="+", default=["sd-v1", "ldm-4"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the stages run")
+    parser.add_argument("--methods", nargs="+", choices=list(STAGES), default=["dmq"], help="one row of each")
+    parser.add_argument(
+        "--full-width",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also predict both topologies at full width with the docs' params",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tables", type=Path, help="print the tables of a results file and exit")
     parser.add_argument("--repredict", type=Path, help="predict a results file's runs again with this code")
@@ -347,11 +421,13 @@ def main() -> None:
 
     for topology in args.topologies:
         for divisor in sorted(args.divisors, reverse=True):
-            with tempfile.TemporaryDirectory(prefix="scale-") as work:
-                results.append(measure(topology, divisor, Path(work)))
-            write()
-    full.update(full_width())
-    write()
+            for method in args.methods:
+                with tempfile.TemporaryDirectory(prefix="scale-") as work:
+                    results.append(measure(topology, divisor, Path(work), args.device, method))
+                write()
+    if args.full_width:
+        full.update(full_width())
+        write()
 
 
 if __name__ == "__main__":

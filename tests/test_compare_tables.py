@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+import subprocess
 import sys
 
 from helpers import ROOT, reduced_params, run, set_params
@@ -39,6 +40,16 @@ def test_a_committed_table_without_samples_is_compared_by_fid_only(reproduced, t
     for name, row in found["rows"].items():
         assert row["fid_diff"] == 0 and row["fid_verdict"] == "within the spread", name
         assert row["verdict"] == "no samples" and math.isnan(row["mse_diff"]), name
+    fp = json.loads((bare / "metrics/fp.json").read_text())  # FP's record left from a run on another FP model
+    fp["provenance"]["model_hash"] = "0" * 16
+    (bare / "metrics/fp.json").write_text(json.dumps(fp))
+    refused = subprocess.run(
+        [sys.executable, "benchmarks/compare_tables.py", str(repo), str(bare), "--rows", "dmq-w4a6"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "was measured on FP model" in refused.stderr
 
 
 def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_largest(
