@@ -76,6 +76,7 @@ QDIFF = {
     "rows": {QDIFF_ROW: {"weights": QDIFF_ENTRY, "a_bits": 8}},
     "report": {"table": [QDIFF_ROW], "ablation": []},
 }
+OVERRIDES = {"dmq": None, "qdiff": QDIFF}  # each method's params beyond PARAMS
 STAGES = {
     "dmq": ("dump", "stats", f"les {ENTRY}", f"recon {ENTRY}", f"pts {ROW}", f"sample {ROW}"),
     "qdiff": ("dump", "stats", f"les {QDIFF_ENTRY}", f"recon {QDIFF_ENTRY}", f"pts {QDIFF_ROW}", f"sample {QDIFF_ROW}"),
@@ -192,28 +193,30 @@ def repredict(run: dict, work: Path) -> None:
     """Predict a recorded run again with this checkout's code, the process baselines measured again
     (the stages' peaks stay as measured): the model folder and params are rebuilt as the run had them
     (seeded, deterministic)."""
-    method, cuda = run.get("method", "dmq"), run.get("device") == "cuda"
-    repo = topology_repo(
-        run["topology"], run["divisor"], work, QDIFF if method == "qdiff" else None, run.get("device", "cpu")
-    )
+    device = run.get("device", "cpu")
+    repo = topology_repo(run["topology"], run["divisor"], work, OVERRIDES[run.get("method", "dmq")], device)
     predicted, stores, _ = predictions(repo)
     for name, row in run["stages"].items():
         if name == "stores":
             for store, sizes in row.items():
                 sizes["predicted"] = stores[store]
             continue
-        cost = predicted[name]
         row["process_baseline"] = process_baseline(name, repo)
-        row["predicted_peak_rss"] = row["process_baseline"] + cost.host_peak(cuda=cuda)
-        row["ratio"] = row["predicted_peak_rss"] / row["measured_peak_rss"]
-        if cuda:
-            row["predicted_device"], row["device_ratio"] = cost.device, cost.device / row["measured_cuda_peak"]
-        row["predicted_scratch_bytes"], row["detail"] = cost.disk, cost.detail
+        add_predictions(row, predicted[name], device == "cuda")
+
+
+def add_predictions(row: dict, cost, cuda: bool) -> None:
+    """A measured stage's row gets its predictions and their ratios to the measurements."""
+    row["predicted_peak_rss"] = row["process_baseline"] + cost.host_peak(cuda=cuda)
+    row["ratio"] = row["predicted_peak_rss"] / row["measured_peak_rss"]
+    if cuda:
+        row["predicted_device"], row["device_ratio"] = cost.device, cost.device / row["measured_cuda_peak"]
+    row["predicted_scratch_bytes"], row["detail"] = cost.disk, cost.detail
 
 
 def measure(topology: str, divisor: int, work: Path, device: str = "cpu", method: str = "dmq") -> dict:
     cuda = device == "cuda"
-    repo = topology_repo(topology, divisor, work, QDIFF if method == "qdiff" else None, device)
+    repo = topology_repo(topology, divisor, work, OVERRIDES[method], device)
     predicted, stores, parameters = predictions(repo)
     run_measured([sys.executable, "-m", "stages.fp_model"], repo)
     rows = {}
@@ -224,27 +227,24 @@ def measure(topology: str, divisor: int, work: Path, device: str = "cpu", method
         cuda_peak_file = work / f"{name}.cuda_peak"
         launch = ["-c", CUDA_PEAK, str(cuda_peak_file)] if cuda else ["-m"]
         peak, seconds = run_measured([sys.executable, *launch, f"stages.{name}", *entry], repo)
-        cost = predicted[name]
-        rows[name] = {
+        row = rows[name] = {
             "measured_peak_rss": peak,
             "process_baseline": baseline,
-            "predicted_peak_rss": baseline + cost.host_peak(cuda=cuda),
-            "ratio": (baseline + cost.host_peak(cuda=cuda)) / peak,
             "measured_outputs_bytes": du(repo / "artifacts") - before,
-            "predicted_scratch_bytes": cost.disk,
             "seconds": round(seconds, 1),
-            "detail": cost.detail,
         }
         if cuda:
-            measured = int(cuda_peak_file.read_text())
-            rows[name].update(
-                measured_cuda_peak=measured, predicted_device=cost.device, device_ratio=cost.device / measured
-            )
-        on_gpu = f", GPU measured {measured / 2**20:.0f} MiB, predicted {cost.device / 2**20:.0f} MiB" if cuda else ""
+            row["measured_cuda_peak"] = int(cuda_peak_file.read_text())
+        add_predictions(row, predicted[name], cuda)
+        on_gpu = (
+            f", GPU measured {row['measured_cuda_peak'] / 2**20:.0f} MiB, predicted "
+            f"{row['predicted_device'] / 2**20:.0f} MiB"
+            if cuda
+            else ""
+        )
         print(
             f"{topology} /{divisor} {method} {name:7s} measured {peak / 2**20:8.0f} MiB, predicted "
-            f"{rows[name]['predicted_peak_rss'] / 2**20:8.0f} MiB ({rows[name]['ratio']:.2f}x){on_gpu}, "
-            f"{seconds:.0f} s",
+            f"{row['predicted_peak_rss'] / 2**20:8.0f} MiB ({row['ratio']:.2f}x){on_gpu}, {seconds:.0f} s",
             flush=True,
         )
     rows["stores"] = {

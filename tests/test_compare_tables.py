@@ -49,7 +49,7 @@ def test_a_committed_table_without_samples_is_compared_by_fid_only(reproduced, t
         capture_output=True,
         text=True,
     )
-    assert refused.returncode != 0 and "was measured on FP model" in refused.stderr
+    assert refused.returncode != 0 and f"{bare / 'metrics/fp.json'} was made for model {'0' * 16}" in refused.stderr
 
 
 def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_largest(
