@@ -209,8 +209,9 @@ def add_predictions(row: dict, cost, cuda: bool) -> None:
     """A measured stage's row gets its predictions and their ratios to the measurements."""
     row["predicted_peak_rss"] = row["process_baseline"] + cost.host_peak(cuda=cuda)
     row["ratio"] = row["predicted_peak_rss"] / row["measured_peak_rss"]
-    if cuda:
-        row["predicted_device"], row["device_ratio"] = cost.device, cost.device / row["measured_cuda_peak"]
+    if cuda:  # a stage that never touched the GPU (qdiff's les: γ = 1) measures a peak of 0: no ratio
+        measured = row["measured_cuda_peak"]
+        row["predicted_device"], row["device_ratio"] = cost.device, cost.device / measured if measured else None
     row["predicted_scratch_bytes"], row["detail"] = cost.disk, cost.detail
 
 
@@ -357,7 +358,7 @@ def tables(summary: dict) -> str:
         lines += [
             f"| {run['topology']} | 1/{run['divisor']} | {label(run, stage)} "
             f"| {row['measured_cuda_peak'] / mib:,.0f} MiB | {row['predicted_device'] / mib:,.0f} MiB "
-            f"| {row['device_ratio']:.2f} |"
+            + ("| – (no GPU use) |" if row["device_ratio"] is None else f"| {row['device_ratio']:.2f} |")
             for run, stage, row in on_gpu
         ]
     lines += [

@@ -448,9 +448,10 @@ class Config(Section):
                 )
         problems += self._guard_problems()
         if self.sample.backend == "int8":
-            if self.device == "cuda":
+            if self.device == "cuda" or (self.device == "auto" and _cuda_available()):
                 problems.append(
-                    "sample.backend: int8 runs on the CPU's int8 kernels; set device: cpu, or backend: fake"
+                    f"sample.backend: int8 runs on the CPU's int8 kernels, and device: {self.device} means the GPU "
+                    "here; set device: cpu, or backend: fake"
                 )
             problems += [
                 f"sample.backend: int8 cannot run rows.{name} (W{self.weights[row.weights].w_bits}): its integer "
@@ -536,6 +537,13 @@ class Config(Section):
         method = row.method or self.weights[row.weights].method
         on = METHODS[method].attention if row.attention is None else row.attention
         return self.attention.softmax_bits if on else None
+
+
+def _cuda_available() -> bool:
+    """Whether ``device: auto`` means CUDA on this machine (torch imported only for a config that asks)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,7 @@ from pipeline.config import Config
 from pipeline.eval.metrics import ClipScorer, evaluate_quant_seeds, evaluate_runs, measured_features, read_reference
 from pipeline.eval.report import metrics_record
 from pipeline.eval.sampling import read_samples
+from pipeline.infra.device import resolve_device
 from pipeline.infra.storage import read_tensors, write_json
 from pipeline.models.denoiser import read_prompts
 from pipeline.preflight import load_config
@@ -41,18 +42,23 @@ def metric_settings(cfg: Config, fp_hash: str, fp_samples) -> dict:
     """The settings of :func:`evaluate_runs` that the ``eval`` section and the reference stage give,
     for samples like ``fp_samples`` (the reference features must be of their size), inputs checked."""
     evaluation, sample = cfg.eval, cfg.sample
+    device = resolve_device(cfg.device)
     check_classifier(cfg)
     tensors, header = read_tensors(REFERENCE)
     check_input(header, cfg, "reference", fp_hash, REFERENCE)
     return dict(
         reference=read_reference(tensors, header, fp_samples, str(REFERENCE)),
         features=measured_features(
-            cfg.model.source, str(CLASSIFIER), evaluation.inception_weights, evaluation.reference_images
+            cfg.model.source,
+            str(CLASSIFIER),
+            evaluation.inception_weights,
+            evaluation.reference_images,
+            cuda=device.type == "cuda",
         ),
         kid_subset_size=evaluation.kid_subset_size,
         isc_splits=evaluation.isc_splits,
         prc_neighborhood=evaluation.prc_neighborhood,
-        clip=ClipScorer(evaluation.clip_model) if evaluation.clip_model else None,
+        clip=ClipScorer(evaluation.clip_model, device=device) if evaluation.clip_model else None,
         prompts=read_prompts(sample.prompts, sample.num_samples) if sample.prompts else None,
     )
 

@@ -41,7 +41,10 @@ def main(name: str) -> None:
     represent = None  # pixels: the samples themselves
     if criterion == "features":
         check_classifier(cfg)
-        represent = partial(distance_features, features=feature_space(str(CLASSIFIER), cfg.eval.inception_weights))
+        represent = partial(
+            distance_features,
+            features=feature_space(str(CLASSIFIER), cfg.eval.inception_weights, device.type == "cuda"),
+        )
 
     def held_out(unet, train_scheduler, desc):
         """The held-out samples, or their features under the features criterion."""

@@ -54,6 +54,7 @@ def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
     q_unet = copy.deepcopy(fp_unet)
     layers = quantize(q_unet, QuantSpec(w_bits=variant.w_bits, split=method.split))
     load_gamma(layers, gammas, str(les_path(name, seed)))
+    q_unet.to(device)  # before the weight-scale search: its 80 clipping ratios per layer are the device's work
     init_weight_quantizers(layers, quant.weight_clip_grid, quant.weight_clip_p)
     report = {}
     checkpoints = None

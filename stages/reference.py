@@ -5,6 +5,7 @@ eval.reference_images, at the size of the model's samples, for a local model; no
 file that says so) for a local model without Inception weights or reference images."""
 
 from pipeline.eval.metrics import featurize, measured_features, reference_set, sample_pixel_size
+from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import write_tensors
 from pipeline.models.local import find_layout
@@ -17,7 +18,8 @@ def main() -> None:
     cfg = load_config(model_checks=False)
     e = cfg.eval
     check_classifier(cfg)
-    features = measured_features(cfg.model.source, str(CLASSIFIER), e.inception_weights, e.reference_images)
+    cuda = resolve_device(cfg.device).type == "cuda"
+    features = measured_features(cfg.model.source, str(CLASSIFIER), e.inception_weights, e.reference_images, cuda)
     header = stage_provenance(cfg, "reference", model_hash(FP_MODEL))
     if features is None:
         write_tensors(REFERENCE, {}, {**header, "features": None})

@@ -36,7 +36,7 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     world, device = init(os.environ.get("DMQ_DIST_DEVICE", "cpu"))  # cuda: NCCL, one GPU per rank
     torch.manual_seed(0)
-    unet = build_unet(16, (16, 32, 32), layers_per_block=1, norm_num_groups=8).eval()
+    unet = build_unet(16, (16, 32, 32), layers_per_block=1, norm_num_groups=8).eval().to(device)
     scheduler = ddim_scheduler(DDPMScheduler(num_train_timesteps=1000), steps=3)
     with shared_store(out / "calib.zarr", world) as tmp:
         dump_calibration(
@@ -73,6 +73,7 @@ def main(out: Path) -> None:
         seed=0,
         budget=Budget.of(1.0, 1.0),
         checkpoints=checkpoints,
+        device=device,
         world=world,
     )
     if world.main:

@@ -8,8 +8,9 @@ records ``(x_t, t[, cond])`` are replayed and forward hooks keep what is needed,
 consecutive units at a time, each forward pass stopped once the window's last unit has run.
 
 Where captures live is a budget (:class:`Budget`): the first ``device_bytes`` of a window on the
-device, the next ``host_bytes`` in host memory (pinned on CUDA, so copies to the device overlap),
-anything beyond in a memory-mapped scratch file, so one unit larger than memory still runs.
+device, the next ``host_bytes`` in host memory (pinned on CUDA, so copies to the device overlap; charged
+the power of two the pinned allocator takes), anything beyond in a memory-mapped scratch file, so one
+unit larger than memory still runs. Readers gather their batches from wherever a capture lies.
 """
 
 from __future__ import annotations
@@ -145,19 +146,34 @@ def windows(names: list[str], sizes: dict[str, int], limit: int) -> list[list[st
     return cut if cut[-1] else []
 
 
+def pinned_bytes(nbytes: int) -> int:
+    """What a pinned host tensor of ``nbytes`` takes: torch's pinned allocator rounds every request up to a
+    power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length()
+
+
 class _Allocator:
-    """Zero-filled tensors placed by :class:`Budget` in the order they are asked for."""
+    """Uninitialised tensors placed by :class:`Budget` in the order they are asked for."""
 
     def __init__(self, budget: Budget, device: torch.device, scratch: Path) -> None:
         self.budget, self.device, self.scratch, self.used, self.files = budget, device, scratch, 0, 0
+        self.pinned = device.type == "cuda"  # host captures are pinned for CUDA, so copies overlap with its work
+
+    def place(self, nbytes: int) -> str:
+        """Where the next capture of ``nbytes`` goes: "device", "host" or "scratch". A pinned capture is
+        charged what the pinned allocator takes, so the host part of the budget holds as memory used."""
+        if self.used + nbytes <= self.budget.device_bytes:
+            self.used += nbytes
+            return "device"
+        self.used += pinned_bytes(nbytes) if self.pinned else nbytes
+        return "host" if self.used <= self.budget.window_bytes else "scratch"
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        self.used += nbytes
-        if self.used <= self.budget.device_bytes:
+        where = self.place(math.prod(shape) * dtype.itemsize)
+        if where == "device":
             return torch.empty(shape, dtype=dtype, device=self.device)
-        if self.used <= self.budget.window_bytes:
-            return torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+        if where == "host":
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pinned)
         self.files += 1
         path = self.scratch / f"capture-{self.files}.bin"
         array = np.memmap(path, dtype=torch.empty((), dtype=dtype).numpy().dtype, mode="w+", shape=shape)
@@ -167,6 +183,21 @@ class _Allocator:
 def batched(value) -> bool:
     """A tensor with a batch dimension (captures gather and index these by record)."""
     return isinstance(value, torch.Tensor) and value.dim() > 0
+
+
+def gather(capture, index: tuple[torch.Tensor, torch.Tensor], device: torch.device):
+    """Records ``index`` = (on the host, on ``device``) of a capture (a tensor or a tree of them), on
+    ``device``: captures lie on the device, in host memory or in scratch files as :class:`Budget` placed
+    them, and only the batch travels, never a whole capture."""
+
+    def rows(v):
+        if not batched(v):
+            return v
+        if v.device.type == device.type:
+            return v[index[1]]
+        return v[index[0]].to(device, non_blocking=True)
+
+    return tree_map(rows, capture)
 
 
 class _Rows:

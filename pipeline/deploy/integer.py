@@ -188,6 +188,17 @@ class IntegerLayer(QuantLayer):
         self.input_zero_point = act.zero_point.long().tolist()
         self.act_quantizer = act
 
+    def _apply(self, fn, recurse=True):
+        # the prepacked weights are oneDNN / fbgemm objects that only the CPU runs and that no .to() moves: refuse
+        # a move instead of leaving them behind
+        target = fn(torch.empty(0)).device
+        if target.type != "cpu":
+            raise ValueError(
+                f"int8 layers run on the CPU's int8 kernels and cannot move to {target.type}: sample.backend int8 "
+                "needs device: cpu (or use backend: fake on the GPU)"
+            )
+        return super()._apply(fn, recurse)
+
     def _why_inexact(self, weight: torch.Tensor) -> str | None:
         """Why one GEMM with this weight (integers, not yet int8) would not be exact on the kernels at hand."""
         lo, hi = int(weight.min()), int(weight.max())

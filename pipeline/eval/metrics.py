@@ -69,6 +69,7 @@ class FeatureSpace:
     extractor: str  # torch-fidelity feature extractor name
     weights: str  # its weights file
     note: str  # how tables name the features
+    cuda: bool = False  # featurize and compute the metrics on the GPU (the ``device`` param), never by mere presence
 
     @property
     def digits(self) -> bool:
@@ -85,25 +86,24 @@ class FeatureSpace:
         return "logits" if self.digits else "logits_unbiased"
 
 
-def feature_space(classifier_path: str, inception_weights: str | None) -> FeatureSpace:
-    """Inception features when local Inception weights are given, else the digit classifier's."""
+def feature_space(classifier_path: str, inception_weights: str | None, cuda: bool = False) -> FeatureSpace:
+    """Inception features when local Inception weights are given, else the digit classifier's; on the GPU
+    with ``cuda``."""
     if inception_weights is not None:
         if not Path(inception_weights).is_file():
             raise FileNotFoundError(f"eval.inception_weights: {inception_weights} not found")
-        return FeatureSpace(INCEPTION, str(inception_weights), INCEPTION_NOTE)
-    return FeatureSpace(FEATURE_EXTRACTOR, classifier_path, FEATURE_NOTE)
+        return FeatureSpace(INCEPTION, str(inception_weights), INCEPTION_NOTE, cuda)
+    return FeatureSpace(FEATURE_EXTRACTOR, classifier_path, FEATURE_NOTE, cuda)
 
 
 def measured_features(
-    source: str, classifier_path: str, inception_weights: str | None, reference_images: str | None
+    source: str, classifier_path: str, inception_weights: str | None, reference_images: str | None, cuda: bool = False
 ) -> FeatureSpace | None:
     """The feature space of the distribution metrics, or None for a local model that lacks Inception
     weights or reference images (it gets the paired metrics only)."""
-    if source == "embedded":
-        return feature_space(classifier_path, inception_weights)
-    if inception_weights is None or reference_images is None:
+    if source != "embedded" and (inception_weights is None or reference_images is None):
         return None
-    return feature_space(classifier_path, inception_weights)
+    return feature_space(classifier_path, inception_weights, cuda)
 
 
 class DigitClassifierFeatures(FeatureExtractorBase):
@@ -200,7 +200,7 @@ def _cached_extractor(features: FeatureSpace, layers: tuple[str, ...], mtime_ns:
         return create_feature_extractor(
             features.extractor,
             list(layers),
-            cuda=torch.cuda.is_available(),
+            cuda=features.cuda,
             feature_extractor_weights_path=features.weights,
             verbose=False,
         )
@@ -233,7 +233,7 @@ def featurize(images_uint8: torch.Tensor, features: FeatureSpace, reference: boo
             ImageTensors(images_uint8),
             extractor,
             BATCH_SIZE,
-            torch.cuda.is_available(),
+            features.cuda,
             True,  # save_cpu_ram: no DataLoader worker processes on a 2-core machine
             False,
         )
@@ -259,7 +259,7 @@ def fidelity_from_features(
     passes them."""
     count = len(next(iter(generated.values())))
     kwargs = dict(
-        cuda=torch.cuda.is_available(),
+        cuda=features.cuda,
         kid_subset_size=min(kid_subset_size, count, len(reference[features.distance_layer])),
         isc_splits=isc_splits,
         prc_neighborhood=prc_neighborhood,
@@ -429,13 +429,13 @@ def reference_set(
 class ClipScorer:
     """CLIP score of images against their prompts with a CLIP model read from a local folder."""
 
-    def __init__(self, folder: str | Path, batch_size: int = 64) -> None:
+    def __init__(self, folder: str | Path, batch_size: int = 64, device: torch.device = torch.device("cpu")) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
         problem = clip_folder_problem(folder)
         if problem is not None:
             raise ValueError(f"eval.clip_model: {problem}")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device
         self.model = CLIPModel.from_pretrained(str(folder)).eval().to(self.device)
         self.processor = CLIPProcessor.from_pretrained(str(folder))
         self.batch_size = batch_size

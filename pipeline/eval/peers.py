@@ -11,6 +11,26 @@ import torch
 from tqdm import tqdm
 
 PEER_LIBRARIES = ("optimum-quanto",)
+_UNPACK_ON_CUDA = None  # the kernel registration below, held so that it lives as long as the process
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """optimum-quanto's packing undone: each uint8 of ``packed`` holds ``8 / bits`` values, the i-th in bits
+    ``[bits·i, bits·(i + 1))``, and the i-th values of all rows come as the i-th block of rows."""
+    mask = (1 << bits) - 1
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(8 // bits)]).to(torch.uint8)
+
+
+def unpack_int4_in_torch() -> None:
+    """Give optimum-quanto's ``unpack`` op (its int4 weights' bit unpacking) a CUDA kernel in plain torch
+    ops: quanto's own CUDA kernel compiles an nvcc extension at its first call (minutes, or a failure where
+    nvcc is missing), while shift-and-mask runs on any device and gives the same integers."""
+    global _UNPACK_ON_CUDA
+    if _UNPACK_ON_CUDA is None:
+        import optimum.quanto  # noqa: F401  (defines the op)
+
+        _UNPACK_ON_CUDA = torch.library.Library("quanto", "IMPL")
+        _UNPACK_ON_CUDA.impl("unpack", unpack_bits, "CUDA")
 
 
 @torch.no_grad()
@@ -21,6 +41,7 @@ def quanto_quantize(
     calibrated on the trajectory records ``inputs`` = (x, t) or (x, t, cond), and frozen (integer weights)."""
     from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
 
+    unpack_int4_in_torch()
     weights = {4: qint4, 8: qint8}[w_bits]
     activations = {8: qint8}[a_bits]
     quantize(model, weights=weights, activations=activations)

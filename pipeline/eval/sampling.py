@@ -9,7 +9,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from pipeline.infra.device import autocast, to_device
+from pipeline.infra.device import autocast, host, to_device
 from pipeline.infra.distributed import SINGLE, World, my_batches, plan_batches, shared_store
 from pipeline.infra.storage import open_store
 from pipeline.models.denoiser import as_denoiser
@@ -56,7 +56,7 @@ def generate(
     batches = [torch.arange(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
     return torch.cat(
         [
-            sample_batch(model, scheduler, b, eta, seed, device, guidance_scale, precision).cpu()
+            host(sample_batch(model, scheduler, b, eta, seed, device, guidance_scale, precision))
             for b in tqdm(batches, desc=desc)
         ]
     )
@@ -81,7 +81,7 @@ def fill_samples(
     batches = my_batches(plan_batches(out.shape[0], batch_size, out.chunks[0]), world)
     for start, stop in tqdm(batches, desc=desc, disable=not world.main):
         images = sample_batch(model, scheduler, torch.arange(start, stop), eta, seed, device, guidance_scale, precision)
-        out[start:stop] = (images if decode is None else decode(images)).cpu().numpy()
+        out[start:stop] = host(images if decode is None else decode(images)).numpy()
 
 
 def write_samples(

@@ -16,6 +16,7 @@ import atexit
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -77,6 +78,13 @@ class World:
 SINGLE = World()
 
 
+def wait_limit() -> timedelta:
+    """How long a rank waits for the others at a collective (``DMQ_DIST_TIMEOUT_MIN`` minutes, default
+    12 hours). Ranks wait on uneven work: the last chunk of a dump, the slowest rank's LES layers before
+    ``merge``, the barriers of :func:`shared_store`; NCCL's own 10 minutes would kill a healthy run."""
+    return timedelta(minutes=float(os.environ.get("DMQ_DIST_TIMEOUT_MIN", 12 * 60)))
+
+
 def init(device_name: str) -> tuple[World, torch.device]:
     """Join the torchrun group if there is one: (this rank's World, its device). Each CUDA rank
     takes the GPU of its ``LOCAL_RANK``."""
@@ -90,7 +98,9 @@ def init(device_name: str) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         # MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE come from torchrun's environment
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+            timeout=wait_limit(),
         )
         atexit.register(dist.destroy_process_group)
     return World(dist.get_rank(), dist.get_world_size()), device

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.infra.device import cuda_numerics
+
 # The instruction-set extensions that change which kernels torch runs on x86.
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -46,7 +48,9 @@ def cpu_kind(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
 
 
 def environment() -> str:
-    """The versions, torch thread count and CPU kind a result was computed with: the same code and params gave
-    another FP model under other package versions, and on another CPU kind (README, Reproducibility)."""
+    """The versions, torch thread count and CPU kind a result was computed with (the same code and params gave
+    another FP model under other package versions, and on another CPU kind: README, Reproducibility), and the
+    GPU with its numerics where the process used one."""
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("torch", "diffusers", "numpy"))
-    return f"{versions}; {torch.get_num_threads()} torch threads; CPU {cpu_kind()}"
+    gpu = cuda_numerics()
+    return f"{versions}; {torch.get_num_threads()} torch threads; CPU {cpu_kind()}" + (f"; {gpu}" if gpu else "")

@@ -101,10 +101,13 @@ def read_json(path: str | Path) -> dict:
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """safetensors with a JSON header (``metadata`` plus a checksum of the tensors)."""
+    """safetensors with a JSON header (``metadata`` plus a checksum of the tensors), from wherever the
+    tensors lie."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    from pipeline.infra.device import host
+
+    tensors = {k: host(v).contiguous() for k, v in tensors.items()}
     header = {**(metadata or {}), CHECKSUM_KEY: tensors_hash(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})

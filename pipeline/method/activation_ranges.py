@@ -15,7 +15,7 @@ from tqdm import tqdm
 from pipeline.calibration.capture import Budget, observing
 from pipeline.calibration.dump import step_records
 from pipeline.infra.checkpoint import Checkpoints
-from pipeline.infra.device import to_device
+from pipeline.infra.device import first_nonfinite, first_true, host, to_device
 from pipeline.method.adaround import UnitRecords, fit_unit, unit_by_unit
 from pipeline.quant.attention import MatmulInput
 from pipeline.quant.layers import QuantLayer
@@ -46,18 +46,18 @@ def calibrate_activations(
     for layer in layers.values():
         layer.act_quantizer.momentum = momentum
         layer.quantize_acts = True
+    names, quantizers = list(layers), [layer.act_quantizer for layer in layers.values()]
     for s in tqdm(range(steps), desc="calibrate activations"):
         set_step(unet, s)
         inputs = tuple(to_device(v, device) for v in step_records(calib, s, records, seed))
         with calibrating(layers.values()):
             for start in range(0, len(inputs[0]), batch_size):
                 unet(*(v[start : start + batch_size] for v in inputs))
-        for name, layer in layers.items():
-            aq = layer.act_quantizer
-            if not (torch.isfinite(aq.running_min[s]).all() and torch.isfinite(aq.running_max[s]).all()):
-                raise FloatingPointError(
-                    f"activation calibration: the input range of {name} is not finite (NaN or Inf) at step {s}"
-                )
+        ranges = [torch.cat([q.running_min[s], q.running_max[s]]) for q in quantizers]
+        if (bad := first_true(torch.stack([~torch.isfinite(r).all() for r in ranges]))) is not None:  # one wait a step
+            raise FloatingPointError(
+                f"activation calibration: the input range of {names[bad]} is not finite (NaN or Inf) at step {s}"
+            )
         if after_step is not None:
             after_step(s, inputs)
 
@@ -107,9 +107,8 @@ def init_shared_activations(
         if pending.pop(name, None) is None:
             return  # a layer called twice in a pass keeps its first call's range
         x = layer.scale_input(args[0])
-        finite = torch.isfinite(x).flatten(1).all(1)
-        if not finite.all():
-            step = int(steps[int((~finite).nonzero()[0])])
+        if (row := first_nonfinite(x)) is not None:
+            step = int(host(steps)[row])
             raise FloatingPointError(
                 f"activation calibration: the input range of {name} is not finite (NaN or Inf) at step {step}"
             )

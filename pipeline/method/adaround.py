@@ -18,21 +18,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from pipeline.calibration.capture import (
     GB,
     Budget,
-    batched,
     execution_order,
+    gather,
     placement,
     unit_inputs,
     unit_outputs,
     windows,
 )
 from pipeline.infra.checkpoint import Checkpoints
-from pipeline.infra.device import autocast, to_device
+from pipeline.infra.device import autocast, first_nonfinite, host, to_device
 from pipeline.quant.layers import QuantLayer
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, from the AdaRound paper
@@ -114,20 +114,6 @@ def reconstruction_units(model: nn.Module, run_once) -> list[tuple[str, nn.Modul
     return [(name, units[name]) for name in execution_order(units, run_once)]
 
 
-def take(capture, index: tuple[torch.Tensor, torch.Tensor], device: torch.device):
-    """Records ``index`` = (on the host, on ``device``) of a capture, on ``device``: captures lie on the
-    device, in host memory or in scratch files as :class:`~pipeline.calibration.capture.Budget` placed them."""
-
-    def gather(v):
-        if not batched(v):
-            return v
-        if v.device.type == device.type:
-            return v[index[1]]
-        return v[index[0]].to(device, non_blocking=True)
-
-    return tree_map(gather, capture)
-
-
 def main_output(output):
     """A block's hidden states: diffusers' Transformer2DModel returns them in a tuple."""
     return output[0] if isinstance(output, tuple) else output
@@ -143,10 +129,10 @@ class UnitRecords:
         self.count = len(main_output(fp_outputs))
 
     def per_sample_loss(self, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        args, kwargs = take(self.inputs, index, self.device)
+        args, kwargs = gather(self.inputs, index, self.device)
         with autocast(self.device, self.precision):
             out = main_output(self.unit(*args, **kwargs))
-        target = main_output(take(self.fp_outputs, index, self.device))
+        target = main_output(gather(self.fp_outputs, index, self.device))
         error = (out.float() - target).abs().pow(self.p)
         return error.sum(1 if out.dim() == 4 else -1).flatten(1).mean(1)
 
@@ -156,7 +142,7 @@ class UnitRecords:
             self.per_sample_loss((idx, to_device(idx, self.device))).sum().double()
             for idx in torch.arange(self.count).split(batch_size)
         )
-        return total.item() / self.count
+        return float(host(total)) / self.count
 
 
 def fit_unit(
@@ -183,12 +169,8 @@ def fit_unit(
     for i in range(iters):
         loss = loss_at(i, (batches[i], batches_on_device[i]))
         losses[i] = loss.detach()
-        if (i + 1) % CHECK_EVERY == 0 or i + 1 == iters:
-            bad = (~torch.isfinite(losses[: i + 1])).nonzero()
-            if len(bad):
-                raise FloatingPointError(
-                    f"{what} loss is {losses[int(bad[0])].item()} in {name} at iteration {int(bad[0])}"
-                )
+        if ((i + 1) % CHECK_EVERY == 0 or i + 1 == iters) and (bad := first_nonfinite(losses[: i + 1])) is not None:
+            raise FloatingPointError(f"{what} loss is {float(host(losses)[bad])} in {name} at iteration {bad}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -337,8 +319,9 @@ def unit_by_unit(
 
 
 def _target_bytes(fp_model: nn.Module, fp_units: dict[str, nn.Module], inputs) -> dict[str, int]:
-    """Bytes of each unit's FP output over all records, from a pass over one record."""
-    with placement(Budget(0, GB), torch.device("cpu")) as allocate:
+    """Bytes of each unit's FP output over all records, from a pass over one record (kept where it is made:
+    only its shapes are read)."""
+    with placement(Budget(GB, 0), inputs[0].device) as allocate:
         one = unit_outputs(fp_model, fp_units, tuple(v[:1] for v in inputs), 1, allocate)
     tensors = {name: [v for v in tree_leaves(out) if isinstance(v, torch.Tensor)] for name, out in one.items()}
     return {name: len(inputs[0]) * sum(v.numel() * v.element_size() for v in found) for name, found in tensors.items()}

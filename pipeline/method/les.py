@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline.calibration.capture import Budget, execution_order, io_numel, layer_io, windows
+from pipeline.calibration.capture import Budget, execution_order, gather, io_numel, layer_io, windows
 from pipeline.infra.checkpoint import Checkpoints
-from pipeline.infra.device import to_device
+from pipeline.infra.device import first_nonfinite, host, to_device
 from pipeline.infra.distributed import SINGLE, World
 from pipeline.method.weighting import TimestepWeighting, make_weighting
 from pipeline.quant.layers import QuantLayer
@@ -70,17 +70,17 @@ def per_sample_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int) -
 def layer_loss(
     layer: QuantLayer, inputs: torch.Tensor, outputs: torch.Tensor, steps: int, gamma: torch.Tensor, batch_size: int
 ) -> float:
-    """Unweighted mean loss over all records. Activation ranges are taken per chunk of one step's
-    records, as the per-step activation quantizers will be, so the number does not depend on how
-    steps would be mixed in a batch."""
-    per_step = len(inputs) // steps
-    total = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    """Unweighted mean loss over all records, each batch computed on ``gamma``'s device. Activation ranges
+    are taken per chunk of one step's records, as the per-step activation quantizers will be, so the
+    number does not depend on how steps would be mixed in a batch."""
+    per_step, device = len(inputs) // steps, gamma.device
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for s in range(steps):
         for a in range(s * per_step, (s + 1) * per_step, batch_size):
             b = min(a + batch_size, (s + 1) * per_step)
-            out = quantized_output(layer, inputs[a:b].float(), gamma)
-            total += per_sample_loss(out, outputs[a:b].float(), layer.channel_dim).double().sum()
-    return total.item() / len(inputs)
+            out = quantized_output(layer, inputs[a:b].to(device).float(), gamma)
+            total += per_sample_loss(out, outputs[a:b].to(device).float(), layer.channel_dim).double().sum()
+    return float(host(total)) / len(inputs)
 
 
 def learn_gamma(
@@ -95,8 +95,10 @@ def learn_gamma(
     batch_size: int,
     seed: int,
     name: str = "layer",
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, float, float]:
-    """Learn γ for one layer from its FP ``inputs`` / ``outputs`` (record r is at step r // (N / S)).
+    """Learn γ for one layer from its FP ``inputs`` / ``outputs`` (record r is at step r // (N / S)) on
+    ``device`` (default: the captures'), each batch gathered from wherever the captures lie.
 
     Returns (γ, loss at γ = 1, loss at the learned γ), both losses over all records. The layer
     itself is not modified."""
@@ -104,52 +106,44 @@ def learn_gamma(
     if n == 0 or n % steps:
         raise ValueError(f"LES on {name}: {n} records do not split into {steps} steps")
     per_step = n // steps
-    device = inputs.device
+    device = inputs.device if device is None else device
     theta = torch.zeros(layer.gamma.shape, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(layer_seed(seed, name))
-    # the same draws as one randperm per iteration, copied to the device once
-    batches = to_device(
-        torch.stack([torch.randperm(n, generator=generator)[:batch_size] for _ in range(iters)]), device
-    )
+    # the same draws as one randperm per iteration, on the host for captures kept there, copied to the device once
+    draws = torch.stack([torch.randperm(n, generator=generator)[:batch_size] for _ in range(iters)])
+    draws_on_device = to_device(draws, device)
     losses = torch.empty(iters, device=device)
     for i in range(iters):
-        idx = batches[i]
-        step_idx = idx // per_step
-        out = quantized_output(layer, inputs[idx].float(), theta.exp())
-        loss = per_sample_loss(out, outputs[idx].float(), layer.channel_dim)
+        index = (draws[i], draws_on_device[i])
+        step_idx = index[1] // per_step
+        x, target = gather((inputs, outputs), index, device)
+        out = quantized_output(layer, x.float(), theta.exp())
+        loss = per_sample_loss(out, target.float(), layer.channel_dim)
         weighting.update(step_idx, loss)
         total = (weighting.weights(step_idx) * loss).mean()
         losses[i] = total.detach()
-        if (i + 1) % CHECK_EVERY == 0 or i + 1 == iters:
-            _check_finite(losses[: i + 1], name)
+        if ((i + 1) % CHECK_EVERY == 0 or i + 1 == iters) and (bad := first_nonfinite(losses[: i + 1])) is not None:
+            raise FloatingPointError(f"LES on {name}: loss is {float(host(losses)[bad])} at iteration {bad}")
         # autograd.grad, not backward: only θ needs a gradient; the layer's weights stay untouched
         (theta.grad,) = torch.autograd.grad(total, theta)
         optimizer.step()
         schedule.step()
     gamma = theta.detach().exp()
-    if not torch.isfinite(gamma).all():
+    if first_nonfinite(gamma) is not None:
         raise FloatingPointError(f"LES on {name}: γ is not finite after {iters} iterations")
     before = layer_loss(layer, inputs, outputs, steps, torch.ones_like(gamma), batch_size)
     after = layer_loss(layer, inputs, outputs, steps, gamma, batch_size)
     return gamma, before, after
 
 
-def _check_finite(losses: torch.Tensor, name: str) -> None:
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise FloatingPointError(f"LES on {name}: loss is {losses[i].item()} at iteration {i}")
-
-
 def _learn_captured(name, layer, steps, weighting, r, momentum, device, **kwargs):
     inputs, outputs = _CAPTURED[name]
     w = make_weighting(weighting, steps, r, momentum)
-    gamma, before, after = learn_gamma(
-        layer.to(device), to_device(inputs, device), to_device(outputs, device), steps, w, name=name, **kwargs
-    )
-    return name, gamma.cpu(), before, after
+    # the captures stay where the capture budget placed them: only batches travel to the device
+    gamma, before, after = learn_gamma(layer.to(device), inputs, outputs, steps, w, name=name, device=device, **kwargs)
+    return name, host(gamma), before, after
 
 
 # the captures of the window being learned: forked workers inherit them, copy-on-write, instead of

@@ -184,9 +184,10 @@ class ActQuantizer(nn.Module):
     def observe(self, x: torch.Tensor, channel_dim: int) -> None:
         lo, hi = part_extrema(x.detach(), self.parts, self.num_parts, channel_dim)
         s = self.step
-        if self.calibrated[s]:
-            lo = self.momentum * self.running_min[s] + (1 - self.momentum) * lo
-            hi = self.momentum * self.running_max[s] + (1 - self.momentum) * hi
+        # where, not an `if` on the flag: a Python branch on a device tensor waits for the GPU at every call
+        seen = self.calibrated[s]
+        lo = torch.where(seen, self.momentum * self.running_min[s] + (1 - self.momentum) * lo, lo)
+        hi = torch.where(seen, self.momentum * self.running_max[s] + (1 - self.momentum) * hi, hi)
         self.running_min[s], self.running_max[s] = lo, hi
         self.calibrated[s] = True
         self.scale[s], self.zero_point[s] = affine_params(lo, hi, self.bits)
