@@ -169,7 +169,10 @@ def comparisons(cfg: Config, records: dict[str, dict]) -> str:
     names = [name for name in dict.fromkeys(cfg.report.table + cfg.report.ablation)]
     errors = {name: sample_errors(cfg, name, records[name], fp) for name in names}
     fid = {
-        name: [run.get("fid_vs_fp") for run in rows_against_fp([records[FP], records[name]])[1].runs] for name in names
+        name: [
+            run.get("fid_vs_fp") for run in rows_against_fp([records[FP], records[name]], str(metrics_path(FP)))[1].runs
+        ]
+        for name in names
     }
     fid = {name: values if None not in values else [] for name, values in fid.items()}
     pairs = []

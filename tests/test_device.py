@@ -33,11 +33,14 @@ from pipeline.method.les import learn_all, learn_gamma
 from pipeline.method.pts import PTSVoter
 from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.method.weighting import make_weighting
-from pipeline.models.diffusion import ddim_scheduler
+from pipeline.models.denoiser import Decoder, load_denoiser
+from pipeline.models.diffusion import ddim_scheduler, load_fp_model
 from pipeline.models.embedded import build_unet
+from pipeline.models.local import find_layout
 from pipeline.quant import QuantSpec, calibrating, quantize, set_step
 from pipeline.quant.attention import quantize_attention
 from pipeline.quant.quantizers import ActQuantizer
+from tiny_models import KINDS, save_tiny_model
 
 META = torch.device("meta")
 STEPS = 2
@@ -114,6 +117,20 @@ def test_every_tensor_of_a_quantized_model_follows_it_to_the_device(attention):
         layer.quantize_acts = True
     q.to(META)
     assert left_behind(q, META) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_model_kind_quantized_with_its_conditioning_and_decoder_moves_whole(kind, tmp_path):
+    """Each kind as the stages load it (the UNet in its Denoiser, with the prompts' embeddings of a text
+    model, and its autoencoder), quantized with attention, then moved to the device."""
+    folder = save_tiny_model(kind, tmp_path / kind)
+    unet, _ = load_fp_model(folder)
+    quantize(unet, QuantSpec(w_bits=4, a_bits=8, num_steps=STEPS))
+    quantize_attention(unet, 8, 8, STEPS)
+    denoiser = load_denoiser(folder, unet, ["a red digit", "a blue digit"] if kind == "text" else None).to(META)
+    decoder = Decoder(find_layout(folder), META)
+    assert left_behind(denoiser, META) == []
+    assert decoder.autoencoder is None or left_behind(decoder.autoencoder, META) == []
 
 
 def test_the_walk_finds_a_tensor_kept_in_a_plain_attribute():

@@ -2,8 +2,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import run, set_params
-from pipeline.eval.report import Row, cell, markdown_table
+from pipeline.eval.report import Row, cell, markdown_table, rows_against_fp
 
 
 def test_cell_formats_mean_and_spread():
@@ -120,3 +122,22 @@ def test_report_refuses_metrics_of_other_params(pipeline_copy):
     assert (
         done.returncode != 0 and "metrics/fp.json was made with other parameters than the current ones" in done.stderr
     )
+
+
+def test_a_fp_record_of_another_fp_model_is_refused_naming_it():
+    def record(method, model_hash, seeds):
+        return {
+            "method": method,
+            "label": method,
+            "w_bits": 4,
+            "a_bits": 8,
+            "provenance": {"model_hash": model_hash},
+            **seeds,
+        }
+
+    fp = record("FP", "a" * 16, {"seeds": {"0": {"fid": 1.0}}})
+    row = record("dmq", "b" * 16, {"quant_seeds": {"0": {"seeds": {"0": {"fid": 2.0}}}}})
+    with pytest.raises(ValueError, match=f"metrics/fp.json was made for model {'a' * 16}, but the current FP model is"):
+        rows_against_fp([fp, row], "metrics/fp.json")
+    row["provenance"]["model_hash"] = "a" * 16
+    assert rows_against_fp([fp, row], "metrics/fp.json")[1].runs[0]["fid_vs_fp"] == 1.0

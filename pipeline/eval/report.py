@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import Variant
 from pipeline.infra.figures import plt, save_figure
+from pipeline.infra.fingerprint import check_same_model
 from pipeline.infra.machine import environment
 
 COLUMNS = (  # (metric key, header, digits); a column no row has a value for is left out
@@ -86,13 +87,16 @@ def _seed_mean(per_noise_seed: dict[str, dict], fp_seeds: dict[str, dict]) -> di
     return mean
 
 
-def rows_against_fp(records: list[dict]) -> list[Row]:
+def rows_against_fp(records: list[dict], fp_source: str = "the FP record") -> list[Row]:
     """Table rows of the records, FP's first. Every row is sampled from FP's noise seeds, so the noise
-    of FID is shared: each run also gets ``fid_vs_fp``, its FID minus FP's on the same noise."""
+    of FID is shared: each run also gets ``fid_vs_fp``, its FID minus FP's on the same noise. A FP record
+    (read from ``fp_source``) of another FP model than a row's is refused: a partial ``dvc repro fid@ROW``
+    leaves git's."""
     fp, *others = records
     bits = "32/32"
     rows = [Row(fp["method"], bits, list(fp["seeds"].values()))]
     for record in others:
+        check_same_model(fp["provenance"], record["provenance"]["model_hash"], fp_source)
         runs = [_seed_mean(found["seeds"], fp["seeds"]) for found in record["quant_seeds"].values()]
         rows.append(Row(record["method"], f"W{record['w_bits']}A{record['a_bits']}", runs))
     return rows
