@@ -1,4 +1,4 @@
-"""Stage guard@<name>: LES that never hurts (DESIGN.md §9). For each quantization seed, the row with
+"""Stage guard@<name>: LES that never hurts (docs/method.md §2, the guard). For each quantization seed, the row with
 learned γ and the row with γ = 1 (same bits, same activation method) are sampled on held-out noise
 (guard.seed, never a noise seed of the tables) and compared with FP sample by sample (guard.criterion:
 in FID's feature space, or by pixel MSE); the one closer to FP is kept, and its metrics become the

@@ -47,7 +47,7 @@ def fake_quantized(fp: nn.Module, w_bits: int = 4, a_bits: int = 8, batch: int =
     """A W/A copy of ``fp`` as the sample stage runs it: random LES γ, stored integer weights, per-step
     activation parameters from one calibration run, random PTS exponents on the shortcut convs."""
     q = copy.deepcopy(fp)
-    # both decoder splits, the case the bounds below were measured on (DESIGN.md §10: split parts are summed)
+    # both decoder splits, the case the bounds below were measured on (docs/method.md §7: split parts are summed)
     layers = quantize(q, QuantSpec(w_bits=w_bits, a_bits=a_bits, num_steps=STEPS, split=("conv1", "conv_shortcut")))
     g = torch.Generator().manual_seed(seed)
     for layer in layers.values():
@@ -222,7 +222,7 @@ def _planted_layer(module: nn.Module, split: int | None, w_bits: int = 4, a_bits
 
 
 def _by_hand(layer: QuantLayer, x: torch.Tensor, step: int) -> torch.Tensor:
-    """Float64, from the layer's stored numbers and the formula of DESIGN.md section 2, not from its code."""
+    """Float64, from the layer's stored numbers and docs/method.md#the-quantized-layer, not from its code."""
     act, wq = layer.act_quantizer, layer.weight_quantizer
     parts = act.parts
     delta = act.scale[step].double()[parts] * 2.0 ** -act.exponent[step].double()

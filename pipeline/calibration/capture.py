@@ -1,6 +1,6 @@
 """Capture: calibration records through a network, keeping what chosen units see and give.
 
-One mechanism for every reader of activations (DESIGN.md §12): the dump (the layer I/O it stores),
+One mechanism for every reader of activations (docs/method.md §1): the dump (the layer I/O it stores),
 the stats stage, LES (every layer's FP input and output in float32), AdaRound (block inputs of the
 weight-quantized network, FP block outputs) and activation calibration (the inputs each activation
 quantizer sees). As in the reference implementations nothing per layer is read back from disk: the

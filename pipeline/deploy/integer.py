@@ -1,7 +1,7 @@
 """Integer inference: the quantized layers of a fake-quantized UNet swapped for layers that run int8 kernels
 (oneDNN's quantized conv / linear as torch ships them, x86 CPU), with the same numbers up to float32 rounding.
 
-Notation, for one layer at sampling step s (see QuantLayer and DESIGN.md section 10):
+Notation, for one layer at sampling step s (see QuantLayer and docs/method.md §7):
   γ_c      LES factor of input channel c          p = part(c)   input-channel part (split quantization)
   Δ_{s,p}  activation step, z_{s,p} its zero point k_{s,c}  PTS exponent, e_s = max_c k_{s,c}
   w_q, z_w, s_w[o, p]  stored integer weight, its zero point and scale (per output channel and part)

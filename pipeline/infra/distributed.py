@@ -1,4 +1,4 @@
-"""Sharding work over ``torch.distributed`` ranks launched by ``torchrun`` (DESIGN.md §6).
+"""Sharding work over ``torch.distributed`` ranks launched by ``torchrun`` (docs/method.md §8).
 
 A stage calls :func:`init` once. Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the
 process joins the group, NCCL on CUDA (one GPU per local rank), gloo on CPU; otherwise it is a world

@@ -1,4 +1,4 @@
-"""Learned Equivalent Scaling (DESIGN.md §2 step 2): one γ ∈ R^{C_in}, γ > 0, per quantized layer.
+"""Learned Equivalent Scaling (docs/method.md §2): one γ ∈ R^{C_in}, γ > 0, per quantized layer.
 
 γ = exp(θ), θ = 0 at the start, so γ stays positive without clamping. The loss compares the FP layer
 output, captured from the calibration trajectories, with ``Qw(W · diag(γ)) ⊛ Qa(x / γ) + b`` where both quantizers take

@@ -1,4 +1,4 @@
-"""Timestep weighting of per-sample reconstruction losses (DESIGN.md §2 step 3).
+"""Timestep weighting of per-sample reconstruction losses (docs/method.md §3).
 
 Step index s = 0..S-1 counts sampling steps, 0 being the first (noisiest) one.
 

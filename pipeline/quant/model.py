@@ -1,7 +1,7 @@
 """``quantize(model, spec)``: swap the quantizable layers of a diffusers UNet for :class:`QuantLayer`.
 
-Placement (DESIGN.md §2): every Conv2d / Linear is quantized except the time-embedding MLP, each
-ResNet block's ``time_emb_proj``, ``conv_in`` and ``conv_out`` (and class / additional embeddings).
+Placement (docs/method.md#the-quantized-layer): every Conv2d / Linear is quantized except the time-embedding MLP,
+each ResNet block's ``time_emb_proj``, ``conv_in`` and ``conv_out`` (and class / additional embeddings).
 Attention score/value matmuls are functional ops, not modules, so they stay in full precision.
 """
 
