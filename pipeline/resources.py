@@ -246,7 +246,7 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
     args, kwargs = _inputs(unet, 1, text_length)
     numel = io_numel(partial(unet, **kwargs), layers, args)
     layer_io = [4 * (a + b) for a, b in numel.values()]  # float32 input and output of one record
-    budget = Budget.of(cfg.capture.device_gb, cfg.capture.host_gb, cfg.capture.scratch)
+    budget = Budget.from_config(cfg.capture)
     batch = cfg.capture.batch_size
     steps, samples = cfg.diffusion.steps, cfg.calib.num_samples
     costs = []
@@ -290,7 +290,7 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
 
     if any(METHODS[v.method].adaround for v in cfg.weights.values()):
         recon_records = cfg.recon.records
-        half = Budget(budget.device_bytes // 2, budget.host_bytes // 2, budget.scratch)
+        half = budget.halved()
         calls = _unit_calls(unet, cfg.recon.batch_size * rows, text_length)
         targets = [recon_records * _tensor_bytes(out, rows) for _, _, out in calls.values()]
         unit_inputs = [recon_records * _tensor_bytes(call, rows) for _, call, _ in calls.values()]
@@ -328,7 +328,7 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
         pts = max(pts, 2 * weights + 2 * forward_peak(network, shared.init_records * rows, text_length))
         calibrated += f", one pass of {shared.init_records} (shared steps' initialisation)"
         if shared.learn:
-            half = Budget(budget.device_bytes // 2, budget.host_bytes // 2, budget.scratch)
+            half = budget.halved()
             calls = _unit_calls(unet, shared.batch_size * rows, text_length, unfused=attention)
             d, pts_host, pts_disk = _placed(
                 [shared.records * _tensor_bytes(out, rows) for *_, out in calls.values()], half

@@ -7,17 +7,16 @@ import time
 
 import torch
 
-from pipeline.calibration.capture import Budget
-from pipeline.calibration.dump import open_calibration, record_denoiser, records_by_step, records_per_step
+from pipeline.calibration.dump import open_calibration, record_denoiser
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.distributed import init
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import write_tensors
-from pipeline.method.les import learn_all
+from pipeline.method.les import learn_gammas, les_records_per_step
 from pipeline.methods import METHODS
+from pipeline.models.denoiser import as_denoiser
 from pipeline.models.diffusion import load_fp_model
 from pipeline.preflight import load_config
-from pipeline.quant import QuantSpec, quantizable_layers, quantize
 from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path
 from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
 
@@ -29,47 +28,21 @@ def main(name: str) -> None:
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
     fp_hash = model_hash(FP_MODEL)
+    fp_unet, _ = load_fp_model(FP_MODEL)
+    calib, fp = None, as_denoiser(fp_unet)
     if method.les:
         calib = open_calibration(CALIB)
         check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
-        steps = calib.attrs["steps"]
-        fp_unet, _ = load_fp_model(FP_MODEL)
-        fp_model = record_denoiser(FP_MODEL, fp_unet, calib).to(device)
-        fp_layers = quantizable_layers(fp_unet)
-        per_step = (les.records or steps * records_per_step(calib)) // steps
+        fp = record_denoiser(FP_MODEL, fp_unet, calib)
     reports = {}
     for seed in cfg.quant.seeds:
         provenance = stage_provenance(cfg, "les", fp_hash, variant, seed)
-        unet, _ = load_fp_model(FP_MODEL)
-        spec = QuantSpec(w_bits=variant.w_bits, a_bits=variant.a_bits, num_steps=1, split=method.split)
-        layers = quantize(unet, spec)
         start = time.perf_counter()
         checkpoints = None
         if method.les:
             with world.main_first():  # rank 0 removes stale checkpoints before any rank saves new ones
                 checkpoints = Checkpoints(checkpoints_path("les", name, seed), checkpoint_key(provenance))
-            gammas, losses = learn_all(
-                layers,
-                fp_model,
-                fp_layers,
-                records_by_step(calib, per_step, seed),
-                steps,
-                weighting=method.weighting,
-                iters=les.iters,
-                lr=les.lr,
-                batch_size=les.batch_size,
-                r=les.focal_r,
-                momentum=les.focal_momentum,
-                seed=seed,
-                budget=Budget.of(cfg.capture.device_gb, cfg.capture.host_gb, cfg.capture.scratch),
-                capture_batch=cfg.capture.batch_size,
-                workers=les.workers,
-                checkpoints=checkpoints,
-                device=device,
-                world=world,
-            )
-        else:
-            gammas, losses = {name: torch.ones_like(layer.gamma) for name, layer in layers.items()}, {}
+        gammas, losses = learn_gammas(cfg, name, seed, fp, calib, device=device, world=world, checkpoints=checkpoints)
         if not world.main:
             continue
         header = {
@@ -77,7 +50,7 @@ def main(name: str) -> None:
             **variant._asdict(),
             "weighting": method.weighting,
             "iters": les.iters if method.les else 0,
-            "records": steps * per_step if method.les else 0,
+            "records": calib.attrs["steps"] * les_records_per_step(cfg, calib) if method.les else 0,
         }
         write_tensors(les_path(name, seed), {f"{layer}.gamma": gamma for layer, gamma in gammas.items()}, header)
         if checkpoints:

@@ -4,25 +4,17 @@ by all steps (Q-Diffusion: initialised, then learned block by block, each block 
 quantization seed (the seed draws the records) -> artifacts/act_params/<row>/q<seed>.safetensors,
 artifacts/votes/<row>/q<seed>.zarr."""
 
-import time
-
 import zarr
 
-from pipeline.calibration.capture import Budget
-from pipeline.calibration.dump import open_calibration, random_records, record_denoiser
+from pipeline.calibration.dump import open_calibration, record_denoiser
 from pipeline.calibration.stats import auto_pts_layers, open_stats
 from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
-from pipeline.infra.device import resolve_device, to_device
+from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import atomic_store, write_tensors
-from pipeline.method.activation_ranges import (
-    StepLearning,
-    calibrate_activations,
-    init_shared_activations,
-    learn_shared_steps,
-)
-from pipeline.method.pts import PTSVoter, select_pts_layers, vote_summary
+from pipeline.method.activation_ranges import calibrate_row
+from pipeline.method.pts import select_pts_layers, vote_summary
 from pipeline.methods import METHODS
 from pipeline.models.diffusion import load_fp_model
 from pipeline.models.quantized import load_quantized_unet
@@ -69,7 +61,7 @@ def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group)
     quantizers = {**layers, **matmul_inputs(unet)}  # the attention matmuls' inputs calibrate like the layers'
     check_input(quantized.headers["weights"], cfg, "recon", fp_hash, path, cfg.weights_variant(weights), seed)
     model = record_denoiser(FP_MODEL, unet, calib).to(device)
-    voter = None
+    names = []
     if method.pts:
         if pts.layers == "auto":
             stats = open_stats(STATS)
@@ -77,15 +69,19 @@ def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group)
             names = auto_pts_layers(stats, pts.auto_outlier_ratio)
         else:
             names = select_pts_layers(list(layers), pts.layers)
-        voter = PTSVoter({n: layers[n] for n in names}, pts.num_candidates, pts.ratio_threshold)
     provenance = stage_provenance(cfg, "pts", fp_hash, variant, seed)
-    learned = {}
-    if method.shared_acts:
-        learned = shared_steps(cfg, model, quantizers, calib, seed, device, provenance, row)
-    else:
-        after_step = None if voter is None else (lambda s, inputs: voter(model, s, inputs, pts.batch_size))
-        drawn = dict(records=pts.calib_records, batch_size=pts.batch_size, device=device, seed=seed)
-        calibrate_activations(model, quantizers, calib, momentum=pts.momentum, after_step=after_step, **drawn)
+    voter, learned = calibrate_row(
+        cfg,
+        row,
+        seed,
+        model,
+        quantizers,
+        calib,
+        fp_unet=load_fp_model(FP_MODEL)[0] if method.shared_acts else None,
+        pts_layers=names,
+        device=device,
+        checkpoints=lambda: Checkpoints(checkpoints_path("pts", row, seed), checkpoint_key(provenance)),
+    )
     header = {**provenance, **variant._asdict(), "steps": steps, "pts": voter is not None, "attention": softmax_bits}
     write_tensors(act_params_path(row, seed), act_tensors(quantizers), header)
     votes = voter.stacked() if voter else {}
@@ -96,38 +92,6 @@ def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group)
             for key, value in arrays.items():
                 root.create_array(f"{name}/{key}", data=value.numpy())
     return {**vote_summary(votes), **learned}
-
-
-def shared_steps(cfg: Config, model, layers, calib: zarr.Group, seed: int, device, provenance: dict, row: str) -> dict:
-    """Q-Diffusion's shared steps: the initialisation, then (``shared_acts.learn``) the steps learned block
-    by block against the FP model, each block checkpointed; returns the learning's per-block losses."""
-    shared = cfg.shared_acts
-    records, step = random_records(calib, shared.init_records, seed)  # a subset of the learning's draw
-    records = tuple(to_device(v, device) for v in records)
-    init_shared_activations(model, layers, records, to_device(step, device), shared.clip_grid, shared.clip_p)
-    if not shared.learn:
-        return {}
-    settings = StepLearning(shared.iters, shared.lr, shared.batch_size, shared.p, seed, cfg.autocast)
-    records, _ = random_records(calib, shared.records, seed)
-    fp_unet, _ = load_fp_model(FP_MODEL)
-    checkpoints = Checkpoints(checkpoints_path("pts", row, seed), checkpoint_key(provenance))
-    start = time.perf_counter()
-    units = learn_shared_steps(
-        model,
-        model.with_unet(fp_unet).to(device),  # the conditioning already loaded (a text encoder's prompt embeddings)
-        tuple(to_device(v, device) for v in records),
-        settings,
-        checkpoints,
-        Budget.of(cfg.capture.device_gb, cfg.capture.host_gb, cfg.capture.scratch),
-        cfg.capture.batch_size,
-    )
-    checkpoints.remove()
-    return {
-        "seconds": round(time.perf_counter() - start, 1),
-        "mean_loss_before": sum(u["before"] for u in units.values()) / len(units),
-        "mean_loss_after": sum(u["after"] for u in units.values()) / len(units),
-        "units": units,
-    }
 
 
 if __name__ == "__main__":

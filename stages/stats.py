@@ -36,7 +36,7 @@ def main() -> None:
         calib,
         min(cfg.calib.layer_records_per_step, records_per_step(calib)),
         cfg.stats.percentile,
-        Budget.of(capture.device_gb, capture.host_gb, capture.scratch),
+        Budget.from_config(capture),
         device,
         capture.batch_size,
     )

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from pipeline.config import CaptureConfig
+
 GB = 1 << 30
 
 
@@ -127,6 +129,16 @@ class Budget:
     @classmethod
     def of(cls, device_gb: float, host_gb: float, scratch: str | None = None) -> Budget:
         return cls(int(device_gb * GB), int(host_gb * GB), scratch)
+
+    @classmethod
+    def from_config(cls, capture: CaptureConfig) -> Budget:
+        """The budget of params' ``capture`` section, the one every stage and prediction uses."""
+        return cls.of(capture.device_gb, capture.host_gb, capture.scratch)
+
+    def halved(self) -> Budget:
+        """Half of each place: a block-wise phase keeps a unit's inputs in one half and the FP targets
+        of a window of units in the other, so both fit the budget at once."""
+        return Budget(self.device_bytes // 2, self.host_bytes // 2, self.scratch)
 
     @property
     def window_bytes(self) -> int:

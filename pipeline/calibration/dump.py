@@ -35,12 +35,14 @@ import torch.nn as nn
 import zarr
 from tqdm import tqdm
 
-from pipeline.calibration.capture import GB, capture_io, io_numel
+from pipeline.calibration.capture import GB, Budget, capture_io, io_numel
+from pipeline.config import Config
 from pipeline.infra.device import to_device
 from pipeline.infra.distributed import SINGLE, World, my_batches, plan_batches
 from pipeline.infra.storage import ArtifactError, open_store, store_name
 from pipeline.models.denoiser import NULL, Denoiser, as_denoiser, load_denoiser
-from pipeline.models.diffusion import ddim_sample, sample_noise
+from pipeline.models.diffusion import ddim_sample, ddim_scheduler, sample_noise
+from pipeline.quant.model import quantizable_layers
 
 
 def _chunks(shape: tuple[int, ...], chunk_records: int) -> tuple[int, ...]:
@@ -142,6 +144,44 @@ def dump_calibration(
                 "guidance_scale": guidance_scale,
             }
         )
+
+
+def dump_model(
+    store_path: str | Path,
+    folder: str | Path,
+    unet: nn.Module,
+    train_scheduler,
+    cfg: Config,
+    prompts: list[str] | None,
+    *,
+    device: torch.device,
+    attrs: dict,
+    world: World = SINGLE,
+) -> None:
+    """The calibration store of the FP model in ``folder`` (``unet`` and its training scheduler loaded
+    from it) as params' ``calib``, ``diffusion.steps`` and ``capture`` say, with ``prompts`` for a
+    text-to-image model: what the dump stage writes and :func:`pipeline.api.quantize` samples.
+    With several ranks, every rank calls it on the same temporary store (see :func:`dump_calibration`)."""
+    calib = cfg.calib
+    denoiser = load_denoiser(folder, unet, prompts).to(device)
+    dump_calibration(
+        store_path,
+        denoiser,
+        ddim_scheduler(train_scheduler, cfg.diffusion.steps),
+        quantizable_layers(unet),
+        guidance_scale=calib.guidance_scale,
+        num_samples=calib.num_samples,
+        layer_records_per_step=calib.layer_records_per_step,
+        layer_io_gb=calib.layer_io_gb,
+        batch_size=calib.batch_size,
+        eta=calib.eta,
+        seed=calib.seed,
+        chunk_records=calib.chunk_records,
+        device=device,
+        attrs={**attrs, "prompts": prompts},
+        world=world,
+        capture_bytes=Budget.from_config(cfg.capture).device_bytes,
+    )
 
 
 class LayerSample(NamedTuple):

@@ -4,8 +4,9 @@ by block (Q-Diffusion, arXiv 2302.04304)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -13,10 +14,14 @@ import zarr
 from tqdm import tqdm
 
 from pipeline.calibration.capture import Budget, observing
-from pipeline.calibration.dump import step_records
+from pipeline.calibration.dump import random_records, step_records
+from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import first_nonfinite, first_true, host, to_device
 from pipeline.method.adaround import UnitRecords, fit_unit, unit_by_unit
+from pipeline.method.pts import PTSVoter
+from pipeline.methods import METHODS
+from pipeline.models.denoiser import Denoiser
 from pipeline.quant.attention import MatmulInput
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import calibrating, set_step
@@ -226,3 +231,75 @@ def learn_shared_steps(
         capture_batch,
         fp_inputs=True,
     )
+
+
+class Calibrated(NamedTuple):
+    """The PTS voter (None for a method without PTS) and the shared steps' learning report."""
+
+    voter: PTSVoter | None
+    learned: dict
+
+
+def calibrate_row(
+    cfg: Config,
+    row: str,
+    seed: int,
+    model: Denoiser,
+    quantizers: dict[str, nn.Module],
+    calib: zarr.Group,
+    *,
+    fp_unet: nn.Module,
+    pts_layers: list[str],
+    device: torch.device,
+    checkpoints: Callable[[], Checkpoints] | None = None,
+) -> Calibrated:
+    """Activation parameters of ``row`` (docs/method.md §5) in ``quantizers`` (the weight-quantized
+    layers of ``model``, on ``device``, and the attention matmuls' inputs where the row quantizes them):
+    per step with PTS voting on ``pts_layers`` for a method with PTS, or Q-Diffusion's steps shared by all
+    steps, learned against ``fp_unet`` with ``checkpoints()`` (made only when the learning runs)."""
+    pts = cfg.pts
+    method = METHODS[cfg.row_variant(row).method]
+    voter = None
+    if method.pts:
+        voter = PTSVoter({n: quantizers[n] for n in pts_layers}, pts.num_candidates, pts.ratio_threshold)
+    if method.shared_acts:
+        learned = calibrate_shared_steps(cfg, model, quantizers, calib, seed, device, fp_unet, checkpoints)
+        return Calibrated(voter, learned)
+    after_step = None if voter is None else (lambda s, inputs: voter(model, s, inputs, pts.batch_size))
+    drawn = dict(records=pts.calib_records, batch_size=pts.batch_size, device=device, seed=seed)
+    calibrate_activations(model, quantizers, calib, momentum=pts.momentum, after_step=after_step, **drawn)
+    return Calibrated(voter, {})
+
+
+def calibrate_shared_steps(
+    cfg: Config, model, layers, calib: zarr.Group, seed: int, device, fp_unet: nn.Module, checkpoints
+) -> dict:
+    """Q-Diffusion's shared steps: the initialisation, then (``shared_acts.learn``) the steps learned block
+    by block against the FP model, each block checkpointed; returns the learning's per-block losses."""
+    shared = cfg.shared_acts
+    records, step = random_records(calib, shared.init_records, seed)  # a subset of the learning's draw
+    records = tuple(to_device(v, device) for v in records)
+    init_shared_activations(model, layers, records, to_device(step, device), shared.clip_grid, shared.clip_p)
+    if not shared.learn:
+        return {}
+    settings = StepLearning(shared.iters, shared.lr, shared.batch_size, shared.p, seed, cfg.autocast)
+    records, _ = random_records(calib, shared.records, seed)
+    saved = checkpoints() if checkpoints else None
+    start = time.perf_counter()
+    units = learn_shared_steps(
+        model,
+        model.with_unet(fp_unet).to(device),  # the conditioning already loaded (a text encoder's prompt embeddings)
+        tuple(to_device(v, device) for v in records),
+        settings,
+        saved,
+        Budget.from_config(cfg.capture),
+        cfg.capture.batch_size,
+    )
+    if saved:
+        saved.remove()
+    return {
+        "seconds": round(time.perf_counter() - start, 1),
+        "mean_loss_before": sum(u["before"] for u in units.values()) / len(units),
+        "mean_loss_after": sum(u["after"] for u in units.values()) / len(units),
+        "units": units,
+    }

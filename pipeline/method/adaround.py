@@ -289,7 +289,7 @@ def unit_by_unit(
     device at once; training batches are gathered from wherever they lie. Captures run
     ``capture_batch`` records a forward pass."""
     device = inputs[0].device
-    half = Budget(budget.device_bytes // 2, budget.host_bytes // 2, budget.scratch)
+    half = budget.halved()
     units = reconstruction_units(q_model, lambda: q_model(*(v[:1] for v in inputs)))
     fp_modules = dict(fp_model.named_modules())
     fp_units = {name: fp_modules[name] for name, _ in units}

@@ -15,6 +15,7 @@ timestep weighting lives on the device, and the loss is checked for NaN / Inf ev
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import multiprocessing
 import os
@@ -25,14 +26,20 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import zarr
 from tqdm import tqdm
 
 from pipeline.calibration.capture import Budget, execution_order, gather, io_numel, layer_io, windows
+from pipeline.calibration.dump import records_by_step, records_per_step
+from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import first_nonfinite, host, to_device
 from pipeline.infra.distributed import SINGLE, World
 from pipeline.method.weighting import TimestepWeighting, make_weighting
+from pipeline.methods import METHODS
+from pipeline.models.denoiser import Denoiser
 from pipeline.quant.layers import QuantLayer
+from pipeline.quant.model import QuantSpec, quantizable_layers, quantize
 from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema, weight_part_extrema
 
 CHECK_EVERY = 100  # iterations between checks of the loss for NaN / Inf (each check waits for the device)
@@ -297,3 +304,53 @@ def _learn_window(window: list[str], layers: dict[str, QuantLayer], job, workers
         except BaseException:
             pool.shutdown(cancel_futures=True)  # one failed layer fails the stage; skip the queue
             raise
+
+
+def les_records_per_step(cfg: Config, calib: zarr.Group) -> int:
+    """Records of each step LES learns from: ``les.records`` spread over the steps, or all of them."""
+    steps = calib.attrs["steps"]
+    return (cfg.les.records or steps * records_per_step(calib)) // steps
+
+
+def learn_gammas(
+    cfg: Config,
+    name: str,
+    seed: int,
+    fp: Denoiser,
+    calib: zarr.Group | None,
+    *,
+    device: torch.device,
+    world: World = SINGLE,
+    checkpoints: Checkpoints | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]]]:
+    """LES of weights entry ``name`` (docs/method.md §2): ({layer: γ}, {layer: (loss at γ = 1, loss at γ)});
+    γ = 1 everywhere and no losses for a method without LES, which needs no ``calib``."""
+    variant = cfg.weights_variant(name)
+    method = METHODS[variant.method]
+    les = cfg.les
+    unet = copy.deepcopy(fp.unet).cpu()
+    spec = QuantSpec(w_bits=variant.w_bits, a_bits=variant.a_bits, num_steps=1, split=method.split)
+    layers = quantize(unet, spec)
+    if not method.les:
+        return {n: torch.ones_like(layer.gamma) for n, layer in layers.items()}, {}
+    fp_layers = quantizable_layers(fp.unet)
+    return learn_all(
+        layers,
+        fp.to(device),
+        fp_layers,
+        records_by_step(calib, les_records_per_step(cfg, calib), seed),
+        calib.attrs["steps"],
+        weighting=method.weighting,
+        iters=les.iters,
+        lr=les.lr,
+        batch_size=les.batch_size,
+        r=les.focal_r,
+        momentum=les.focal_momentum,
+        seed=seed,
+        budget=Budget.from_config(cfg.capture),
+        capture_batch=cfg.capture.batch_size,
+        workers=les.workers,
+        checkpoints=checkpoints,
+        device=device,
+        world=world,
+    )
