@@ -44,7 +44,8 @@ def inspect(
 def check_params(path: Path = typer.Argument(Path("params.yaml"))) -> None:
     """Validate a params file against the config model; print the first problem with its key."""
     from pipeline.config import ConfigError
-    from pipeline.preflight import load_config, notices
+    from pipeline.params import load_config
+    from pipeline.preflight import notices
 
     try:
         cfg = load_config(path)
@@ -83,7 +84,7 @@ def _records(params: Path, ablation: bool) -> tuple[list[dict], str, int | None]
     """FP's and the configured rows' metrics records from metrics/, in the report's order, the title and
     the protocol's sample count (report.protocol_samples)."""
     from pipeline.infra.storage import read_json
-    from pipeline.preflight import load_config
+    from pipeline.params import load_config
     from stages.layout import FP, metrics_path
 
     cfg = load_config(params)
@@ -165,7 +166,8 @@ def run_pipeline(
     import subprocess
     import time
 
-    from pipeline.preflight import load_config, memory
+    from pipeline.params import load_config
+    from pipeline.preflight import memory
 
     findings = memory(load_config(Path("params.yaml")))
     for finding in findings:
@@ -297,7 +299,7 @@ def export(
     from pipeline.config import ConfigError
     from pipeline.deploy.export import export_checkpoint
     from pipeline.infra.fingerprint import model_hash
-    from pipeline.preflight import load_config
+    from pipeline.params import load_config
     from stages.layout import FP_MODEL, act_params_path, weights_path
 
     try:

@@ -28,7 +28,7 @@ from pipeline.eval.report import compare_rows, mean_std, rows_against_fp
 from pipeline.eval.sampling import read_samples
 from pipeline.infra.fingerprint import config_values
 from pipeline.infra.storage import read_json
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import FP, metrics_path, samples_path
 from stages.report import sample_errors
 

@@ -31,7 +31,7 @@ from pipeline.eval.metrics import evaluate_runs, feature_space, featurize, refer
 from pipeline.eval.sampling import generate
 from pipeline.models.diffusion import ddim_scheduler, load_fp_model
 from pipeline.models.training import train_embedded
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {

@@ -48,7 +48,8 @@ from benchmarks.topologies import (  # noqa: E402
 )
 from helpers import init_repo, reduced_params  # noqa: E402
 from pipeline.models.diffusion import unet_skeleton  # noqa: E402
-from pipeline.preflight import load_config, store_sizes, text_length  # noqa: E402
+from pipeline.params import load_config  # noqa: E402
+from pipeline.preflight import store_sizes, text_length  # noqa: E402
 from pipeline.resources import stage_costs  # noqa: E402
 from tiny_models import save_tiny_model, write_prompts  # noqa: E402
 
@@ -56,8 +57,8 @@ LATENT = 16  # latent side: the real models' 64 divided by 4
 # the process baseline as `cli.py doctor` measures it: its own peak after predicting, in a process that
 # imported the stage's modules
 BASELINE = (
-    "import stages.{stage}; from pipeline.preflight import load_config, memory, process_baseline; "
-    "memory(load_config()); print(process_baseline())"
+    "import stages.{stage}; from pipeline.params import load_config; "
+    "from pipeline.preflight import memory, process_baseline; memory(load_config()); print(process_baseline())"
 )
 # a stage run as ``python -c CUDA_PEAK FILE stages.NAME ARGS``: at its exit, its peak of CUDA memory
 # written to FILE (the stage scripts stay as they are)

@@ -3,7 +3,7 @@
 from pipeline.infra.storage import write_tensors
 from pipeline.models.classifier import train_classifier
 from pipeline.models.digits import load_digits_images, seed_everything
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import CLASSIFIER, REPORTS
 from stages.lineage import stage_provenance, write_report
 

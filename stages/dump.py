@@ -6,7 +6,7 @@ from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import read_json
 from pipeline.models.denoiser import read_prompts
 from pipeline.models.diffusion import load_fp_model
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import CALIB, FP_MODEL, FP_PROVENANCE
 from stages.lineage import check_input, stage_provenance
 

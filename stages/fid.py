@@ -11,7 +11,7 @@ from pipeline.eval.sampling import read_samples
 from pipeline.infra.device import resolve_device
 from pipeline.infra.storage import read_tensors, write_json
 from pipeline.models.denoiser import read_prompts
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import CLASSIFIER, FP, REFERENCE, entry_argument, metrics_path, samples_path
 from stages.lineage import check_classifier, check_input, stage_provenance
 

@@ -7,7 +7,7 @@ from pipeline.infra.storage import atomic_path, write_json
 from pipeline.models.diffusion import save_fp_model
 from pipeline.models.local import import_model
 from pipeline.models.training import train_embedded
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import FP_MODEL, FP_PROVENANCE, REPORTS
 from stages.lineage import stage_provenance, write_report
 

@@ -16,7 +16,7 @@ from pipeline.infra.storage import read_json, write_json
 from pipeline.models.denoiser import load_denoiser, read_prompts
 from pipeline.models.diffusion import ddim_scheduler, load_fp_model
 from pipeline.models.quantized import load_quantized_unet
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import (
     CLASSIFIER,
     FP_MODEL,

@@ -16,7 +16,7 @@ from pipeline.method.les import learn_gammas, les_records_per_step
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import as_denoiser
 from pipeline.models.diffusion import load_fp_model
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path
 from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
 

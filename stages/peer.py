@@ -12,7 +12,7 @@ from pipeline.infra.distributed import SINGLE
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import write_json
 from pipeline.models.diffusion import load_fp_model
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.fid import metric_settings
 from stages.layout import CALIB, FP, FP_MODEL, entry_argument, metrics_path, samples_path
 from stages.lineage import check_input, stage_provenance

@@ -18,7 +18,7 @@ from pipeline.method.pts import select_pts_layers, vote_summary
 from pipeline.methods import METHODS
 from pipeline.models.diffusion import load_fp_model
 from pipeline.models.quantized import load_quantized_unet
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from pipeline.quant.artifacts import act_tensors
 from pipeline.quant.attention import matmul_inputs
 from stages.layout import (

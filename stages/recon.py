@@ -13,7 +13,7 @@ from pipeline.method.weight_init import reconstruct_weights
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import as_denoiser
 from pipeline.models.diffusion import load_fp_model
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from pipeline.quant.artifacts import weight_tensors
 from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path, weights_path
 from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report

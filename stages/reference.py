@@ -9,7 +9,7 @@ from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import write_tensors
 from pipeline.models.local import find_layout
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import CLASSIFIER, FP_MODEL, REFERENCE
 from stages.lineage import check_classifier, stage_provenance
 

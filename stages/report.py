@@ -23,7 +23,7 @@ from pipeline.eval.report import (
 )
 from pipeline.eval.sampling import read_samples
 from pipeline.infra.storage import ArtifactError, read_json, write_text
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import (
     ABLATION,
     COMPARISONS,

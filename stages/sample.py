@@ -13,7 +13,7 @@ from pipeline.models.denoiser import Decoder, load_denoiser, read_prompts
 from pipeline.models.diffusion import ddim_scheduler, load_fp_model
 from pipeline.models.local import find_layout
 from pipeline.models.quantized import load_quantized_unet
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from stages.layout import FP, FP_MODEL, act_params_path, entry_argument, grid_path, samples_path, weights_path
 from stages.lineage import check_input, stage_provenance
 

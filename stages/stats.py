@@ -16,7 +16,7 @@ from pipeline.infra.figures import plot_channel_ranges, plot_outlier_heatmap
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import atomic_store
 from pipeline.models.diffusion import load_fp_model
-from pipeline.preflight import load_config
+from pipeline.params import load_config
 from pipeline.quant import quantizable_layers
 from stages.layout import CALIB, FP_MODEL, STATS, STATS_HEATMAP_FIG, STATS_JSON, STATS_RANGES_FIG, STATS_TABLE
 from stages.lineage import check_input, stage_provenance, write_report

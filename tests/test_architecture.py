@@ -15,9 +15,22 @@ import yaml
 from helpers import ROOT
 
 # Roles in the order imports may flow: a module imports its own role or an earlier one.
-ROLES = ["schema", "infra", "quant", "models", "calibration", "method", "eval", "deploy", "resources", "preflight"]
+ROLES = [
+    "schema",
+    "infra",
+    "quant",
+    "models",
+    "calibration",
+    "method",
+    "eval",
+    "deploy",
+    "resources",
+    "params",
+    "preflight",
+    "api",
+]
 SCHEMA = {"pipeline.config", "pipeline.methods"}
-SAME_TIER = {"eval": "deploy"}  # neither imports the other
+SAME_TIER = {"eval": "deploy", "preflight": "api"}  # neither imports the other
 
 
 def module_name(path: Path) -> str:

@@ -6,7 +6,8 @@ import yaml
 
 from helpers import ROOT
 from pipeline.config import ConfigError, parse_config
-from pipeline.preflight import load_config, notices
+from pipeline.params import load_config
+from pipeline.preflight import notices
 
 
 def default():

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from cli import app
 from helpers import ROOT
 from pipeline.infra.machine import cpu_kind
-from pipeline.preflight import load_config, store_sizes
+from pipeline.params import load_config
+from pipeline.preflight import store_sizes, store_summary
 
 
 def doctor(params, artifacts):
@@ -26,9 +27,13 @@ def test_reports_versions_threads_cpu_model_and_disk(tmp_path):
         "torch threads: ",
         f"cpu: {cpu_kind()}; results reproduce bit for bit on the same CPU kind",
         "model: embedded default",
-        "disk space: stores up to calib.zarr",
+        "disk space: ",
+        " stores up to ",
+        "(largest: calib.zarr ",
     ):
         assert line in result.output
+    disk = next(line for line in result.output.splitlines() if "disk space: " in line)
+    assert len(disk) < 300  # one line on one screen, not ~150 store names
     assert "params: " in result.output and "is valid" in result.output
 
 
@@ -86,3 +91,10 @@ def test_outputs_are_not_stored_twice(reproduced):
                 sizes[p.stat().st_ino] = p.stat().st_size
     artifacts = sum(p.stat().st_size for p in (repo / "artifacts").rglob("*") if p.is_file())
     assert sum(sizes.values()) < 1.1 * artifacts
+
+
+def test_the_disk_line_counts_the_stores_and_names_the_largest():
+    sizes = {"calib.zarr": 3 << 30, "stats.zarr": 1 << 10, **{f"samples/r{i}/q0.zarr": 1 << 20 for i in range(150)}}
+    line = store_summary(sizes)
+    assert line.startswith("152 stores up to 3.1 GB (largest: calib.zarr 3.0 GB, samples/r0/q0.zarr 1.0 MB,")
+    assert line.count(",") == 2

@@ -414,7 +414,7 @@ def test_fid_with_local_inception_weights(inception_weights, tmp_path):
 
 def test_params_of_a_local_text_model_name_what_is_missing(tmp_path):
     from pipeline.config import ConfigError
-    from pipeline.preflight import load_config
+    from pipeline.params import load_config
 
     folder = save_tiny_model("text", tmp_path / "sd")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -434,7 +434,7 @@ def test_params_of_a_local_text_model_name_what_is_missing(tmp_path):
 
 def test_bad_evaluation_files_are_refused_at_load_time_naming_the_key(tmp_path):
     from pipeline.config import ConfigError
-    from pipeline.preflight import load_config
+    from pipeline.params import load_config
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     prompts = str(write_prompts(tmp_path / "prompts.txt"))

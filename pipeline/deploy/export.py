@@ -65,29 +65,41 @@ def export_checkpoint(
     act, a_header = read_tensors(act_path)
     check_same_model(w_header, model_hash, str(weights_path))
     check_same_model(a_header, model_hash, str(act_path))
-    w_bits = w_header["w_bits"]
-    tensors, shapes = {}, {}
-    for key, value in {**weights, **act}.items():
-        name, _, field = key.rpartition(".")
-        if field == INTEGER and w_bits <= 4:
-            tensors[f"{name}.{PACKED}"] = pack_nibbles(value)
-            shapes[name] = list(value.shape)
-        else:
-            tensors[key] = value
     unet, _ = load_fp_model(model_folder)
-    header = {
-        "format": FORMAT,
+    description = {
         "model_hash": model_hash,
         "unet_hash": unet_hash(unet),
-        "w_bits": w_bits,
+        "w_bits": w_header["w_bits"],
         "a_bits": a_header["a_bits"],
         "steps": a_header["steps"],
         "split": w_header["split"],
         "method": a_header.get("method"),
         "attention": a_header.get("attention"),
-        "packed_shapes": shapes,
         "config": config,
     }
+    return write_checkpoint(path, weights, act, description)
+
+
+DESCRIPTION = ("model_hash", "unet_hash", "w_bits", "a_bits", "steps", "split", "method", "attention", "config")
+
+
+def write_checkpoint(
+    path: str | Path, weights: dict[str, torch.Tensor], act: dict[str, torch.Tensor], description: dict
+) -> dict:
+    """Write the checkpoint of the weight tensors and activation tensors (the pipeline's artifact keys)
+    with the header fields of :data:`DESCRIPTION`; narrow integer weights are packed. Return the header."""
+    missing = [key for key in DESCRIPTION if key not in description]
+    if missing:
+        raise ValueError(f"a checkpoint header needs {', '.join(missing)}")
+    tensors, shapes = {}, {}
+    for key, value in {**weights, **act}.items():
+        name, _, field = key.rpartition(".")
+        if field == INTEGER and description["w_bits"] <= 4:
+            tensors[f"{name}.{PACKED}"] = pack_nibbles(value.cpu())
+            shapes[name] = list(value.shape)
+        else:
+            tensors[key] = value.cpu()
+    header = {"format": FORMAT, **{key: description[key] for key in DESCRIPTION}, "packed_shapes": shapes}
     write_tensors(path, tensors, header)
     return header
 
