@@ -33,7 +33,7 @@ from pipeline.config import Config, parse_config
 from pipeline.deploy.export import DESCRIPTION, load_checkpoint, unet_hash, write_checkpoint
 from pipeline.deploy.integer import to_integer
 from pipeline.infra.device import resolve_device
-from pipeline.infra.fingerprint import model_hash
+from pipeline.infra.fingerprint import file_hash
 from pipeline.infra.storage import atomic_store
 from pipeline.method.activation_ranges import calibrate_row
 from pipeline.method.les import learn_gammas
@@ -41,6 +41,7 @@ from pipeline.method.pts import select_pts_layers
 from pipeline.method.weight_init import reconstruct_weights
 from pipeline.methods import METHODS
 from pipeline.models.diffusion import ddim_scheduler, load_fp_model
+from pipeline.models.local import find_layout
 from pipeline.models.quantized import build_quantized
 from pipeline.quant.artifacts import act_tensors, weight_tensors
 from pipeline.quant.attention import matmul_inputs
@@ -101,6 +102,14 @@ def model_folder(model: str | Path | nn.Module | object) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder (a local diffusers pipeline or UNet folder)")
     return folder
+
+
+def _weights_hash(folder: Path) -> str:
+    """The file hash of the UNet's weights (the dump stage's model hash), in either folder layout."""
+    weights = sorted(find_layout(folder).unet.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{find_layout(folder).unet} has no .safetensors weights")
+    return file_hash(weights[0])
 
 
 def _check_unchanged(model, fp_unet: nn.Module, folder: Path) -> None:
@@ -174,7 +183,7 @@ def quantize(
     device = resolve_device(config.device if device is None else str(device))
     fp_unet, train_scheduler = load_fp_model(folder)
     _check_unchanged(model, fp_unet, folder)
-    description = {"model_hash": model_hash(folder), "unet_hash": unet_hash(fp_unet)}
+    description = {"model_hash": _weights_hash(folder), "unet_hash": unet_hash(fp_unet)}
     with ExitStack() as stack:
         calib = open_calibration(_calibration_store(calibration, folder, config, device, stack, workdir))
         steps = calib.attrs["steps"]

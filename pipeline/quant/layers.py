@@ -62,6 +62,11 @@ class QuantLayer(nn.Module):
 
     @torch.no_grad()
     def integer_weight(self) -> torch.Tensor:
+        """The weight's integer codes: the stored ones once loaded (:meth:`load_integer_weight`; the float
+        weight alone would round them to nearest, losing AdaRound's choices), else those of ``W · diag(γ)``."""
+        if self.frozen_weight is not None:
+            scale, zp = self.weight_quantizer.channel_params(self.frozen_weight.ndim)
+            return torch.round(self.frozen_weight / scale) + zp  # exact: (w_q - z_w) · s divided by s
         return self.weight_quantizer.to_integer(self.scaled_weight())
 
     @torch.no_grad()
