@@ -59,12 +59,14 @@ def stage_repo(tmp_path_factory):
     overrides = reduced_params()
     overrides["quant"] = {"seeds": [0]}
     repo = init_repo(tmp_path_factory.mktemp("stages"), overrides)
-    run(["dvc", "repro", "pts@dmq-w4a6"], repo)
+    run(["dvc", "repro", "pts@dmq-w4a6", "pts@qdiff-w4a8"], repo)
     return repo
 
 
-@pytest.mark.parametrize("dumped_by", ["stage", "api"])
-def test_quantize_gives_the_integers_gammas_and_ranges_of_the_stages(stage_repo, dumped_by, tmp_path):
+@pytest.mark.parametrize(
+    "row, dumped_by", [("dmq-w4a6", "stage"), ("dmq-w4a6", "api"), ("qdiff-w4a8", "stage")]
+)  # DMQ on the dump stage's store and on one quantize() samples; Q-Diffusion's learned shared steps
+def test_quantize_gives_the_integers_gammas_and_ranges_of_the_stages(stage_repo, row, dumped_by, tmp_path):
     cfg = read_params(stage_repo / "params.yaml")
     store = stage_repo / "artifacts/calib.zarr"
     calibration = (
@@ -72,19 +74,24 @@ def test_quantize_gives_the_integers_gammas_and_ranges_of_the_stages(stage_repo,
         if dumped_by == "stage"
         else Calibration(num_samples=cfg.calib.num_samples, seed=cfg.calib.seed)
     )
-    quantized = quantize(stage_repo / "artifacts/fp_model", cfg, calibration, row="dmq-w4a6", workdir=tmp_path)
+    quantized = quantize(stage_repo / "artifacts/fp_model", cfg, calibration, row=row, workdir=tmp_path)
     if dumped_by == "api":  # the store quantize() dumped holds the dump stage's trajectories
         ours_store, stages_store = zarr.open_group(str(tmp_path / "calib.zarr"), mode="r"), zarr.open_group(str(store))
         assert np.array_equal(ours_store["trajectory/x_t"][:], stages_store["trajectory/x_t"][:])
     layers = quant_layers(quantized)
-    weights, _ = read_tensors(stage_repo / "artifacts/weights/dmq-w4a6/q0.safetensors")
-    acts, _ = read_tensors(stage_repo / "artifacts/act_params/dmq-w4a6/q0.safetensors")
-    gammas, _ = read_tensors(stage_repo / "artifacts/les/dmq-w4a6/q0.safetensors")
+    entry = cfg.rows[row].weights
+    weights, _ = read_tensors(stage_repo / f"artifacts/weights/{entry}/q0.safetensors")
+    acts, _ = read_tensors(stage_repo / f"artifacts/act_params/{row}/q0.safetensors")
+    gammas, _ = read_tensors(stage_repo / f"artifacts/les/{entry}/q0.safetensors")
     ours = {**weight_tensors(layers), **act_tensors({**layers, **matmul_inputs(quantized)})}
     assert set(ours) == set(weights) | set(acts)
     for key, value in {**weights, **acts, **gammas}.items():
         assert torch.equal(ours[key].cpu(), value), key
-    assert any(key.endswith("pts_exponent") and value.any() for key, value in acts.items())  # PTS chose somewhere
+    # what makes each row itself: PTS chose a finer step somewhere; the shared steps equal at every step
+    if row.startswith("dmq"):
+        assert any(key.endswith("pts_exponent") and value.any() for key, value in acts.items())
+    else:
+        assert all((value == value[:1]).all() for key, value in acts.items() if key.endswith("act_scale"))
 
 
 @pytest.fixture(scope="module")

@@ -248,7 +248,7 @@ def calibrate_row(
     quantizers: dict[str, nn.Module],
     calib: zarr.Group,
     *,
-    fp_unet: nn.Module,
+    fp_unet: nn.Module | None,
     pts_layers: list[str],
     device: torch.device,
     checkpoints: Callable[[], Checkpoints] | None = None,
@@ -263,7 +263,9 @@ def calibrate_row(
     if method.pts:
         voter = PTSVoter({n: quantizers[n] for n in pts_layers}, pts.num_candidates, pts.ratio_threshold)
     if method.shared_acts:
-        learned = calibrate_shared_steps(cfg, model, quantizers, calib, seed, device, fp_unet, checkpoints)
+        learned = calibrate_shared_steps(
+            cfg, model, quantizers, calib, seed=seed, device=device, fp_unet=fp_unet, checkpoints=checkpoints
+        )
         return Calibrated(voter, learned)
     after_step = None if voter is None else (lambda s, inputs: voter(model, s, inputs, pts.batch_size))
     drawn = dict(records=pts.calib_records, batch_size=pts.batch_size, device=device, seed=seed)
@@ -272,7 +274,15 @@ def calibrate_row(
 
 
 def calibrate_shared_steps(
-    cfg: Config, model, layers, calib: zarr.Group, seed: int, device, fp_unet: nn.Module, checkpoints
+    cfg: Config,
+    model: Denoiser,
+    layers: dict[str, nn.Module],
+    calib: zarr.Group,
+    *,
+    seed: int,
+    device: torch.device,
+    fp_unet: nn.Module,
+    checkpoints: Callable[[], Checkpoints] | None,
 ) -> dict:
     """Q-Diffusion's shared steps: the initialisation, then (``shared_acts.learn``) the steps learned block
     by block against the FP model, each block checkpointed; returns the learning's per-block losses."""
