@@ -369,10 +369,11 @@ def test_a_stage_that_never_used_the_gpu_gets_no_device_ratio():
 
 def test_the_weight_scale_search_runs_on_the_device(pipeline_copy, monkeypatch):
     """recon moves the model before its 80-ratio search per layer, not after."""
+    import pipeline.method.weight_init as weight_init
     import stages.recon as recon
     from pipeline.calibration.dump import open_calibration
     from pipeline.infra.fingerprint import model_hash
-    from pipeline.preflight import load_config
+    from pipeline.params import load_config
     from stages.layout import CALIB, FP_MODEL
 
     class Searched(Exception):
@@ -383,7 +384,7 @@ def test_the_weight_scale_search_runs_on_the_device(pipeline_copy, monkeypatch):
 
     monkeypatch.chdir(pipeline_copy)
     monkeypatch.setattr(recon, "resolve_device", lambda name: META)
-    monkeypatch.setattr(recon, "init_weight_quantizers", search)
+    monkeypatch.setattr(weight_init, "init_weight_quantizers", search)
     cfg = load_config()
     name = next(iter(cfg.weights))
     with pytest.raises(Searched, match="meta"):
