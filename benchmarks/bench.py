@@ -383,7 +383,9 @@ def child(case: str, model: str, device_name: str) -> dict:
 
 
 def run_case(case: str, model: str, code: Path, device: str, threads: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    # the code first, then the caller's path: packages carried to a GPU machine live there (gpu_check.sh)
+    path = os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, __file__, "--child", case, model, device], cwd=code, env=env, capture_output=True, text=True
     )
