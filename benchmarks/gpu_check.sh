@@ -26,7 +26,8 @@ out=${OUT:-/tmp/gpu_check} && mkdir -p "$out" && echo "$(date -u +%FT%TZ) gpu_ch
 #   dist-1      tests/dist_job.py under torchrun, one rank, DMQ_DIST_DEVICE=cuda (dump, sample, LES);
 #   dist-2      the same with 2 ranks (NCCL), compared with the one-rank outputs: only with 2 GPUs;
 #   bench       benchmarks/bench.py --device cuda on the default UNet.
-# The rehearsal runs setup with this machine's install (the wheels are only listed: they are for 3.12),
+# The rehearsal runs setup with this machine's install (the wheels are only listed: they are for 3.12;
+# with WHEELS=1 and PYTHON=a CPython 3.12 holding the image's torch, they are installed as on the device),
 # the pipeline with `device: cpu` (only the DMQ row's stages, sample@dmq-w4a6: the whole reduced
 # pipeline, 27 stages, took 172 s on an idle 2-core machine, over the part's limit once the cores are
 # shared), nccl on gloo and dist-1 on the CPU; scale, dist-2 and bench skip, saying why, after checking
@@ -253,7 +254,7 @@ if [ "$mode" = rehearse ]; then  # the stand-in against a known peak (40 MiB mor
 fi
 
 wheels=(.whl/*.whl)
-if [ "$mode" = rehearse ]; then
+if [ "$mode" = rehearse ] && [ "${WHEELS:-0}" != 1 ]; then
   export PYTHONPATH=$PWD
   run setup wheels 30 setup.log "$py" -c 'import collections, pathlib, sys
 found = sorted(pathlib.Path(".whl").glob("*.whl"))
