@@ -8,6 +8,8 @@ reconstruction, activation calibration and sampling all make the same call whate
 * unconditional pixel or latent ``UNet2DModel``: ``unet(x, t)``;
 * class-conditional (``num_class_embeds``): ``unet(x, t, class_labels=...)``, the NULL key mapped to
   the null class, the last row of the class embedding (the convention of LDM cin256-v2 and DiT);
+* class-conditional through cross-attention (LDM cin256-v2, a class embedding table beside the UNet):
+  ``unet(x, t, encoder_hidden_states=...)``, one context token, the class's row of the table;
 * text-to-image ``UNet2DConditionModel``: ``unet(x, t, encoder_hidden_states=...)``, the keys
   indexing CLIP embeddings of the prompts computed once, NULL the empty prompt's.
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipeline.models.local import Layout, find_layout, load_autoencoder, load_text_encoder
+from pipeline.models.local import Layout, find_layout, load_autoencoder, load_class_embedding, load_text_encoder
 
 NULL = -1  # condition key of the unconditional branch of classifier-free guidance
 PROMPT_COLUMNS = ("caption", "prompt", "text")
@@ -33,11 +35,20 @@ class Denoiser(nn.Module):
     """A UNet with its conditioning; ``forward`` returns the noise prediction as a tensor."""
 
     def __init__(
-        self, unet: nn.Module, prompt_embeddings: torch.Tensor | None = None, null_embedding: torch.Tensor | None = None
+        self,
+        unet: nn.Module,
+        prompt_embeddings: torch.Tensor | None = None,
+        null_embedding: torch.Tensor | None = None,
+        class_embeddings: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.unet = unet
         num_class_embeds = getattr(unet.config, "num_class_embeds", None)
+        # cross-attention class conditioning: (classes + 1, 1 token, width), the last row the null class
+        table = None if class_embeddings is None else class_embeddings[:, None]
+        self.register_buffer("class_embeddings", table)
+        if table is not None:
+            num_class_embeds = len(table)
         if prompt_embeddings is not None:
             self.kind = "text"
             # row P is the empty prompt: key NULL (-1) indexes it from the end
@@ -55,6 +66,8 @@ class Denoiser(nn.Module):
         """The same conditioning around another UNet of the same model (e.g. its quantized copy)."""
         if self.kind == "text":
             return Denoiser(unet, prompt_embeddings=self.embeddings[:-1], null_embedding=self.embeddings[-1])
+        if self.class_embeddings is not None:
+            return Denoiser(unet, class_embeddings=self.class_embeddings[:, 0])
         return Denoiser(unet)
 
     @property
@@ -79,7 +92,10 @@ class Denoiser(nn.Module):
         if cond is None:
             raise ValueError(f"a {self.kind}-conditional model needs condition keys (cond)")
         if self.kind == "class":
-            return {"class_labels": torch.where(cond == NULL, self.null_class, cond)}
+            labels = torch.where(cond == NULL, self.null_class, cond)
+            if self.class_embeddings is not None:
+                return {"encoder_hidden_states": self.class_embeddings[labels]}
+            return {"class_labels": labels}
         return {"encoder_hidden_states": self.embeddings[cond]}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,6 +196,8 @@ def load_denoiser(folder: str | Path, unet: nn.Module, prompts: list[str] | None
     ``folder``: for a text-to-image model, the CLIP embeddings of ``prompts`` (condition key i is
     ``prompts[i]``, so calibration records must be read with the prompts they were dumped with)."""
     layout = find_layout(folder)
+    if layout.class_embedding is not None:
+        return Denoiser(unet, class_embeddings=load_class_embedding(layout))
     if layout.text_encoder is None:
         return Denoiser(unet)
     if not prompts:

@@ -4,7 +4,9 @@ Two layouts are accepted (nothing is ever fetched from a hub):
 
 * a **pipeline folder**: ``unet/`` and ``scheduler/`` subfolders (``model_index.json`` optional), plus,
   where the model has them, an autoencoder (``vqvae/`` as LDMPipeline saves it, or ``vae/`` as Stable
-  Diffusion does), ``text_encoder/`` and ``tokenizer/``;
+  Diffusion does), ``text_encoder/`` and ``tokenizer/``, or ``class_embedding/embeddings.safetensors``
+  (a class-to-context table that cross-attention reads, as LDM cin256-v2's ``ClassEmbedder``;
+  :mod:`pipeline.models.compvis` writes it);
 * a **bare UNet folder**: the UNet's ``config.json`` and weights, with a ``scheduler_config.json``
   next to them (or in ``scheduler/``).
 
@@ -31,6 +33,7 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
 AUTOENCODER_DIRS = ("vae", "vqvae")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+CLASS_EMBEDDING = "class_embedding/embeddings.safetensors"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Layout:
     autoencoder: Path | None = None
     text_encoder: Path | None = None
     tokenizer: Path | None = None
+    class_embedding: Path | None = None  # the (classes + null, context width) table's safetensors file
 
 
 def _read_config(path: Path) -> dict:
@@ -94,11 +98,14 @@ def find_layout(folder: str | Path) -> Layout:
         text_encoder = tokenizer = None
     elif text_encoder is not None and not tokenizer.is_dir():
         raise FileNotFoundError(f"{folder} has text_encoder/ but no tokenizer/")
-    if name == "UNet2DConditionModel" and text_encoder is None:
+    table = folder / CLASS_EMBEDDING
+    class_embedding = table if unet != folder and table.is_file() else None
+    if name == "UNet2DConditionModel" and text_encoder is None and class_embedding is None:
         raise FileNotFoundError(
-            f"{unet} is a UNet2DConditionModel (cross-attention): {folder} needs text_encoder/ and tokenizer/"
+            f"{unet} is a UNet2DConditionModel (cross-attention): {folder} needs text_encoder/ and tokenizer/ "
+            f"(or {CLASS_EMBEDDING} for a class-conditional model)"
         )
-    return Layout(unet, scheduler, autoencoder, text_encoder, tokenizer)
+    return Layout(unet, scheduler, autoencoder, text_encoder, tokenizer, class_embedding)
 
 
 def diffusers_class(name: str) -> type:
@@ -150,6 +157,15 @@ def load_text_encoder(layout: Layout):
     return encoder, CLIPTokenizer.from_pretrained(layout.tokenizer)
 
 
+def load_class_embedding(layout: Layout) -> torch.Tensor | None:
+    """The class-to-context table (classes + 1, width), its last row the null class; None without one."""
+    if layout.class_embedding is None:
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(layout.class_embedding)["weight"]
+
+
 def import_model(source: str | Path, target: str | Path) -> Layout:
     """Copy the model in ``source`` (either layout) into ``target`` in the pipeline layout."""
     layout = find_layout(source)
@@ -164,4 +180,7 @@ def import_model(source: str | Path, target: str | Path) -> Layout:
     if encoder is not None:
         encoder.save_pretrained(target / "text_encoder")
         tokenizer.save_pretrained(target / "tokenizer")
+    if layout.class_embedding is not None:
+        (target / CLASS_EMBEDDING).parent.mkdir(parents=True, exist_ok=True)
+        (target / CLASS_EMBEDDING).write_bytes(layout.class_embedding.read_bytes())
     return find_layout(target)
