@@ -283,6 +283,37 @@ def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.4g}"
 
 
+@app.command("import-ckpt")
+def import_ckpt(
+    checkpoint: Path = typer.Argument(
+        ..., help="a CompVis .ckpt / .safetensors (sd-v1-4.ckpt, models/ldm/*/model.ckpt)"
+    ),
+    out: Path = typer.Argument(..., help="the diffusers folder to write; then model.source: local, model.path: OUT"),
+    first_stage: Path | None = typer.Option(
+        None, help="the autoencoder's checkpoint, for a .ckpt without first_stage_model.* (vq-f4/model.ckpt)"
+    ),
+    config: Path | None = typer.Option(
+        None, help="the original YAML (configs/latent-diffusion/*.yaml, v1-inference.yaml); default: the family's"
+    ),
+    clip_vocab: Path | None = typer.Option(
+        None, help="SD: CLIP's bpe_simple_vocab_16e6.txt.gz (default: open-clip-torch's copy)"
+    ),
+) -> None:
+    """Write a CompVis latent-diffusion / Stable Diffusion v1 checkpoint as a diffusers folder, once, offline:
+    UNet, autoencoder, DDIM scheduler of its β schedule, CLIP text encoder and tokenizer or class table."""
+    from pipeline.models.compvis import import_checkpoint
+
+    if out.exists() and any(out.iterdir()):
+        _fail(f"{out} exists and is not empty: name a new folder")
+    try:
+        layout = import_checkpoint(checkpoint, out, first_stage=first_stage, config=config, clip_vocab=clip_vocab)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+    parts = [p.name for p in (layout.unet, layout.autoencoder, layout.text_encoder, layout.tokenizer) if p]
+    parts += ["class_embedding"] if layout.class_embedding else []
+    typer.echo(f"{out}: {', '.join(parts)}, scheduler; use it as model.source: local, model.path: {out}")
+
+
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="the checkpoint to write (.safetensors)"),

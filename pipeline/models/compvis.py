@@ -165,10 +165,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-            what = found.group(1) if found else "a non-tensor object"
+            # torch names the global it refused; the wording differs between the zip and legacy formats
+            found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(error))
+            if found is None:  # not a pickle torch can read at all (a text file, a damaged one)
+                reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+                raise ArtifactError(
+                    f"{path} is not a readable PyTorch checkpoint (truncated, or another format): "
+                    + (reason.group(1) if reason else str(error))[:200]
+                ) from None
             raise ArtifactError(
-                f"{path} is a pickle that would run code to load ({what}); "
+                f"{path} is a pickle that would run code to load ({found.group(1)}); "
                 "refused: only tensors are read (torch.load weights_only=True). If you trust the file, re-save its "
                 "state_dict with torch.save(torch.load(f, weights_only=False)['state_dict'], out) and import that"
             ) from None
@@ -416,7 +422,7 @@ def build_first_stage(
 # --- CLIP text encoder and tokenizer --------------------------------------------------------------
 
 
-def build_text_encoder(state: dict, source: str):
+def build_text_encoder(state: dict, source: str, device: str = "cpu"):
     """The CLIP text transformer of ``FrozenCLIPEmbedder`` (transformers' CLIPTextModel), its config read
     off the weights' shapes."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
@@ -434,7 +440,8 @@ def build_text_encoder(state: dict, source: str):
         max_position_embeddings=weights["text_model.embeddings.position_embedding.weight"].shape[0],
         hidden_act="quick_gelu",
     )
-    model = CLIPTextModel(config)
+    with torch.device(device):
+        model = CLIPTextModel(config)
     if "text_model.embeddings.token_embedding.weight" not in model.state_dict():
         # transformers 5 dropped the text_model. level that SD's checkpoints (saved with transformers 4) have
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}

@@ -1,0 +1,233 @@
+"""CompVis checkpoints read through pipeline/models/compvis.py, checked against the ORIGINAL code's outputs:
+tests/fixtures/compvis/make_fixtures.py built each family's network at a tiny width from CompVis'
+latent-diffusion / stable-diffusion / taming-transformers code and saved its outputs on fixed inputs; the
+full-size key sets come from the original configs built on the meta device (keys.json.gz)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.infra.storage import ArtifactError
+from pipeline.models.compvis import (
+    FIRST_STAGE_PREFIX,
+    PUBLISHED,
+    UNET_PREFIX,
+    build_first_stage,
+    build_text_encoder,
+    build_unet,
+    check_supported,
+    clip_vocabulary,
+    detect_family,
+    import_checkpoint,
+    read_state_dict,
+    save_clip_tokenizer,
+)
+from pipeline.models.denoiser import NULL, Decoder, load_denoiser
+from pipeline.models.local import load_scheduler, load_text_encoder, load_unet
+
+FIXTURES = Path(__file__).parent / "fixtures" / "compvis"
+FAMILIES = {"ldm4-bedrooms": "first_stage.ckpt", "ldm4-cin256": None, "sd-v1": None}
+# float32 rounding: the original and the diffusers networks order their sums differently
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def imported(name: str, folder: Path):
+    fixture = FIXTURES / name
+    first_stage = fixture / FAMILIES[name] if FAMILIES[name] else None
+    return import_checkpoint(fixture / "model.ckpt", folder, first_stage=first_stage, config=fixture / "config.yaml")
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    name = request.param
+    return name, imported(name, tmp_path_factory.mktemp(name)), load_file(FIXTURES / name / "expected.safetensors")
+
+
+@torch.no_grad()
+def test_the_denoiser_predicts_the_original_eps(family):
+    name, layout, expected = family
+    unet = load_unet(layout)
+    if name == "ldm4-cin256":  # class 2, and the null class (the table's last row) as the NULL key
+        cond = torch.where(expected["class_label"] == 4, NULL, expected["class_label"])
+        eps = load_denoiser(layout.unet.parent, unet)(expected["x_t"], expected["t"], cond)
+    elif name == "sd-v1":  # the original's context: its text transformer's embedding of fixed ids
+        eps = unet(expected["x_t"], expected["t"], encoder_hidden_states=expected["text_embedding"]).sample
+    else:
+        eps = load_denoiser(layout.unet.parent, unet)(expected["x_t"], expected["t"])
+    torch.testing.assert_close(eps, expected["eps"], **TOLERANCE)
+
+
+@torch.no_grad()
+def test_the_first_stage_decodes_as_the_original(family):
+    _, layout, expected = family
+    decoder = Decoder(layout)
+    # Decoder divides by the scaling factor and clamps, as LatentDiffusion.decode_first_stage and its samplers do
+    scaled = expected["z"] * decoder.autoencoder.config.scaling_factor
+    torch.testing.assert_close(decoder(scaled), expected["decoded"].clamp(-1, 1), **TOLERANCE)
+
+
+def test_the_scheduler_has_the_checkpoints_schedule(family):
+    _, layout, expected = family
+    scheduler = load_scheduler(layout)
+    torch.testing.assert_close(scheduler.betas, expected["betas"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(scheduler.alphas_cumprod, expected["alphas_cumprod"], rtol=1e-5, atol=1e-7)
+    # CompVis' DDIM: timesteps 1 + k·T/S, the last step's previous ᾱ is ᾱ_0
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps[-1] == 1 and scheduler.timesteps[0] == 951
+    assert scheduler.final_alpha_cumprod == scheduler.alphas_cumprod[0]
+
+
+@torch.no_grad()
+def test_the_text_encoder_embeds_as_the_original(tmp_path):
+    layout = imported("sd-v1", tmp_path / "sd")
+    encoder, tokenizer = load_text_encoder(layout)
+    expected = load_file(FIXTURES / "sd-v1" / "expected.safetensors")
+    torch.testing.assert_close(encoder(expected["text_ids"])[0], expected["text_embedding"], **TOLERANCE)
+    assert tokenizer.model_max_length == 77
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="CLIP's BPE file comes with open-clip-torch")
+def test_the_tokenizer_gives_openai_clips_ids(tmp_path):
+    """Punctuation, the empty prompt and a prompt beyond 77 tokens (truncated, ending in <|endoftext|>)."""
+    tokens = json.loads((FIXTURES / "tokens.json").read_text())
+    tokenizer = save_clip_tokenizer(clip_vocabulary(), tmp_path / "tokenizer")
+    ids = tokenizer(tokens["prompts"], padding="max_length", max_length=77, truncation=True).input_ids
+    assert ids == tokens["input_ids"]
+
+
+def full_size(family: str) -> dict[str, torch.Tensor]:
+    with gzip.open(FIXTURES / "keys.json.gz", "rt") as f:
+        shapes = json.load(f)[family]
+    return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("family", ["ldm4-lsun-bedrooms", "ldm4-cin256-v2", "sd-v1"])
+def test_every_key_of_the_real_checkpoints_maps(family):
+    """The real configs' UNet and first-stage keys (from the original code on the meta device) all land in the
+    diffusers models built from the family's published config, with matching shapes, and none is left over."""
+    state = full_size(family)
+    if family == "sd-v1":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12))
+        # sd-v1-4.ckpt's layout: transformers 4's text_model.* under cond_stage_model.transformer.
+        state |= {
+            f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v
+            for k, v in clip.state_dict().items()
+        }
+        encoder = build_text_encoder(state, family, device="meta")
+        assert encoder.config.num_attention_heads == 12 and encoder.config.vocab_size == 49408
+    assert detect_family(state, Path(family)) == family
+    params = PUBLISHED[family]
+    unet = build_unet(state, params, family, device="meta")
+    stage = {k.removeprefix(FIRST_STAGE_PREFIX): v for k, v in state.items() if k.startswith(FIRST_STAGE_PREFIX)}
+    build_first_stage(stage, params, 1.0, family, device="meta")
+    unet_keys = [k for k in state if k.startswith(UNET_PREFIX)]
+    assert sum(p.numel() for p in unet.parameters()) == sum(state[k].numel() for k in unet_keys)
+
+
+def test_ldm8_churches_is_recognised_and_refused_with_the_reason():
+    state = full_size("ldm8-lsun-churches")
+    assert detect_family(state, Path("churches.ckpt")) == "ldm8-lsun-churches"
+    with pytest.raises(ArtifactError, match="LDM-8 LSUN-Churches.*not supported yet"):
+        check_supported(PUBLISHED["ldm8-lsun-churches"], "churches.ckpt")
+
+
+def test_the_cli_imports_a_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    fixture = FIXTURES / "ldm4-bedrooms"
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "cli.py"), "import-ckpt", str(fixture / "model.ckpt")]
+    args = [str(tmp_path / "out"), "--config", str(fixture / "config.yaml")]
+    done = subprocess.run(cmd + args + ["--first-stage", str(fixture / "first_stage.ckpt")], capture_output=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert b"unet, vae, scheduler; use it as model.source: local" in done.stdout
+    refused = subprocess.run(cmd + [str(tmp_path / "out2"), *args[1:]], capture_output=True, text=True)
+    assert refused.returncode == 1 and "holds no first stage (first_stage_model.*)" in refused.stderr
+
+
+# --- bad input: each refused with the file and what was found --------------------------------------
+
+
+def unet_state() -> dict[str, torch.Tensor]:
+    return {UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}
+
+
+@pytest.mark.parametrize(
+    "extra, found",
+    [
+        ({"cond_stage_model.model.token_embedding.weight": torch.zeros(1)}, "Stable Diffusion 2.x .*OpenCLIP"),
+        ({"conditioner.embedders.0.transformer.text_model.x": torch.zeros(1)}, "SDXL"),
+    ],
+)
+def test_unsupported_families_are_refused_by_name(tmp_path, extra, found):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": unet_state() | extra}, path)
+    with pytest.raises(ArtifactError, match=f"{path}.* is an? {found}"):
+        import_checkpoint(path, tmp_path / "out")
+
+
+def test_a_v_prediction_config_is_refused(tmp_path):
+    fixture = FIXTURES / "sd-v1"
+    config = yaml.safe_load((fixture / "config.yaml").read_text())
+    config["model"]["params"]["parameterization"] = "v"
+    (path := tmp_path / "v2-inference-v.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ArtifactError, match=r"v2-inference-v\.yaml: parameterization 'v'.*only ε-prediction"):
+        import_checkpoint(fixture / "model.ckpt", tmp_path / "out", config=path)
+
+
+def test_a_missing_or_unfitting_first_stage_is_refused(tmp_path):
+    fixture = FIXTURES / "ldm4-bedrooms"
+    model, config = fixture / "model.ckpt", fixture / "config.yaml"
+    with pytest.raises(ArtifactError, match=f"{model} holds no first stage .*pass the autoencoder's checkpoint"):
+        import_checkpoint(model, tmp_path / "a", config=config)
+    sd = FIXTURES / "sd-v1" / "model.ckpt"  # a KL-f8 first stage: 4-channel latents
+    with pytest.raises(ArtifactError, match=f"{sd}: its first stage has 4-channel latents, the UNet of .* takes 3"):
+        import_checkpoint(model, tmp_path / "b", config=config, first_stage=sd)
+    with pytest.raises(ArtifactError, match="holds a first-stage autoencoder .*not a latent diffusion checkpoint"):
+        import_checkpoint(fixture / "first_stage.ckpt", tmp_path / "c")
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    data = (FIXTURES / "ldm4-bedrooms" / "model.ckpt").read_bytes()
+    (truncated := tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (text := tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    (empty := tmp_path / "empty.ckpt").write_bytes(b"")
+    for path in (truncated, text, empty):
+        with pytest.raises(ArtifactError, match=f"{path} is not a readable PyTorch checkpoint"):
+            read_state_dict(path)
+    (bad := tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ArtifactError, match=f"{bad} is not a readable safetensors file"):
+        read_state_dict(bad)
+    torch.save({"step": 3}, no_tensors := tmp_path / "counter.ckpt")
+    with pytest.raises(ArtifactError, match=f"{no_tensors} holds no tensors"):
+        read_state_dict(no_tensors)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, (f"touch {RunsCode.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_unexecuted(tmp_path):
+    RunsCode.marker = tmp_path / "executed"
+    path = tmp_path / "evil.ckpt"
+    with path.open("wb") as f:
+        pickle.dump({"state_dict": RunsCode()}, f, protocol=2)  # as torch.save writes
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "callback": RunsCode()}, zipped := tmp_path / "evil_zip.ckpt")
+    for file in (path, zipped):
+        with pytest.raises(ArtifactError, match=f"{file} is a pickle that would run code to load .*system.*refused"):
+            read_state_dict(file)
+    assert not RunsCode.marker.exists()
