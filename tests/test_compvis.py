@@ -10,6 +10,8 @@ import importlib.util
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,9 +147,6 @@ def test_ldm8_churches_is_recognised_and_refused_with_the_reason():
 
 
 def test_the_cli_imports_a_checkpoint(tmp_path):
-    import subprocess
-    import sys
-
     fixture = FIXTURES / "ldm4-bedrooms"
     cmd = [sys.executable, str(Path(__file__).parents[1] / "cli.py"), "import-ckpt", str(fixture / "model.ckpt")]
     args = [str(tmp_path / "out"), "--config", str(fixture / "config.yaml")]
@@ -231,3 +230,29 @@ def test_a_pickle_that_would_run_code_is_refused_unexecuted(tmp_path):
         with pytest.raises(ArtifactError, match=f"{file} is a pickle that would run code to load .*system.*refused"):
             read_state_dict(file)
     assert not RunsCode.marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ldm4-bedrooms", "ldm4-cin256"])
+def test_the_stages_run_on_an_imported_checkpoint(tmp_path, name):
+    """dump → stats → les → recon → pts → sample on a tiny imported CompVis checkpoint (one DMQ row, one
+    seed, no Inception weights: the paired error against FP); the class-conditional one with guidance 3."""
+    from helpers import init_repo, reduced_params, run
+
+    folder = imported(name, tmp_path / "model").unet.parent
+    repo = init_repo(tmp_path / "repo", reduced_params())
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update(source="local", path=str(folder))
+    params["calib"].update(num_samples=4, layer_records_per_step=4, batch_size=4, guidance_scale=3.0)
+    params["sample"].update(num_samples=4, batch_size=4, seeds=[1], guidance_scale=3.0)
+    params["quant"]["seeds"] = [0]
+    params["weights"] = {"dmq-w4a8": {"method": "dmq", "w_bits": 4, "a_bits": 8}}
+    params["rows"] = {"dmq-w4a8": {"weights": "dmq-w4a8", "a_bits": 8}}
+    params["guards"], params["peers"] = {}, {}
+    params["report"] = {"table": ["dmq-w4a8"], "ablation": ["dmq-w4a8"], "grid_bits": "W4A8"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = ["fp_model", "classifier", "dump", "stats", "les dmq-w4a8", "recon dmq-w4a8", "pts dmq-w4a8"]
+    for stage in [*stages, "sample fp", "sample dmq-w4a8", "eval_files", "reference", "fid dmq-w4a8"]:
+        run([sys.executable, "-m", *f"stages.{stage}".split()], repo)
+    metrics = json.loads((repo / "metrics/dmq-w4a8.json").read_text())
+    assert metrics["mean"]["paired_mse"] > 0 and torch.isfinite(torch.tensor(metrics["mean"]["paired_psnr_db"]))
