@@ -187,6 +187,16 @@ def test_a_v_prediction_config_is_refused(tmp_path):
         import_checkpoint(fixture / "model.ckpt", tmp_path / "out", config=path)
 
 
+def test_a_schedule_other_than_the_configs_is_refused(tmp_path):
+    fixture = FIXTURES / "ldm4-cin256"
+    config = yaml.safe_load((fixture / "config.yaml").read_text())
+    config["model"]["params"]["linear_end"] = 0.012  # SD's schedule, not the one this model was trained on
+    (path := tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    model = fixture / "model.ckpt"
+    with pytest.raises(ArtifactError, match=rf"{model}: its β schedule \(betas: 1000 steps, .* 0\.0195\) is not"):
+        import_checkpoint(model, tmp_path / "out", config=path)
+
+
 def test_a_missing_or_unfitting_first_stage_is_refused(tmp_path):
     fixture = FIXTURES / "ldm4-bedrooms"
     model, config = fixture / "model.ckpt", fixture / "config.yaml"

@@ -334,6 +334,23 @@ def scheduler_config(params: dict) -> dict:
     }
 
 
+def check_schedule(state: dict, params: dict, source: str) -> None:
+    """The checkpoint's own ``betas`` buffer (LatentDiffusion stores its schedule) must be the schedule the
+    config describes: a model trained on another schedule would be sampled wrongly without a word."""
+    if "betas" not in state:
+        return
+    config = scheduler_config(params)
+    steps = config["num_train_timesteps"]
+    expected = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, steps, dtype=torch.float64) ** 2
+    stored = state["betas"].double()
+    if stored.shape != expected.shape or not torch.allclose(stored, expected, rtol=1e-5, atol=1e-9):
+        raise ArtifactError(
+            f"{source}: its β schedule (betas: {len(stored)} steps, {stored[0]:.6g} … {stored[-1]:.6g}) is not the "
+            f"config's linear schedule ({steps} steps, {config['beta_start']:.6g} … {config['beta_end']:.6g}): pass "
+            "the model's original YAML config"
+        )
+
+
 # --- weights --------------------------------------------------------------------------------------
 
 
@@ -367,6 +384,8 @@ def _split_fused_attention(weights: dict, config: dict) -> dict:
 
 
 def convert_unet(state: dict, name: str, config: dict) -> dict:
+    """Diffusers UNet weights from ``model.diffusion_model.*``: the weights the original sampling scripts run
+    (``model_ema.*``, where a checkpoint has them, is what ``ema_scope`` would swap in; they are not read)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     weights = convert_ldm_unet_checkpoint(state, config)
@@ -517,6 +536,7 @@ def import_checkpoint(
     family = detect_family(state, checkpoint) if config is None else None
     params = read_original_config(config) if config is not None else PUBLISHED[family]
     conditioning = check_supported(params, str(config or f"{checkpoint} ({family})"))
+    check_schedule(state, params, str(checkpoint))
     stage = _strip(state, FIRST_STAGE_PREFIX)
     stage_source = checkpoint
     if not stage:
