@@ -157,6 +157,23 @@ def test_the_cli_imports_a_checkpoint(tmp_path):
     assert refused.returncode == 1 and "holds no first stage (first_stage_model.*)" in refused.stderr
 
 
+def test_doctor_predicts_an_imported_checkpoints_stages(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    folder = imported("ldm4-cin256", tmp_path / "model").unet.parent
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    params["model"].update(source="local", path=str(folder))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(
+        app, ["doctor", "--params", str(tmp_path / "params.yaml"), "--artifacts", str(tmp_path / "artifacts")]
+    )
+    assert result.exit_code == 0, result.output[-3000:]
+    for stage in ("dump", "stats", "les", "recon", "pts", "sample"):
+        assert f"ok  predicted peak of {stage}: host" in result.output
+
+
 # --- bad input: each refused with the file and what was found --------------------------------------
 
 
