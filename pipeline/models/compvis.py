@@ -22,6 +22,9 @@ anything but tensors and plain containers is refused, never executed. Key mappin
 (``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``) with
 configs built here; the self-attention of the unconditional UNet (``AttentionBlock``, a fused ``qkv``)
 is split here. tests/test_compvis.py checks every family against outputs of the original code.
+
+One key beyond the original configs is read from ``model.params``: ``norm_num_groups`` (default 32, the
+GroupNorm group count the original code hard-codes), which the tiny test fixtures set to stay small.
 """
 
 from __future__ import annotations
