@@ -2,6 +2,7 @@
 not match; atomic writes leave nothing behind."""
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -294,3 +295,12 @@ def test_every_committed_report_and_metric_is_a_stage_output():
     ]
     orphans = [f for f in found if f not in outputs and not any(within(f, out) for out in outputs)]
     assert found and not orphans, f"files no stage writes: {orphans}"
+
+
+def test_the_shipped_fp_model_and_classifier_are_what_dvc_lock_records():
+    """A fresh clone's `dvc repro` starts from the FP model and classifier in git: their bytes, code and params
+    are the ones dvc.lock records, so neither stage reruns (a change to either without retraining fails here)."""
+    found = subprocess.run(
+        ["dvc", "status", "--json", "fp_model", "classifier"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(found.stdout) == {}
