@@ -29,7 +29,7 @@ from pipeline.calibration.dump import dump_calibration, open_calibration, random
 from pipeline.config import CalibConfig  # noqa: E402
 from pipeline.infra.storage import atomic_store  # noqa: E402
 from pipeline.method.adaround import AdaRoundSettings, adaround  # noqa: E402
-from pipeline.method.les import learn_all  # noqa: E402
+from pipeline.method.les import LESSettings, learn_all  # noqa: E402
 from pipeline.method.weight_init import init_weight_quantizers  # noqa: E402
 from pipeline.models.denoiser import Denoiser, probe_kwargs  # noqa: E402
 from pipeline.models.diffusion import ddim_scheduler  # noqa: E402
@@ -144,14 +144,8 @@ def measured_multiples(unet, folder: Path, iters: int = 10, batch: int = 8) -> d
         quantizable_layers(unet),
         records_by_step(calib, batch, seed=0),
         calib.attrs["steps"],
+        LESSettings("focal", iters=iters, lr=1e-3, batch_size=batch),
         budget=Budget.of(4, 16),
-        weighting="focal",
-        iters=iters,
-        lr=1e-3,
-        batch_size=batch,
-        r=20,
-        momentum=0.95,
-        seed=0,
     )
     les = (time.perf_counter() - start) / iters
     q = type(unet).from_config(unet.config)

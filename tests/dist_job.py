@@ -16,7 +16,7 @@ from pipeline.eval.sampling import write_samples
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.distributed import init, shared_store
 from pipeline.infra.storage import write_tensors
-from pipeline.method.les import learn_all
+from pipeline.method.les import LESSettings, learn_all
 from pipeline.models.diffusion import ddim_scheduler
 from pipeline.models.embedded import build_unet
 from pipeline.quant import QuantSpec, quantizable_layers, quantize
@@ -64,13 +64,7 @@ def main(out: Path) -> None:
         quantizable_layers(fp),
         records_by_step(open_calibration(out / "calib.zarr"), 4, seed=0),
         3,
-        weighting="focal",
-        iters=4,
-        lr=1e-2,
-        batch_size=4,
-        r=20.0,
-        momentum=0.95,
-        seed=0,
+        LESSettings("focal", iters=4, lr=1e-2, batch_size=4),
         budget=Budget.of(1.0, 1.0),
         checkpoints=checkpoints,
         device=device,

@@ -29,7 +29,7 @@ from pipeline.infra.device import host, resolve_device
 from pipeline.infra.machine import environment
 from pipeline.method.activation_ranges import StepLearning, init_shared_activations, learn_shared_steps
 from pipeline.method.adaround import AdaRoundSettings, adaround
-from pipeline.method.les import learn_all, learn_gamma
+from pipeline.method.les import LESSettings, learn_all, learn_gamma
 from pipeline.method.pts import PTSVoter
 from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.method.weighting import make_weighting
@@ -226,13 +226,7 @@ def test_les_of_every_layer_runs_on_the_device():
         dict(fp.named_modules()),
         records(),
         STEPS,
-        weighting="focal",
-        iters=3,
-        lr=1e-3,
-        batch_size=4,
-        r=20.0,
-        momentum=0.95,
-        seed=0,
+        LESSettings("focal", iters=3, lr=1e-3, batch_size=4),
         budget=ON_DEVICE,
         device=META,
     )

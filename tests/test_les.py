@@ -6,7 +6,7 @@ import pipeline.method.les
 from helpers import Killed, dies_on_the_second_call
 from pipeline.calibration.capture import Budget
 from pipeline.infra.checkpoint import Checkpoints
-from pipeline.method.les import learn_all, learn_gamma
+from pipeline.method.les import LESSettings, learn_all, learn_gamma
 from pipeline.method.weighting import make_weighting
 from pipeline.quant.layers import QuantLayer
 
@@ -99,7 +99,7 @@ def three_layers():
 
 
 BIG = Budget.of(1.0, 1.0)
-LEARN = dict(weighting="focal", iters=10, lr=1e-2, batch_size=8, r=20.0, momentum=0.95, seed=3, budget=BIG)
+LEARN = dict(settings=LESSettings("focal", iters=10, lr=1e-2, batch_size=8, seed=3), budget=BIG)
 
 
 def test_windows_and_where_captures_live_do_not_change_gamma(three_layers, tmp_path):
@@ -120,8 +120,9 @@ def test_a_layer_learns_from_its_fp_io_on_the_records(three_layers):
         h = fp.down.conv(x).flatten(2).transpose(1, 2).contiguous()  # as captured
         y = fp.attn.to_q(h)
     gammas, losses = learn_all(layers, fp, fp_layers, (x, t), steps, **LEARN)
-    kwargs = {k: LEARN[k] for k in ("iters", "lr", "batch_size", "seed")}
-    weighting = make_weighting("focal", steps, LEARN["r"], LEARN["momentum"])
+    s = LEARN["settings"]
+    kwargs = dict(iters=s.iters, lr=s.lr, batch_size=s.batch_size, seed=s.seed)
+    weighting = make_weighting(s.weighting, steps, s.r, s.momentum)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as learn_all runs every layer
     try:

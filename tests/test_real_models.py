@@ -27,7 +27,7 @@ from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import ArtifactError, atomic_store, read_tensors, write_tensors
 from pipeline.method.activation_ranges import calibrate_activations
 from pipeline.method.adaround import AdaRoundSettings, adaround
-from pipeline.method.les import learn_all
+from pipeline.method.les import LESSettings, learn_all
 from pipeline.method.pts import PTSVoter, select_pts_layers
 from pipeline.method.weight_init import init_weight_quantizers
 from pipeline.models.denoiser import NULL, Decoder, load_denoiser, read_prompts
@@ -110,13 +110,7 @@ class Quantized:
             quantizable_layers(self.fp.unet),
             records_by_step(calib, 4, seed=0),
             STEPS,
-            weighting="focal",
-            iters=4,
-            lr=1e-2,
-            batch_size=4,
-            r=20,
-            momentum=0.95,
-            seed=0,
+            LESSettings("focal", iters=4, lr=1e-2, batch_size=4),
             budget=Budget.of(1, 1),
         )
         write_tensors(out / "les.safetensors", {f"{n}.gamma": g for n, g in gammas.items()}, header)

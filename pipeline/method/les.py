@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -145,11 +146,29 @@ def learn_gamma(
     return gamma, before, after
 
 
-def _learn_captured(name, layer, steps, weighting, r, momentum, device, **kwargs):
+@dataclass(frozen=True)
+class LESSettings:
+    """What shapes a layer's γ besides its records: the timestep weighting (``weighting`` with exponent
+    ``r`` and EMA ``momentum``), Adam's ``iters`` and ``lr`` and the batches of ``batch_size`` drawn by ``seed``."""
+
+    weighting: str
+    iters: int
+    lr: float
+    batch_size: int
+    r: float = 20.0
+    momentum: float = 0.95
+    seed: int = 0
+
+
+def _learn_captured(name: str, layer: QuantLayer, steps: int, settings: LESSettings, device: torch.device):
     inputs, outputs = _CAPTURED[name]
-    w = make_weighting(weighting, steps, r, momentum)
+    s = settings
+    weighting = make_weighting(s.weighting, steps, s.r, s.momentum)
     # the captures stay where the capture budget placed them: only batches travel to the device
-    gamma, before, after = learn_gamma(layer.to(device), inputs, outputs, steps, w, name=name, device=device, **kwargs)
+    draws = dict(iters=s.iters, lr=s.lr, batch_size=s.batch_size, seed=s.seed)
+    gamma, before, after = learn_gamma(
+        layer.to(device), inputs, outputs, steps, weighting, name=name, device=device, **draws
+    )
     return name, host(gamma), before, after
 
 
@@ -187,14 +206,8 @@ def learn_all(
     fp_layers: dict[str, nn.Module],
     records: tuple[torch.Tensor, ...],
     steps: int,
+    settings: LESSettings,
     *,
-    weighting: str,
-    iters: int,
-    lr: float,
-    batch_size: int,
-    r: float,
-    momentum: float,
-    seed: int,
     budget: Budget,
     capture_batch: int = 64,
     workers: int = 1,
@@ -231,18 +244,7 @@ def learn_all(
     capture_bytes = {name: n * sum(numel[name]) * 4 for name in order}  # float32 input and output
     if device.type == "cuda" or "fork" not in multiprocessing.get_all_start_methods():
         workers = 1
-    job = partial(
-        _learn_captured,
-        steps=steps,
-        weighting=weighting,
-        r=r,
-        momentum=momentum,
-        device=device,
-        iters=iters,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-    )
+    job = partial(_learn_captured, steps=steps, settings=settings, device=device)
     results = {}
     if checkpoints:
         for name in layers:
@@ -340,13 +342,7 @@ def learn_gammas(
         fp_layers,
         records_by_step(calib, les_records_per_step(cfg, calib), seed),
         calib.attrs["steps"],
-        weighting=method.weighting,
-        iters=les.iters,
-        lr=les.lr,
-        batch_size=les.batch_size,
-        r=les.focal_r,
-        momentum=les.focal_momentum,
-        seed=seed,
+        LESSettings(method.weighting, les.iters, les.lr, les.batch_size, les.focal_r, les.focal_momentum, seed),
         budget=Budget.from_config(cfg.capture),
         capture_batch=cfg.capture.batch_size,
         workers=les.workers,
