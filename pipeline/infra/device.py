@@ -86,6 +86,18 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
     return first_true(bad.flatten(1).any(1) if values.dim() > 1 else bad)
 
 
+CHECK_EVERY = 100  # iterations between checks of a training loop's losses for NaN / Inf (each waits for the device)
+
+
+def nonfinite_loss(losses: torch.Tensor, i: int) -> tuple[int, float] | None:
+    """At every ``CHECK_EVERY``-th iteration ``i`` and at the last of ``losses`` (one per iteration, filled
+    up to ``i``): (the first iteration whose loss is NaN or Inf, that loss), or None."""
+    if (i + 1) % CHECK_EVERY and i + 1 < len(losses):
+        return None
+    bad = first_nonfinite(losses[: i + 1])
+    return None if bad is None else (bad, float(host(losses[bad])))
+
+
 def autocast(device: torch.device, mode: str):
     """``torch.autocast`` for the ``autocast`` param (none | bf16 | fp16) on ``device``'s type: convolutions
     and matmuls run in the reduced type, so fake-quantized values leave their grid (docs/gpu.md)."""

@@ -6,8 +6,8 @@ attention / transformer blocks) are reconstructed in execution order with inputs
 quantized network and targets from the FP network; stray layers are reconstructed one by one.
 
 On CUDA the iteration loop does not wait for the GPU: batch indices are drawn up front and the loss
-is checked for NaN / Inf every ``CHECK_EVERY`` iterations (fp16 autocast is the exception: its
-gradient scaler looks at the gradients on the host every iteration).
+is checked for NaN / Inf every ``CHECK_EVERY`` (:mod:`pipeline.infra.device`) iterations (fp16
+autocast is the exception: its gradient scaler looks at the gradients on the host every iteration).
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from pipeline.calibration.capture import (
     windows,
 )
 from pipeline.infra.checkpoint import Checkpoints
-from pipeline.infra.device import autocast, first_nonfinite, host, to_device
+from pipeline.infra.device import autocast, host, nonfinite_loss, to_device
 from pipeline.quant.layers import QuantLayer
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, from the AdaRound paper
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "BasicTransformerBlock", "Transformer2DModel")
-CHECK_EVERY = 100  # iterations between checks of the loss for NaN / Inf (each check waits for the device)
 
 
 class RoundingOffsets(nn.Module):
@@ -169,8 +168,8 @@ def fit_unit(
     for i in range(iters):
         loss = loss_at(i, (batches[i], batches_on_device[i]))
         losses[i] = loss.detach()
-        if ((i + 1) % CHECK_EVERY == 0 or i + 1 == iters) and (bad := first_nonfinite(losses[: i + 1])) is not None:
-            raise FloatingPointError(f"{what} loss is {float(host(losses)[bad])} in {name} at iteration {bad}")
+        if (bad := nonfinite_loss(losses, i)) is not None:
+            raise FloatingPointError(f"{what} loss is {bad[1]} in {name} at iteration {bad[0]}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

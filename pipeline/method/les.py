@@ -10,7 +10,7 @@ worker processes. Each layer's batch order comes from a generator seeded by a st
 layer name), so γ does not depend on the number of ranks or workers or the order in which layers
 finish. On CUDA the iteration loop never waits for the GPU: batch indices are drawn up front, the
 timestep weighting lives on the device, and the loss is checked for NaN / Inf every
-``CHECK_EVERY`` iterations, not every one.
+``CHECK_EVERY`` (:mod:`pipeline.infra.device`) iterations, not every one.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pipeline.calibration.capture import Budget, execution_order, gather, io_num
 from pipeline.calibration.dump import records_by_step, records_per_step
 from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
-from pipeline.infra.device import first_nonfinite, host, to_device
+from pipeline.infra.device import first_nonfinite, host, nonfinite_loss, to_device
 from pipeline.infra.distributed import SINGLE, World
 from pipeline.method.weighting import TimestepWeighting, make_weighting
 from pipeline.methods import METHODS
@@ -42,8 +42,6 @@ from pipeline.models.denoiser import Denoiser
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import QuantSpec, quantizable_layers, quantize
 from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema, weight_part_extrema
-
-CHECK_EVERY = 100  # iterations between checks of the loss for NaN / Inf (each check waits for the device)
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -132,8 +130,8 @@ def learn_gamma(
         weighting.update(step_idx, loss)
         total = (weighting.weights(step_idx) * loss).mean()
         losses[i] = total.detach()
-        if ((i + 1) % CHECK_EVERY == 0 or i + 1 == iters) and (bad := first_nonfinite(losses[: i + 1])) is not None:
-            raise FloatingPointError(f"LES on {name}: loss is {float(host(losses)[bad])} at iteration {bad}")
+        if (bad := nonfinite_loss(losses, i)) is not None:
+            raise FloatingPointError(f"LES on {name}: loss is {bad[1]} at iteration {bad[0]}")
         # autograd.grad, not backward: only θ needs a gradient; the layer's weights stay untouched
         (theta.grad,) = torch.autograd.grad(total, theta)
         optimizer.step()
