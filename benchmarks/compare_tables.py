@@ -8,7 +8,9 @@ the per-seed difference A − B of ΔFID (FID minus FP's on the same noise) and 
 against FP (left out where a workspace has no samples: a committed table checked out from git), with
 the verdict of :func:`pipeline.eval.report.compare_rows` (a difference counts only beyond both the
 seed spread and twice the standard error over samples). Refuses workspaces whose FP models differ:
-then rows are not paired.
+then rows are not paired, unless ``--unpaired``: each row's ΔFID (against its own FP) is set side by
+side with the other's, per-sample errors left out, so what can be compared is whether a claim of the
+table (a ranking, a row's distance to FP beyond the spread) survived a new FP model or protocol.
 
     python benchmarks/compare_tables.py /work/full /work/half --json benchmarks/budget_half.json
 """
@@ -88,12 +90,17 @@ def main() -> None:
     parser.add_argument("b", type=Path, help="the changed workspace")
     parser.add_argument("--rows", nargs="+", help="only these rows (default: the report's table and ablation)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--unpaired", action="store_true", help="compare ΔFID only where the FP models differ")
     args = parser.parse_args()
     cfg, a = table_of(args.a, args.rows)
     rows = list(a["rows"])
     _, b = table_of(args.b, rows)
-    if a["model_hash"] != b["model_hash"]:
-        raise SystemExit(f"the FP models differ ({a['model_hash']} vs {b['model_hash']}): rows are not paired")
+    paired = a["model_hash"] == b["model_hash"]
+    if not paired and not args.unpaired:
+        raise SystemExit(
+            f"the FP models differ ({a['model_hash']} vs {b['model_hash']}): "
+            "rows are not paired (--unpaired: ΔFID alone)"
+        )
     pa, pb = flat_params(args.a), flat_params(args.b)
     changed = {key: [pa.get(key), pb.get(key)] for key in sorted(pa.keys() | pb.keys()) if pa.get(key) != pb.get(key)}
     print("params A → B: " + ", ".join(f"{key} {old} → {new}" for key, (old, new) in changed.items()))
@@ -101,7 +108,7 @@ def main() -> None:
     results = {}
     for name in rows:
         ra, rb = a["rows"][name], b["rows"][name]
-        if ra["errors"] is None or rb["errors"] is None:
+        if not paired or ra["errors"] is None or rb["errors"] is None:
             found = fid_only(ra["fid_vs_fp"], rb["fid_vs_fp"])
         else:
             found = compare_rows(ra["errors"], rb["errors"], ra["fid_vs_fp"], rb["fid_vs_fp"])
@@ -128,7 +135,7 @@ def main() -> None:
             "a": str(args.a),
             "b": str(args.b),
             "params_a_to_b": changed,
-            "model_hash": a["model_hash"],
+            "model_hash": a["model_hash"] if paired else [a["model_hash"], b["model_hash"]],
             "rows": results,
             "rankings_by_fid_vs_fp": rankings,
         }

@@ -71,3 +71,27 @@ def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_larg
         low, high = row["gamma_range"]
         assert 0 < low <= 1 <= high and row["mse_vs_fp"][0] > 0
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_tables_of_two_fp_models_are_refused_unless_unpaired_and_then_compared_by_fid_only(reproduced, tmp_path):
+    repo = reproduced[0]
+    other = tmp_path / "other"  # the same rows, recorded as made on another FP model
+    other.mkdir()
+    shutil.copy(repo / "params.yaml", other)
+    shutil.copytree(repo / "metrics", other / "metrics")
+    for path in (other / "metrics").glob("*.json"):
+        record = json.loads(path.read_text())
+        record["provenance"]["model_hash"] = "1" * 16
+        path.write_text(json.dumps(record))
+    command = [sys.executable, "benchmarks/compare_tables.py", str(repo), str(other), "--rows", "dmq-w4a6"]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "rows are not paired" in refused.stderr
+    out = tmp_path / "unpaired.json"
+    run([*command, "--unpaired", "--json", str(out)], ROOT)
+    found = json.loads(out.read_text())
+    assert found["model_hash"] == [
+        json.loads((repo / "metrics/fp.json").read_text())["provenance"]["model_hash"],
+        "1" * 16,
+    ]
+    row = found["rows"]["dmq-w4a6"]
+    assert row["fid_diff"] == 0 and row["verdict"] == "no samples" and math.isnan(row["mse_diff"])
