@@ -248,12 +248,20 @@ def _stages_in(dvc_output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", dvc_output)
 
 
-def _always_changed(dvc_yaml: Path = Path("dvc.yaml")) -> set[str]:
-    """The stages dvc.yaml marks ``always_changed`` (eval_files: a listing of files outside the repo)."""
+PIPELINE_FILES = (Path("dvc.yaml"), Path("external/dvc.yaml"))  # external: eval_files, with a lock of its own
+
+
+def _always_changed(files: tuple[Path, ...] = PIPELINE_FILES) -> set[str]:
+    """The stages marked ``always_changed`` (eval_files: a listing of files outside the repo), named as
+    ``dvc repro`` prints them: a stage outside the root dvc.yaml after its file's path."""
     import yaml
 
-    stages = yaml.safe_load(dvc_yaml.read_text()).get("stages", {}) if dvc_yaml.exists() else {}
-    return {name for name, spec in stages.items() if spec.get("always_changed")}
+    found = set()
+    for file in files:
+        stages = yaml.safe_load(file.read_text()).get("stages", {}) if file.exists() else {}
+        prefix = "" if file == PIPELINE_FILES[0] else f"{file.as_posix()}:"
+        found |= {prefix + name for name, spec in stages.items() if spec.get("always_changed")}
+    return found
 
 
 def _downstream(stages: list[str], dag_dot: str) -> set[str]:

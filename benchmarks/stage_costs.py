@@ -35,7 +35,9 @@ def main() -> None:
     parser.add_argument("stages", nargs="*", help="stages to time (default: all, in dvc.yaml order)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    listed = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True, text=True, check=True).stdout
+    # -R .: external/dvc.yaml's eval_files too
+    command = ["dvc", "stage", "list", "-R", ".", "--name-only"]
+    listed = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     stages = args.stages or listed.split()  # foreach stages expanded: les@dmq-w4a6, …
     rows = []
     print(f"{'stage':<28} {'wall s':>8} {'peak RSS MB':>12}", flush=True)

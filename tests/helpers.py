@@ -13,7 +13,16 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-REPO_ITEMS = ("pipeline", "stages", "dvc.yaml", "params.yaml", "cli.py")
+REPO_ITEMS = ("pipeline", "stages", "dvc.yaml", "external", "params.yaml", "cli.py")
+# external/dvc.yaml holds the always-run eval_files, so that its run rewrites a lock of its own
+PIPELINE_FILES = ("dvc.yaml", "external/dvc.yaml")
+
+
+def dvc_stages() -> dict:
+    """The stages of every dvc.yaml of the project, by name (paths relative to the repository root:
+    external/dvc.yaml runs in it)."""
+    files = [yaml.safe_load((ROOT / file).read_text())["stages"] for file in PIPELINE_FILES]
+    return {name: spec for stages in files for name, spec in stages.items()}
 
 
 def run(cmd, cwd) -> str:

@@ -16,7 +16,7 @@ import zarr
 from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
-from helpers import ROOT, set_params
+from helpers import ROOT, dvc_stages, set_params
 from pipeline.calibration.dump import open_calibration
 from pipeline.config import Variant, parse_config
 from pipeline.infra.fingerprint import check_provenance, model_hash
@@ -212,7 +212,7 @@ def test_provenance_follows_dvc_yaml():
     params apart), and the stages whose outputs it depends on (a directory dependency covers the
     outputs inside it; a file dependency inside an output directory, such as a store's zarr.json,
     depends on that output)."""
-    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    raw = dvc_stages()
     dvc = {stage: (spec.get("do", spec), spec.get("foreach")) for stage, spec in raw.items()}
     outputs = {
         stage: {resolved(o, foreach) for kind in ("outs", "metrics", "plots") for o in paths(spec.get(kind, []))}
@@ -282,7 +282,7 @@ def test_every_committed_report_and_metric_is_a_stage_output():
     not delete it): every file under reports/ and metrics/ must be an output of some stage of today's
     matrix, or lie inside an output directory."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    raw = dvc_stages()
     outputs = set()
     for spec in raw.values():
         body, foreach = spec.get("do", spec), spec.get("foreach")
