@@ -68,7 +68,7 @@ def configuration(cfg: Config, fp: dict) -> list[str]:
         f"sampling: DDIM {cfg.diffusion.steps} steps, eta {sample.eta}, {sample.num_samples} samples per noise seed, "
         f"noise seeds {', '.join(map(str, sample.seeds))} (shared by every row and quantization seed)",
         f"calibration: {calib.num_samples} trajectories, {calib.layer_records_per_step} layer records per step",
-        f"LES: {cfg.les.iters} iterations per layer, lr {cfg.les.lr}, r = {cfg.les.focal_r}; AdaRound: "
+        f"LES: {cfg.les.iters} iterations per layer, lr {cfg.les.learning_rate:g}, r = {cfg.les.focal_r}; AdaRound: "
         f"{cfg.recon.iters} iterations per block, {cfg.recon.records} records",
         f"PTS: τ = {cfg.pts.ratio_threshold}, {cfg.pts.num_candidates} candidates, layers {cfg.pts.layers}",
         "rows: "

@@ -20,6 +20,13 @@ def test_default_params_load():
     assert cfg.row_variant("qdiff-w4a6") == ("qdiff", 4, 6) and cfg.weights_variant("qdiff-w4") == ("qdiff", 4, None)
 
 
+def test_les_without_a_learning_rate_spreads_the_papers_sum_of_learning_rates_over_its_iterations():
+    assert load_config(ROOT / "params.yaml").les.learning_rate == 0.02  # the shipped 300 iterations
+    assert parse_config({"les": {"iters": 6000}}).les.learning_rate == 0.001  # the paper's schedule
+    assert parse_config({"les": {"iters": 1000}}).les.learning_rate == pytest.approx(0.006)
+    assert parse_config({"les": {"iters": 1000, "lr": 1e-3}}).les.learning_rate == 1e-3  # a given lr is kept
+
+
 def test_rows_whose_weights_match_share_one_chain():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.rows["dmq-no-pts-w4a6"].weights == "dmq-w4a6" and cfg.rows["dmq-no-les-w4a6"].weights == "qdiff-w4"

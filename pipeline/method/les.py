@@ -340,7 +340,9 @@ def learn_gammas(
         fp_layers,
         records_by_step(calib, les_records_per_step(cfg, calib), seed),
         calib.attrs["steps"],
-        LESSettings(method.weighting, les.iters, les.lr, les.batch_size, les.focal_r, les.focal_momentum, seed),
+        LESSettings(
+            method.weighting, les.iters, les.learning_rate, les.batch_size, les.focal_r, les.focal_momentum, seed
+        ),
         budget=Budget.from_config(cfg.capture),
         capture_batch=cfg.capture.batch_size,
         workers=les.workers,
