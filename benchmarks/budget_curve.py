@@ -1,7 +1,7 @@
 """The budget curve: how rows of the table move with the LES and AdaRound iterations (issue 28).
 
-Each workspace is a repo root after ``dvc repro`` of the rows at one budget (``les.iters``,
-``recon.iters``; everything else equal), on the same FP model (refused otherwise). Per row and budget:
+Each workspace is a repo root after ``dvc repro`` of the rows at one budget (``les.iters`` and
+``les.lr``, ``recon.iters``; everything else equal), on the same FP model (refused otherwise). Per row and budget:
 ΔFID against FP and the paired per-sample MSE against FP, each as mean ± spread over the quantization
 seeds, and γ's range (rows with LES). Against the largest budget measured (the last workspace), every
 other budget gets :func:`pipeline.eval.report.compare_rows`'s verdict per row: a budget whose rows are
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from benchmarks.compare_tables import flat_params, inside, table_of  # noqa: E402
+from pipeline.config import PAPER_LES_LR_SUM  # noqa: E402
 from pipeline.eval.report import compare_rows, mean_std  # noqa: E402
 from pipeline.infra.storage import read_json  # noqa: E402
 
@@ -43,8 +44,10 @@ def gamma_range(root: Path, cfg, row: str) -> list[float] | None:
 
 
 def budget_of(root: Path) -> dict:
+    """LES's iterations and learning rate (null: the paper's sum spread over them), AdaRound's iterations."""
     params = flat_params(root)
-    return {"les_iters": params["les.iters"], "recon_iters": params["recon.iters"]}
+    les_lr = params.get("les.lr") or PAPER_LES_LR_SUM / params["les.iters"]
+    return {"les_iters": params["les.iters"], "les_lr": les_lr, "recon_iters": params["recon.iters"]}
 
 
 def curve(workspaces: list[Path], rows: list[str]) -> dict:
@@ -84,7 +87,7 @@ def curve(workspaces: list[Path], rows: list[str]) -> dict:
 def figure(found: dict, rows: list[str], path: Path) -> None:
     """ΔFID and paired MSE against FP per budget, one line per row, the seed spread as error bars."""
     points = found["points"]
-    labels = [f"LES {p['les_iters']}\nAdaRound {p['recon_iters']}" for p in points]
+    labels = [f"LES {p['les_iters']} at {p['les_lr']:g}\nAdaRound {p['recon_iters']}" for p in points]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in (
         (axes[0], "fid_vs_fp", "ΔFID vs FP, same noise ↓"),
@@ -115,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     found = curve(args.workspaces, args.rows)
     for point in found["points"]:
-        budget = f"LES {point['les_iters']}, AdaRound {point['recon_iters']}"
+        budget = f"LES {point['les_iters']} at lr {point['les_lr']:g}, AdaRound {point['recon_iters']}"
         print(f"{budget}: changes no verdict against the largest: {point['changes_no_verdict']}")
         for row, r in point["rows"].items():
             (fid, fid_s), (mse, mse_s), vs = r["fid_vs_fp"], r["mse_vs_fp"], r["against_largest"]
