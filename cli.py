@@ -57,20 +57,42 @@ def check_params(path: Path = typer.Argument(Path("params.yaml"))) -> None:
     typer.echo(f"{path}: ok")
 
 
+# the options of a CompVis checkpoint beside it, shared by import-ckpt and doctor --ckpt
+FIRST_STAGE = typer.Option(
+    None, help="the autoencoder's checkpoint, for a .ckpt without first_stage_model.* (vq-f4/model.ckpt)"
+)
+ORIGINAL_CONFIG = typer.Option(
+    None, help="the original YAML (configs/latent-diffusion/*.yaml, v1-inference.yaml); default: the family's"
+)
+CLIP_VOCAB = typer.Option(None, help="SD: CLIP's bpe_simple_vocab_16e6.txt.gz (default: open-clip-torch's copy)")
+
+
 @app.command()
 def doctor(
     params: Path = typer.Option(Path("params.yaml"), help="the params file a run would use"),
     artifacts: Path = typer.Option(Path("artifacts"), help="where the stages write their stores"),
     gpu_gb: float = typer.Option(None, help="predict for a GPU of this many GiB (present or not)"),
     host_gb: float = typer.Option(None, help="predict for this many GiB of host memory (default: this machine's)"),
+    ckpt: Path | None = typer.Option(
+        None, help="a CompVis .ckpt / .safetensors not imported yet: predict for the folder import-ckpt would write"
+    ),
+    first_stage: Path | None = FIRST_STAGE,
+    config: Path | None = ORIGINAL_CONFIG,
+    clip_vocab: Path | None = CLIP_VOCAB,
 ) -> None:
     """Check the environment before a long run: package versions, torch threads, the device, the
     model, disk space for the Zarr stores that the params imply, and each stage's predicted peak
-    device memory, host memory and scratch disk, against what this machine (or --gpu-gb / --host-gb) has."""
-    from pipeline.preflight import diagnose
+    device memory, host memory and scratch disk, against what this machine (or --gpu-gb / --host-gb) has.
+    With --ckpt, the model is that checkpoint, imported for the check into a temporary folder (its size
+    in float32) that replaces the params' model section."""
+    from pipeline.preflight import diagnose, diagnose_checkpoint
 
     # outputs are hard links into the DVC cache (.dvc/config cache.type): one copy of each store
-    findings = diagnose(params, artifacts, copies=1, gpu_gb=gpu_gb, host_gb=host_gb)
+    if ckpt is None:
+        findings = diagnose(params, artifacts, copies=1, gpu_gb=gpu_gb, host_gb=host_gb)
+    else:
+        imports = dict(first_stage=first_stage, config=config, clip_vocab=clip_vocab)
+        findings = diagnose_checkpoint(ckpt, params, artifacts, copies=1, gpu_gb=gpu_gb, host_gb=host_gb, **imports)
     for finding in findings:
         typer.echo(f"{'ok' if finding.ok else 'PROBLEM':>7}  {finding.check}: {finding.detail}")
     problems = sum(not finding.ok for finding in findings)
@@ -297,15 +319,9 @@ def import_ckpt(
         ..., help="a CompVis .ckpt / .safetensors (sd-v1-4.ckpt, models/ldm/*/model.ckpt)"
     ),
     out: Path = typer.Argument(..., help="the diffusers folder to write; then model.source: local, model.path: OUT"),
-    first_stage: Path | None = typer.Option(
-        None, help="the autoencoder's checkpoint, for a .ckpt without first_stage_model.* (vq-f4/model.ckpt)"
-    ),
-    config: Path | None = typer.Option(
-        None, help="the original YAML (configs/latent-diffusion/*.yaml, v1-inference.yaml); default: the family's"
-    ),
-    clip_vocab: Path | None = typer.Option(
-        None, help="SD: CLIP's bpe_simple_vocab_16e6.txt.gz (default: open-clip-torch's copy)"
-    ),
+    first_stage: Path | None = FIRST_STAGE,
+    config: Path | None = ORIGINAL_CONFIG,
+    clip_vocab: Path | None = CLIP_VOCAB,
 ) -> None:
     """Write a CompVis latent-diffusion / Stable Diffusion v1 checkpoint as a diffusers folder, once, offline:
     UNet, autoencoder, DDIM scheduler of its β schedule, CLIP text encoder and tokenizer or class table."""

@@ -1,7 +1,8 @@
 """Checks before a run starts, beyond the params checks every stage makes (:mod:`pipeline.params`).
 
 * :func:`diagnose` (``cli.py doctor``): package versions, torch threads, disk space for the Zarr
-  stores the parameters imply, the device, the model, and each stage's predicted peak memory.
+  stores the parameters imply, the device, the model, and each stage's predicted peak memory;
+* :func:`diagnose_checkpoint` (``cli.py doctor --ckpt``): the same for a CompVis checkpoint not imported yet.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -312,3 +314,34 @@ def diagnose(
         disk_space(cfg, artifacts, copies),
         *memory(cfg, gpu_gb, host_gb),
     ]
+
+
+def diagnose_checkpoint(
+    checkpoint: Path,
+    params: Path,
+    artifacts: Path,
+    copies: int,
+    gpu_gb: float | None = None,
+    host_gb: float | None = None,
+    **import_options: Path | None,
+) -> list[Finding]:
+    """:func:`diagnose` for the folder that ``cli.py import-ckpt`` would write from ``checkpoint``: it is
+    imported (``import_options``: first_stage, config, clip_vocab) into a temporary folder, removed after,
+    that stands in for ``model`` in a copy of ``params``; the predictions are those of the imported folder."""
+    from pipeline.models.compvis import import_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="doctor-ckpt-") as scratch:
+        folder = Path(scratch) / "model"
+        try:
+            import_checkpoint(checkpoint, folder, **import_options)
+        except (FileNotFoundError, ValueError) as error:
+            return [Finding("checkpoint", False, str(error))]
+        settings = yaml.safe_load(params.read_text())
+        settings["model"] = {"source": "local", "path": str(folder)}
+        stand_in = Path(scratch) / params.name
+        stand_in.write_text(yaml.safe_dump(settings, sort_keys=False))
+        parts = ", ".join(sorted(child.name for child in folder.iterdir()))
+        imported = Finding(
+            "checkpoint", True, f"{checkpoint}: imported ({parts}) into a temporary folder for these checks"
+        )
+        return [imported, *diagnose(stand_in, artifacts, copies, gpu_gb, host_gb)]

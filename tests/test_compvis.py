@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,21 +158,40 @@ def test_the_cli_imports_a_checkpoint(tmp_path):
     assert refused.returncode == 1 and "holds no first stage (first_stage_model.*)" in refused.stderr
 
 
-def test_doctor_predicts_an_imported_checkpoints_stages(tmp_path):
+def doctor(tmp_path: Path, *options: str):
     from typer.testing import CliRunner
 
     from cli import app
 
+    args = ["doctor", "--params", str(tmp_path / "params.yaml"), "--artifacts", str(tmp_path / "artifacts"), *options]
+    return CliRunner().invoke(app, args)
+
+
+def test_doctor_predicts_an_imported_checkpoints_stages(tmp_path):
     folder = imported("ldm4-cin256", tmp_path / "model").unet.parent
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     params["model"].update(source="local", path=str(folder))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(
-        app, ["doctor", "--params", str(tmp_path / "params.yaml"), "--artifacts", str(tmp_path / "artifacts")]
-    )
+    result = doctor(tmp_path)
     assert result.exit_code == 0, result.output[-3000:]
     for stage in ("dump", "stats", "les", "recon", "pts", "sample"):
         assert f"ok  predicted peak of {stage}: host" in result.output
+
+
+def test_doctor_predicts_from_a_checkpoint_not_imported_yet(tmp_path):
+    """The same predictions as for the folder import-ckpt writes, with the params' model (embedded here) set aside."""
+    fixture = FIXTURES / "ldm4-bedrooms"
+    (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    options = ["--config", str(fixture / "config.yaml"), "--first-stage", str(fixture / "first_stage.ckpt")]
+    result = doctor(tmp_path, "--ckpt", str(fixture / "model.ckpt"), *options)
+    assert result.exit_code == 0, result.output[-3000:]
+    assert f"ok  checkpoint: {fixture / 'model.ckpt'}: imported (scheduler, unet, vae)" in result.output
+    assert re.search(r"ok  model: .*/model: UNet2DModel, \d+ quantizable layers", result.output)
+    for stage in ("dump", "stats", "les", "recon", "pts", "sample"):
+        assert f"ok  predicted peak of {stage}: host" in result.output
+    refused = doctor(tmp_path, "--ckpt", str(fixture / "model.ckpt"), *options[:2])
+    assert refused.exit_code == 1
+    assert f"PROBLEM  checkpoint: {fixture / 'model.ckpt'} holds no first stage" in refused.output
 
 
 # --- bad input: each refused with the file and what was found --------------------------------------
