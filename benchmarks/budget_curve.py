@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from benchmarks.compare_tables import flat_params, inside, table_of  # noqa: E402
-from pipeline.config import PAPER_LES_LR_SUM  # noqa: E402
+from benchmarks.compare_tables import inside, table_of  # noqa: E402
+from pipeline.config import Config  # noqa: E402
 from pipeline.eval.report import compare_rows, mean_std  # noqa: E402
 from pipeline.infra.storage import read_json  # noqa: E402
 
@@ -43,11 +43,10 @@ def gamma_range(root: Path, cfg, row: str) -> list[float] | None:
     return [min(layer["gamma_min"] for layer in layers), max(layer["gamma_max"] for layer in layers)]
 
 
-def budget_of(root: Path) -> dict:
-    """LES's iterations and learning rate (null: the paper's sum spread over them), AdaRound's iterations."""
-    params = flat_params(root)
-    les_lr = params.get("les.lr") or PAPER_LES_LR_SUM / params["les.iters"]
-    return {"les_iters": params["les.iters"], "les_lr": les_lr, "recon_iters": params["recon.iters"]}
+def budget_of(cfg: Config) -> dict:
+    """LES's iterations and learning rate (the one it ran with: ``les.lr`` or the paper's sum spread over
+    the iterations), AdaRound's iterations."""
+    return {"les_iters": cfg.les.iters, "les_lr": cfg.les.learning_rate, "recon_iters": cfg.recon.iters}
 
 
 def curve(workspaces: list[Path], rows: list[str]) -> dict:
@@ -62,8 +61,8 @@ def curve(workspaces: list[Path], rows: list[str]) -> dict:
         raise SystemExit(f"the FP models differ ({', '.join(sorted(hashes))}): the budgets are not paired")
     reference = tables[-1][2]["rows"]
     points = []
-    for root, _, found, gammas in tables:
-        point = {"workspace": str(root), **budget_of(root), "rows": {}}
+    for root, cfg, found, gammas in tables:
+        point = {"workspace": str(root), **budget_of(cfg), "rows": {}}
         for row in rows:
             errors, fid = found["rows"][row]["errors"], found["rows"][row]["fid_vs_fp"]
             per_seed_mse = [float(e.mean()) for e in errors.values()]

@@ -14,13 +14,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ITEMS = ("pipeline", "stages", "dvc.yaml", "external", "params.yaml", "cli.py")
-# external/dvc.yaml holds the always-run eval_files, so that its run rewrites a lock of its own
-PIPELINE_FILES = ("dvc.yaml", "external/dvc.yaml")
 
 
 def dvc_stages() -> dict:
     """The stages of every dvc.yaml of the project, by name (paths relative to the repository root:
     external/dvc.yaml runs in it)."""
+    from cli import PIPELINE_FILES  # external/dvc.yaml: the always-run eval_files, with a lock of its own
+
     files = [yaml.safe_load((ROOT / file).read_text())["stages"] for file in PIPELINE_FILES]
     return {name: spec for stages in files for name, spec in stages.items()}
 
