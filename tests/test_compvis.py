@@ -36,10 +36,18 @@ from pipeline.models.compvis import (
     save_clip_tokenizer,
 )
 from pipeline.models.denoiser import NULL, Decoder, load_denoiser
-from pipeline.models.local import load_scheduler, load_text_encoder, load_unet
+from pipeline.models.local import (
+    HEADS_PER_LEVEL,
+    import_model,
+    load_scheduler,
+    load_text_encoder,
+    load_unet,
+    unet_skeleton_from,
+)
+from pipeline.quant.attention import attention_modules
 
 FIXTURES = Path(__file__).parent / "fixtures" / "compvis"
-FAMILIES = {"ldm4-bedrooms": "first_stage.ckpt", "ldm4-cin256": None, "sd-v1": None}
+FAMILIES = {"ldm4-bedrooms": "first_stage.ckpt", "ldm8-churches": None, "ldm4-cin256": None, "sd-v1": None}
 # float32 rounding: the original and the diffusers networks order their sums differently
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -72,8 +80,10 @@ def test_the_denoiser_predicts_the_original_eps(family):
 
 @torch.no_grad()
 def test_the_first_stage_decodes_as_the_original(family):
-    _, layout, expected = family
+    name, layout, expected = family
     decoder = Decoder(layout)
+    if name == "ldm8-churches":  # scale_by_std: the factor the checkpoint stores
+        assert decoder.autoencoder.config.scaling_factor == pytest.approx(expected["scale_factor"].item())
     # Decoder divides by the scaling factor and clamps, as LatentDiffusion.decode_first_stage and its samplers do
     scaled = expected["z"] * decoder.autoencoder.config.scaling_factor
     torch.testing.assert_close(decoder(scaled), expected["decoded"].clamp(-1, 1), **TOLERANCE)
@@ -114,7 +124,7 @@ def full_size(family: str) -> dict[str, torch.Tensor]:
     return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
 
 
-@pytest.mark.parametrize("family", ["ldm4-lsun-bedrooms", "ldm4-cin256-v2", "sd-v1"])
+@pytest.mark.parametrize("family", ["ldm4-lsun-bedrooms", "ldm8-lsun-churches", "ldm4-cin256-v2", "sd-v1"])
 def test_every_key_of_the_real_checkpoints_maps(family):
     """The real configs' UNet and first-stage keys (from the original code on the meta device) all land in the
     diffusers models built from the family's published config, with matching shapes, and none is left over."""
@@ -140,11 +150,42 @@ def test_every_key_of_the_real_checkpoints_maps(family):
     assert sum(p.numel() for p in unet.parameters()) == sum(state[k].numel() for k in unet_keys)
 
 
-def test_ldm8_churches_is_recognised_and_refused_with_the_reason():
-    state = full_size("ldm8-lsun-churches")
-    assert detect_family(state, Path("churches.ckpt")) == "ldm8-lsun-churches"
-    with pytest.raises(ArtifactError, match="LDM-8 LSUN-Churches.*not supported yet"):
-        check_supported(PUBLISHED["ldm8-lsun-churches"], "churches.ckpt")
+def test_ldm8_churches_has_8_heads_at_every_width():
+    """num_heads: 8 with no num_head_channels, so heads 24, 48 and 96 channels wide across the levels (192 to
+    768 channels), which diffusers' one attention_head_dim cannot say: the config's heads per level do."""
+    unet = build_unet(full_size("ldm8-lsun-churches"), PUBLISHED["ldm8-lsun-churches"], "churches", device="meta")
+    assert unet.config[HEADS_PER_LEVEL] == [8] * 5
+    attentions = attention_modules(unet).values()
+    assert {a.heads for a in attentions} == {8}
+    assert {a.to_q.out_features // 8: a.scale for a in attentions} == {w: w**-0.5 for w in (24, 48, 96)}
+
+
+def test_heads_per_level_are_set_wherever_a_stage_builds_the_unet_and_only_there(tmp_path):
+    """The Churches UNet's heads per level survive its folder (save_pretrained, from_pretrained, fp_model's
+    re-import) and are set on the loaded UNet and the meta skeleton; a UNet without the key has diffusers' own
+    heads, as from_config builds it."""
+    churches = imported("ldm8-churches", tmp_path / "churches")
+    copied = import_model(churches.unet.parent, tmp_path / "copied")
+    for unet in (load_unet(churches), unet_skeleton_from(churches.unet.parent), load_unet(copied)):
+        assert unet.config[HEADS_PER_LEVEL] == [2, 2, 2]
+        assert {a.heads for a in attention_modules(unet).values()} == {2}
+    bedrooms = imported("ldm4-bedrooms", tmp_path / "bedrooms")
+    for unet in (load_unet(bedrooms), unet_skeleton_from(bedrooms.unet.parent)):
+        assert HEADS_PER_LEVEL not in unet.config
+        plain = attention_modules(type(unet).from_config(unet.config))
+        assert {n: (a.heads, a.scale) for n, a in attention_modules(unet).items()} == {
+            n: (a.heads, a.scale) for n, a in plain.items()
+        }
+        assert {a.heads for a in plain.values()} == {4}  # 16 channels, heads 4 wide (num_head_channels)
+
+
+def test_attention_the_conversion_does_not_know_is_refused():
+    params = PUBLISHED["ldm4-lsun-bedrooms"]
+    unet = params["unet_config"]["params"]
+    for extra in ({"use_new_attention_order": True}, {"num_heads": 4, "num_heads_upsample": 2}):
+        changed = params | {"unet_config": {"params": unet | extra}}
+        with pytest.raises(ArtifactError, match="bedrooms.yaml: a UNet with use_new_attention_order or its own"):
+            check_supported(changed, "bedrooms.yaml")
 
 
 def test_the_cli_imports_a_checkpoint(tmp_path):
@@ -178,18 +219,25 @@ def test_doctor_predicts_an_imported_checkpoints_stages(tmp_path):
         assert f"ok  predicted peak of {stage}: host" in result.output
 
 
-def test_doctor_predicts_from_a_checkpoint_not_imported_yet(tmp_path):
+@pytest.mark.parametrize("name", ["ldm4-bedrooms", "ldm8-churches"])
+def test_doctor_predicts_from_a_checkpoint_not_imported_yet(tmp_path, name):
     """The same predictions as for the folder import-ckpt writes, with the params' model (embedded here) set aside."""
-    fixture = FIXTURES / "ldm4-bedrooms"
+    fixture = FIXTURES / name
     (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
-    options = ["--config", str(fixture / "config.yaml"), "--first-stage", str(fixture / "first_stage.ckpt")]
+    options = ["--config", str(fixture / "config.yaml")]
+    options += ["--first-stage", str(fixture / FAMILIES[name])] if FAMILIES[name] else []
     result = doctor(tmp_path, "--ckpt", str(fixture / "model.ckpt"), *options)
     assert result.exit_code == 0, result.output[-3000:]
     assert f"ok  checkpoint: {fixture / 'model.ckpt'}: imported (scheduler, unet, vae)" in result.output
     assert re.search(r"ok  model: .*/model: UNet2DModel, \d+ quantizable layers", result.output)
     for stage in ("dump", "stats", "les", "recon", "pts", "sample"):
         assert f"ok  predicted peak of {stage}: host" in result.output
-    refused = doctor(tmp_path, "--ckpt", str(fixture / "model.ckpt"), *options[:2])
+
+
+def test_doctor_names_a_missing_first_stage(tmp_path):
+    fixture = FIXTURES / "ldm4-bedrooms"
+    (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    refused = doctor(tmp_path, "--ckpt", str(fixture / "model.ckpt"), "--config", str(fixture / "config.yaml"))
     assert refused.exit_code == 1
     assert f"PROBLEM  checkpoint: {fixture / 'model.ckpt'} holds no first stage" in refused.output
 
@@ -280,7 +328,7 @@ def test_a_pickle_that_would_run_code_is_refused_unexecuted(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ldm4-bedrooms", "ldm4-cin256"])
+@pytest.mark.parametrize("name", ["ldm4-bedrooms", "ldm8-churches", "ldm4-cin256"])
 def test_the_stages_run_on_an_imported_checkpoint(tmp_path, name):
     """dump → stats → les → recon → pts → sample on a tiny imported CompVis checkpoint (one DMQ row, one
     seed, no Inception weights: the paired error against FP); the class-conditional one with guidance 3."""

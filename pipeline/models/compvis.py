@@ -7,21 +7,24 @@ keeps one layout. Families (their published configs are :data:`PUBLISHED`; an or
 ``configs/latent-diffusion/*.yaml`` / ``v1-inference.yaml`` given with the checkpoint takes precedence):
 
 * LDM-4 LSUN-Bedrooms: unconditional ``UNet2DModel`` on 64x64x3 latents, VQ-f4 ``VQModel``;
+* LDM-8 LSUN-Churches: unconditional ``UNet2DModel`` on 32x32x4 latents with ResBlock down- and up-sampling
+  and scale-shift norm, KL-f8 ``AutoencoderKL``; its 8 heads at every width are the UNet config's
+  ``attention_heads_per_level`` (:func:`pipeline.models.local.set_heads_per_level`), since diffusers'
+  ``attention_head_dim`` is one head width for all levels;
 * LDM-4 ImageNet (cin256-v2): ``UNet2DConditionModel`` whose cross-attention reads one token, the
   class's row of the ``ClassEmbedder`` table (row 1000 is the null class of classifier-free guidance);
 * Stable Diffusion v1.x: ``UNet2DConditionModel``, KL-f8 ``AutoencoderKL``, CLIP ViT-L/14 text encoder
   and its tokenizer, built from OpenAI's BPE vocabulary (``bpe_simple_vocab_16e6.txt.gz``, shipped by
   ``open-clip-torch``), since the ``.ckpt`` holds no vocabulary and nothing is downloaded.
 
-LDM-8 LSUN-Churches (KL-f8) is recognised but refused: its UNet (ResBlock up/down-sampling,
-scale-shift norm, 8 heads at every width) has no diffusers ``UNet2DModel`` equivalent, which takes one
-head width for all levels. SD 2.x (v-prediction, OpenCLIP) and SDXL are refused by name.
+SD 2.x (v-prediction, OpenCLIP) and SDXL are refused by name.
 
 Weights are read with ``torch.load(weights_only=True)`` (or safetensors): a pickle that would build
 anything but tensors and plain containers is refused, never executed. Key mappings are diffusers'
 (``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``) with
 configs built here; the self-attention of the unconditional UNet (``AttentionBlock``, a fused ``qkv``)
-is split here. tests/test_compvis.py checks every family against outputs of the original code.
+and the ResBlock down- and up-samplers, which diffusers' converter does not map, are mapped here.
+tests/test_compvis.py checks every family against outputs of the original code.
 
 One key beyond the original configs is read from ``model.params``: ``norm_num_groups`` (default 32, the
 GroupNorm group count the original code hard-codes), which the tiny test fixtures set to stay small.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import math
 import pickle
 import re
 import zipfile
@@ -41,13 +45,15 @@ import torch
 import yaml
 
 from pipeline.infra.storage import ArtifactError
-from pipeline.models.local import Layout, diffusers_class, find_layout
+from pipeline.models.local import HEADS_PER_LEVEL, Layout, diffusers_class, find_layout, set_heads_per_level
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 CLASS_TABLE_KEY = "cond_stage_model.embedding.weight"
 CLIP_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
+# a ResBlock (in_layers, ...) after an up level's first module: its up-sampler in resblock_updown UNets
+UPSAMPLING_RESBLOCK = re.compile(r"(model\.diffusion_model\.output_blocks\.(\d+)\.[12])\.(in|emb|out)_layers\.")
 CLIP_HEAD_WIDTH = 64  # CLIP's text transformer: heads = width / 64 (12 for ViT-L/14's 768)
 
 
@@ -214,7 +220,8 @@ def detect_family(state: dict, path: Path) -> str:
     if any(k.startswith("cond_stage_model.model.") for k in state):
         raise ArtifactError(
             f"{path} is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*): not "
-            "supported (SD 2.x's 768 models predict v, not ε); supported: SD v1.x, LDM-4 bedrooms, LDM-4 cin256-v2"
+            "supported (SD 2.x's 768 models predict v, not ε); supported: SD v1.x, LDM-4 bedrooms, LDM-8 churches, "
+            "LDM-4 cin256-v2"
         )
     if not any(k.startswith(UNET_PREFIX) for k in state):
         what = "a first-stage autoencoder" if "decoder.conv_in.weight" in state else "no CompVis UNet"
@@ -245,10 +252,10 @@ def check_supported(params: dict, source: str) -> str | None:
         )
     if unet.get("use_linear_in_transformer") or unet.get("context_dim") == 1024:
         raise ArtifactError(f"{source}: a Stable Diffusion 2.x UNet (OpenCLIP context 1024): not supported")
-    if unet.get("resblock_updown") or unet.get("use_scale_shift_norm"):
+    if unet.get("use_new_attention_order") or unet.get("num_heads_upsample", -1) not in (-1, unet.get("num_heads")):
         raise ArtifactError(
-            f"{source}: a UNet with ResBlock up/down-sampling and scale-shift norm (LDM-8 LSUN-Churches): not "
-            "supported yet (no diffusers UNet2DModel equivalent: it takes one head width for every level)"
+            f"{source}: a UNet with use_new_attention_order or its own num_heads_upsample: not supported (no "
+            "published family has them)"
         )
     cond = params.get("cond_stage_config", "__is_unconditional__")
     name = cond if isinstance(cond, str) else cond.get("target", "").rsplit(".", 1)[-1]
@@ -273,10 +280,11 @@ def unet_config(params: dict) -> tuple[str, dict]:
         layers_per_block=p["num_res_blocks"],
         norm_num_groups=params.get("norm_num_groups", 32),
     )
+    # the original's heads: num_head_channels wide where it is set (it takes precedence), else num_heads at every width
     heads, head_width = p.get("num_heads", -1), p.get("num_head_channels", -1)
+    per_level = [w // head_width if head_width != -1 else heads for w in widths]
     if p.get("use_spatial_transformer"):
         # diffusers' UNet2DConditionModel reads attention_head_dim as the number of heads
-        per_level = [heads if heads != -1 else w // head_width for w in widths]
         return "UNet2DConditionModel", common | dict(
             down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends],
             up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)],
@@ -284,14 +292,23 @@ def unet_config(params: dict) -> tuple[str, dict]:
             attention_head_dim=per_level[0] if len(set(per_level)) == 1 else per_level,
             transformer_layers_per_block=p.get("transformer_depth", 1),
         )
-    if head_width == -1:
-        raise ArtifactError("a self-attention UNet with a fixed number of heads (num_heads) is not supported")
-    return "UNet2DModel", common | dict(
-        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attends],
-        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)],
-        attention_head_dim=head_width,
+    head_widths = [w // h for w, h in zip(widths, per_level)]
+    updown, scale_shift = p.get("resblock_updown", False), p.get("use_scale_shift_norm", False)
+    # the blocks without attention: with resblock_updown, a ResBlock samples their level as the attention blocks'
+    plain_down = "ResnetDownsampleBlock2D" if updown else "DownBlock2D"
+    plain_up = "ResnetUpsampleBlock2D" if updown else "UpBlock2D"
+    config = common | dict(
+        down_block_types=["AttnDownBlock2D" if a else plain_down for a in attends],
+        up_block_types=["AttnUpBlock2D" if a else plain_up for a in reversed(attends)],
+        attention_head_dim=math.gcd(*head_widths),  # divides every level's width; the heads per level set the rest
         add_attention=True,
+        downsample_type="resnet" if updown else "conv",
+        upsample_type="resnet" if updown else "conv",
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
+        # under scale_shift diffusers gives the mid block's attention a GroupNorm only when told its groups
+        attn_norm_num_groups=common["norm_num_groups"] if scale_shift else None,
     )
+    return "UNet2DModel", config | ({HEADS_PER_LEVEL: per_level} if len(set(head_widths)) > 1 else {})
 
 
 def first_stage_config(params: dict, scale_factor: float) -> tuple[str, dict]:
@@ -376,8 +393,10 @@ def _split_fused_attention(weights: dict, config: dict) -> dict:
         elif part == "proj_out":
             out[f"{block}.to_out.0.{kind}"] = value.reshape(value.shape[0], -1) if kind == "weight" else value
         else:
-            width = config["attention_head_dim"]
-            rows = value.reshape(-1, 3, width, *value.shape[1:])  # (heads, q/k/v, head width, [C, 1])
+            channels = value.shape[0] // 3  # a level's heads are a function of its width
+            per_width = dict(zip(config["block_out_channels"], config.get(HEADS_PER_LEVEL, [])))
+            heads = per_width.get(channels, channels // config["attention_head_dim"])
+            rows = value.reshape(heads, 3, -1, *value.shape[1:])  # (heads, q/k/v, head width, [C, 1])
             for i, name in enumerate(("to_q", "to_k", "to_v")):
                 part_value = rows[:, i].reshape(-1, *value.shape[1:])
                 out[f"{block}.{name}.{kind}"] = (
@@ -388,10 +407,21 @@ def _split_fused_attention(weights: dict, config: dict) -> dict:
 
 def convert_unet(state: dict, name: str, config: dict) -> dict:
     """Diffusers UNet weights from ``model.diffusion_model.*``: the weights the original sampling scripts run
-    (``model_ema.*``, where a checkpoint has them, is what ``ema_scope`` would swap in; they are not read)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    (``model_ema.*``, where a checkpoint has them, is what ``ema_scope`` would swap in; they are not read).
 
-    weights = convert_ldm_unet_checkpoint(state, config)
+    ``resblock_updown`` UNets (LDM-8 churches) close a down level with a ResBlock, which diffusers' converter
+    takes for one more resnet of the level, and open an up level with one after the level's attention or
+    resnet (``output_blocks.N.1`` / ``.2``), which it would take for an attention: both are moved here."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, update_unet_resnet_ldm_to_diffusers
+
+    upsamplers = {key: found for key in state if (found := UPSAMPLING_RESBLOCK.match(key))}
+    weights = convert_ldm_unet_checkpoint({k: v for k, v in state.items() if k not in upsamplers}, config)
+    per_level = config["layers_per_block"] + 1
+    for key, found in upsamplers.items():
+        level = f"up_blocks.{int(found.group(2)) // per_level}.upsamplers.0"
+        update_unet_resnet_ldm_to_diffusers([key], weights, state, {"old": found.group(1), "new": level})
+    closing_resnet = re.compile(rf"(down_blocks\.\d+)\.resnets\.{config['layers_per_block']}\.")
+    weights = {closing_resnet.sub(r"\1.downsamplers.0.", k): v for k, v in weights.items()}
     return _split_fused_attention(weights, config) if name == "UNet2DModel" else weights
 
 
@@ -427,7 +457,7 @@ def build_unet(state: dict, params: dict, source: str, device: str = "cpu") -> t
     check of the key mapping without weights."""
     name, config = unet_config(params)
     with torch.device(device):
-        unet = diffusers_class(name).from_config(config)
+        unet = set_heads_per_level(diffusers_class(name).from_config(config))
     return _load(unet, convert_unet(state, name, config), source)
 
 

@@ -34,6 +34,9 @@ AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
 AUTOENCODER_DIRS = ("vae", "vqvae")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 CLASS_EMBEDDING = "class_embedding/embeddings.safetensors"
+# not a diffusers key (diffusers keeps it through from_config and save_pretrained): the attention heads of each
+# level, for a UNet2DModel whose head width differs between levels, which its single attention_head_dim cannot say
+HEADS_PER_LEVEL = "attention_heads_per_level"
 
 
 @dataclass(frozen=True)
@@ -120,15 +123,33 @@ def unet_class(layout: Layout) -> type:
     return diffusers_class(_read_config(layout.unet / "config.json")["_class_name"])
 
 
+def set_heads_per_level(unet: torch.nn.Module) -> torch.nn.Module:
+    """``unet`` with each level's attention split into the heads its config's HEADS_PER_LEVEL lists, where it
+    lists them (CompVis LDM-8 LSUN-Churches: 8 heads at every width); the mid block is the deepest level's.
+    Weights and shapes do not change: only how the attention's channels are cut into heads."""
+    heads = unet.config.get(HEADS_PER_LEVEL)
+    if heads is None:
+        return unet
+    from diffusers.models.attention_processor import Attention
+
+    levels = [*zip(unet.down_blocks, heads), (unet.mid_block, heads[-1]), *zip(unet.up_blocks, reversed(heads))]
+    for block, count in levels:
+        for attention in (m for m in block.modules() if isinstance(m, Attention)):
+            attention.heads = attention.sliceable_head_dim = count
+            attention.scale = (attention.inner_dim // count) ** -0.5
+    return unet
+
+
 def unet_skeleton_from(folder: str | Path) -> torch.nn.Module:
     """The UNet of a local folder without weights (meta device): its layer names and shapes."""
     layout = find_layout(folder)
     with torch.device("meta"):
-        return unet_class(layout).from_config(_read_config(layout.unet / "config.json"))
+        return set_heads_per_level(unet_class(layout).from_config(_read_config(layout.unet / "config.json")))
 
 
 def load_unet(layout: Layout) -> torch.nn.Module:
-    return unet_class(layout).from_pretrained(layout.unet, low_cpu_mem_usage=False).eval().requires_grad_(False)
+    unet = unet_class(layout).from_pretrained(layout.unet, low_cpu_mem_usage=False)
+    return set_heads_per_level(unet).eval().requires_grad_(False)
 
 
 def load_scheduler(layout: Layout) -> DDIMScheduler:
