@@ -118,30 +118,29 @@ def _records(params: Path, ablation: bool) -> tuple[list[dict], str, int | None]
     return records, "Ablation" if ablation else "Paper table", cfg.report.protocol_samples
 
 
+def _table(params: Path, ablation: bool) -> str:
+    """The table of metrics/ as markdown; FileNotFoundError for a missing record, ValueError for a row
+    made from another FP model than metrics/fp.json's."""
+    from pipeline.eval.metrics import FEATURE_NOTE
+    from pipeline.eval.report import ABLATION_COLUMNS, COLUMNS, markdown_table, rows_against_fp
+
+    records, title, protocol_samples = _records(params, ablation)
+    features = records[0].get("features", FEATURE_NOTE)  # records written before the Inception option name no features
+    columns = ABLATION_COLUMNS if ablation else COLUMNS
+    body = markdown_table(rows_against_fp(records), records[0]["steps"], features, columns, protocol_samples)
+    return f"{title}\n\n{body}"
+
+
 @app.command()
 def table(
     ablation: bool = typer.Option(False, help="the ablation rows (report.ablation) instead of the paper table"),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     """Print the current table (FP first, then report.table) from the metrics in metrics/."""
-    from pipeline.eval.metrics import FEATURE_NOTE
-    from pipeline.eval.report import ABLATION_COLUMNS, COLUMNS, markdown_table, rows_against_fp
-
     try:
-        records, title, protocol_samples = _records(params, ablation)
-    except FileNotFoundError as error:
+        typer.echo(_table(params, ablation))
+    except (FileNotFoundError, ValueError) as error:
         _fail(error)
-    typer.echo(f"{title}\n")
-    features = records[0].get("features", FEATURE_NOTE)  # records written before the Inception option name no features
-    typer.echo(
-        markdown_table(
-            rows_against_fp(records),
-            records[0]["steps"],
-            features,
-            ABLATION_COLUMNS if ablation else COLUMNS,
-            protocol_samples,
-        )
-    )
 
 
 def _documents() -> list[Path]:
@@ -226,8 +225,14 @@ def run_pipeline(
     for stage, seconds in sorted(durations.items(), key=lambda item: -item[1]):
         typer.echo(f"{seconds:8.1f} s  {stage}")
     typer.echo(f"{len(durations)} stage(s) ran, total {time.perf_counter() - started:.1f} s")
-    if Path("metrics").is_dir():
-        table(ablation=False, params=Path("params.yaml"))
+    if not Path("metrics").is_dir():
+        return
+    try:
+        typer.echo(_table(Path("params.yaml"), ablation=False))
+    except (FileNotFoundError, ValueError) as error:
+        if not targets:
+            _fail(error)
+        typer.echo(f"no table: {error} (TARGETS bring only their own rows up to date)")
 
 
 @app.command()

@@ -28,6 +28,19 @@ def test_run_with_nothing_changed_says_so_and_prints_the_table(pipeline_copy):
     assert "everything is up to date" in output and "0 stage(s) ran" in output and "| FP | 32/32 |" in output
 
 
+def test_run_of_targets_succeeds_when_other_rows_are_from_another_fp_model(pipeline_copy):
+    """A partial run (TARGETS) leaves the other rows' metrics as they were: no table, and no failure."""
+    path = pipeline_copy / "metrics/qdiff-w4a6.json"
+    row = json.loads(path.read_text())
+    row["provenance"]["model_hash"] = "0" * 16  # as the row's record after `cli.py run fid@qdiff-w4a6` on another model
+    path.write_text(json.dumps(row))
+    stale = "but the current FP model is 0000000000000000"
+    output = run([*CLI, "run", "fid_fp"], pipeline_copy)
+    assert "0 stage(s) ran" in output and "no table: the FP record was made for model" in output and stale in output
+    failed = subprocess.run([*CLI, "table"], cwd=pipeline_copy, capture_output=True, text=True)
+    assert failed.returncode == 1 and failed.stderr.startswith("error: ") and stale in failed.stderr  # no traceback
+
+
 def test_run_refuses_a_run_that_cannot_fit_this_machine_naming_the_param(pipeline_copy):
     """Sampling 4 M images a batch is predicted beyond this machine's memory: refused before dvc runs."""
     set_params(pipeline_copy, {"sample": {"batch_size": 2**22}})
