@@ -45,8 +45,13 @@ def gamma_range(root: Path, cfg, row: str) -> list[float] | None:
 
 def budget_of(cfg: Config) -> dict:
     """LES's iterations and learning rate (the one it ran with: ``les.lr`` or the paper's sum spread over
-    the iterations), AdaRound's iterations."""
-    return {"les_iters": cfg.les.iters, "les_lr": cfg.les.learning_rate, "recon_iters": cfg.recon.iters}
+    the iterations), AdaRound's iterations and learning rate."""
+    return {
+        "les_iters": cfg.les.iters,
+        "les_lr": cfg.les.learning_rate,
+        "recon_iters": cfg.recon.iters,
+        "recon_lr": cfg.recon.lr,
+    }
 
 
 def curve(workspaces: list[Path], rows: list[str]) -> dict:
@@ -83,10 +88,17 @@ def curve(workspaces: list[Path], rows: list[str]) -> dict:
     return {"model_hash": hashes.pop(), "largest": str(workspaces[-1]), "points": points}
 
 
+def budget_label(point: dict, separator: str) -> str:
+    return (
+        f"LES {point['les_iters']} at {point['les_lr']:g}{separator}"
+        f"AdaRound {point['recon_iters']} at {point['recon_lr']:g}"
+    )
+
+
 def figure(found: dict, rows: list[str], path: Path) -> None:
     """ΔFID and paired MSE against FP per budget, one line per row, the seed spread as error bars."""
     points = found["points"]
-    labels = [f"LES {p['les_iters']} at {p['les_lr']:g}\nAdaRound {p['recon_iters']}" for p in points]
+    labels = [budget_label(p, "\n") for p in points]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in (
         (axes[0], "fid_vs_fp", "ΔFID vs FP, same noise ↓"),
@@ -117,8 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     found = curve(args.workspaces, args.rows)
     for point in found["points"]:
-        budget = f"LES {point['les_iters']} at lr {point['les_lr']:g}, AdaRound {point['recon_iters']}"
-        print(f"{budget}: changes no verdict against the largest: {point['changes_no_verdict']}")
+        print(f"{budget_label(point, ', ')}: changes no verdict against the largest: {point['changes_no_verdict']}")
         for row, r in point["rows"].items():
             (fid, fid_s), (mse, mse_s), vs = r["fid_vs_fp"], r["mse_vs_fp"], r["against_largest"]
             print(

@@ -4,7 +4,8 @@
 
 The folder is an unconditional pixel model: a diffusers pipeline folder (unet/, scheduler/) or a bare
 UNet folder with its scheduler config. Nothing is downloaded. The budgets default to the shipped
-params' (LES 300, AdaRound 400 iterations per layer / block); the paper's are 6 000 and 20 000.
+params' (LES 300, AdaRound 800 iterations per layer / block, each at a learning rate scaled up to
+its length); the paper's are 6 000 and 20 000.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps, for calibration and sampling")
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--les-iters", type=int, default=300)
-    parser.add_argument("--recon-iters", type=int, default=400)
+    parser.add_argument("--recon-iters", type=int, default=800)
     parser.add_argument("--backend", choices=("fake", "int8"), default="fake")
     parser.add_argument("--images", type=Path, default=Path("samples.npy"))
     args = parser.parse_args()

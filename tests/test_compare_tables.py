@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import yaml
+
 from helpers import ROOT, reduced_params, run, set_params
 
 
@@ -56,14 +58,15 @@ def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_larg
     reproduced, pipeline_copy, tmp_path
 ):
     repo = reproduced[0]
-    set_params(pipeline_copy, {"les": {"iters": 6}, "recon": {"iters": 9}})  # the same artifacts, other labels
+    # the same artifacts, other labels
+    set_params(pipeline_copy, {"les": {"iters": 6}, "recon": {"iters": 9, "lr": 0.004}})
     out = tmp_path / "curve.json"
     command = [sys.executable, "benchmarks/budget_curve.py", str(repo), str(pipeline_copy), "--rows", "dmq-w4a6"]
     run([*command, "--json", str(out), "--figure", str(tmp_path / "curve.png")], ROOT)
     found = json.loads(out.read_text())
-    assert [(p["les_iters"], p["recon_iters"]) for p in found["points"]] == [
-        (5, reduced_params()["recon"]["iters"]),
-        (6, 9),
+    assert [(p["les_iters"], p["recon_iters"], p["recon_lr"]) for p in found["points"]] == [
+        (5, reduced_params()["recon"]["iters"], yaml.safe_load((repo / "params.yaml").read_text())["recon"]["lr"]),
+        (6, 9, 0.004),
     ]
     for point in found["points"]:
         row = point["rows"]["dmq-w4a6"]
