@@ -88,17 +88,12 @@ def curve(workspaces: list[Path], rows: list[str]) -> dict:
     return {"model_hash": hashes.pop(), "largest": str(workspaces[-1]), "points": points}
 
 
-def budget_label(point: dict, separator: str) -> str:
-    return (
-        f"LES {point['les_iters']} at {point['les_lr']:g}{separator}"
-        f"AdaRound {point['recon_iters']} at {point['recon_lr']:g}"
-    )
-
-
 def figure(found: dict, rows: list[str], path: Path) -> None:
     """ΔFID and paired MSE against FP per budget, one line per row, the seed spread as error bars."""
     points = found["points"]
-    labels = [budget_label(p, "\n") for p in points]
+    labels = [
+        f"LES {p['les_iters']}, lr {p['les_lr']:g}\nAdaRound {p['recon_iters']}\nlr {p['recon_lr']:g}" for p in points
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in (
         (axes[0], "fid_vs_fp", "ΔFID vs FP, same noise ↓"),
@@ -129,7 +124,9 @@ def main() -> None:
     args = parser.parse_args()
     found = curve(args.workspaces, args.rows)
     for point in found["points"]:
-        print(f"{budget_label(point, ', ')}: changes no verdict against the largest: {point['changes_no_verdict']}")
+        les, recon = (f"{point[f'{what}_iters']} at lr {point[f'{what}_lr']:g}" for what in ("les", "recon"))
+        budget = f"LES {les}, AdaRound {recon}"
+        print(f"{budget}: changes no verdict against the largest: {point['changes_no_verdict']}")
         for row, r in point["rows"].items():
             (fid, fid_s), (mse, mse_s), vs = r["fid_vs_fp"], r["mse_vs_fp"], r["against_largest"]
             print(
