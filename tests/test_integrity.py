@@ -161,14 +161,14 @@ DMQ, QDIFF = Variant("dmq", 4, 6), Variant("qdiff", 4, None)
 
 
 def test_stale_artifact_names_the_parameter_that_changed():
-    cfg = parse_config({"les": {"iters": 5}})
+    cfg = parse_config({"les": {"iters": 5}, "recon": {"lr": 0.002}})
     made = stage_provenance(cfg, "recon", "abc", DMQ)
     check_provenance(made, stage_provenance(cfg, "recon", "abc", DMQ), "weights.safetensors")
     now = parse_config({"les": {"iters": 5}, "recon": {"lr": 0.01}})
     with pytest.raises(
         ValueError,
         match=r"weights\.safetensors was made with other parameters than the current ones: "
-        r"recon\.lr = 0\.001 there, 0\.01 now",
+        r"recon\.lr = 0\.002 there, 0\.01 now",
     ):
         check_provenance(made, stage_provenance(now, "recon", "abc", DMQ), "weights.safetensors")
     with pytest.raises(ValueError, match=r"variant\.a_bits = 6 there, 8 now"):
