@@ -381,6 +381,7 @@ def _strip(state: dict, prefix: str) -> dict:
 def _split_fused_attention(weights: dict, config: dict) -> dict:
     """``openaimodel.AttentionBlock`` keys (norm, fused 1-D conv qkv, proj_out) as diffusers' Attention.
     Its legacy QKV order is per head: the 3C rows are (heads, q/k/v, head width)."""
+    heads_by_width = dict(zip(config["block_out_channels"], config.get(HEADS_PER_LEVEL, [])))  # a level's heads
     out = {}
     for key, value in weights.items():
         match = re.fullmatch(r"(.*attentions\.\d+)\.(norm|qkv|proj_out)\.(weight|bias)", key)
@@ -393,9 +394,8 @@ def _split_fused_attention(weights: dict, config: dict) -> dict:
         elif part == "proj_out":
             out[f"{block}.to_out.0.{kind}"] = value.reshape(value.shape[0], -1) if kind == "weight" else value
         else:
-            channels = value.shape[0] // 3  # a level's heads are a function of its width
-            per_width = dict(zip(config["block_out_channels"], config.get(HEADS_PER_LEVEL, [])))
-            heads = per_width.get(channels, channels // config["attention_head_dim"])
+            channels = value.shape[0] // 3
+            heads = heads_by_width.get(channels, channels // config["attention_head_dim"])
             rows = value.reshape(heads, 3, -1, *value.shape[1:])  # (heads, q/k/v, head width, [C, 1])
             for i, name in enumerate(("to_q", "to_k", "to_v")):
                 part_value = rows[:, i].reshape(-1, *value.shape[1:])
