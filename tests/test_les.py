@@ -9,6 +9,7 @@ from pipeline.infra.checkpoint import Checkpoints
 from pipeline.method.les import LESSettings, learn_all, learn_gamma
 from pipeline.method.weighting import make_weighting
 from pipeline.quant.layers import QuantLayer
+from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema, weight_part_extrema
 
 S, M = 4, 16
 OUTLIERS = [3, 17]
@@ -59,6 +60,39 @@ def test_same_seed_same_gamma(learned):
     layer, x, y, (gamma, _, _) = learned
     assert torch.equal(learn(layer, x, y)[0], gamma)
     assert not torch.equal(learn(layer, x, y, seed=1)[0], gamma)
+
+
+def output_with_ranges_of_the_scaled_tensors(layer, x, gamma):
+    """quantized_output's definition: min-max ranges taken over W · diag(γ) and x / γ themselves."""
+    wq, aq, parts = layer.weight_quantizer, layer.act_quantizer, layer.weight_quantizer.parts
+    w = layer.scaled_weight(gamma)
+    scale, zp = affine_params(*weight_part_extrema(w, parts, wq.num_parts), wq.bits)
+    view = (w.shape[0], w.shape[1], *[1] * (w.ndim - 2))
+    w_hat = fake_quantize(w, scale[:, parts].view(view), zp[:, parts].view(view), wq.bits, ste=True)
+    x = layer.scale_input(x, gamma)
+    scale, zp = affine_params(*part_extrema(x, parts, aq.num_parts, layer.channel_dim), aq.bits)
+    shape = [1] * x.ndim
+    shape[layer.channel_dim] = -1
+    x_hat = fake_quantize(x, scale[parts].view(shape), zp[parts].view(shape), aq.bits, ste=True)
+    return layer.module_forward(x_hat, w_hat)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_ranges_from_per_channel_extrema_are_those_of_the_scaled_tensors(conv):
+    """γ scales the per-channel extrema of W and x to the bit (a positive factor keeps the order of
+    floats): the same output, and the same gradient up to the order of float sums."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(12, 8, 3, padding=1) if conv else nn.Linear(12, 8)
+    layer = QuantLayer(module, w_bits=4, a_bits=6, num_steps=1, split=5)
+    x = torch.randn(6, 12, 5, 5) if conv else torch.randn(6, 7, 12)
+    x.select(layer.channel_dim, 3).mul_(20)  # an outlier channel
+    gamma = torch.exp(0.3 * torch.randn(12)).requires_grad_()
+    found = pipeline.method.les.quantized_output(layer, x, gamma)
+    expected = output_with_ranges_of_the_scaled_tensors(layer, x, gamma)
+    assert torch.equal(found, expected)
+    (grad_found,) = torch.autograd.grad(found.pow(2).mean(), gamma)
+    (grad_expected,) = torch.autograd.grad(expected.pow(2).mean(), gamma)
+    torch.testing.assert_close(grad_found, grad_expected, rtol=1e-5, atol=1e-7)
 
 
 def test_non_finite_loss_names_layer_and_iteration():

@@ -153,7 +153,7 @@ class IntegerLayer(QuantLayer):
         self.register_buffer("bias", None if module.bias is None else module.bias.detach().clone())
         # 2. weights: signed integers recovered exactly from the frozen float weight, PTS folded per pattern
         w_scale, _ = layer.weight_quantizer.channel_params(module.weight.ndim)
-        centered = torch.round(layer.frozen_weight / w_scale)  # (w_q - z_w), exact: checked below
+        centered = layer.centered_frozen_weight()  # exact: checked below
         if not torch.equal(centered * w_scale, layer.frozen_weight):
             raise ValueError(f"{name}: the frozen weight is not (w_int - zero_point) * scale; reload the weights")
         patterns, inverse = torch.unique(act.exponent.long(), dim=0, return_inverse=True)  # (P, C_in), (S,)

@@ -41,7 +41,13 @@ from pipeline.methods import METHODS
 from pipeline.models.denoiser import Denoiser
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.model import QuantSpec, quantizable_layers, quantize
-from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema, weight_part_extrema
+from pipeline.quant.quantizers import (
+    affine_params,
+    channel_extrema,
+    fake_quantize,
+    reduce_parts,
+    weight_channel_extrema,
+)
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -50,17 +56,23 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def quantized_output(layer: QuantLayer, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """``Qw(W · diag(γ)) ⊛ Qa(x / γ) + b`` with on-the-fly min-max ranges and straight-through rounding."""
+    """``Qw(W · diag(γ)) ⊛ Qa(x / γ) + b`` with on-the-fly min-max ranges and straight-through rounding.
+
+    The ranges are the per-channel extrema of W and x, multiplied or divided by γ: scaling by a positive
+    number keeps the order of floats, so they are the extrema of W · diag(γ) and x / γ to the bit, and
+    the gradient reaches γ through C values instead of a backward pass over both full tensors (a min's
+    backward compares every element with it)."""
     wq = layer.weight_quantizer
     parts, num_parts = wq.parts, wq.num_parts
     w = layer.scaled_weight(gamma)
-    scale, zp = affine_params(*weight_part_extrema(w, parts, num_parts), wq.bits)
+    lo, hi = weight_channel_extrema(layer.module.weight.detach())
+    scale, zp = affine_params(*reduce_parts(lo * gamma, hi * gamma, parts, num_parts), wq.bits)
     view = (w.shape[0], w.shape[1], *[1] * (w.ndim - 2))
     w_hat = fake_quantize(w, scale[:, parts].view(view), zp[:, parts].view(view), wq.bits, ste=True)
 
+    lo, hi = channel_extrema(x, layer.channel_dim)
     x = layer.scale_input(x, gamma)
-    lo, hi = part_extrema(x, parts, num_parts, layer.channel_dim)
-    scale, zp = affine_params(lo, hi, layer.act_quantizer.bits)
+    scale, zp = affine_params(*reduce_parts(lo / gamma, hi / gamma, parts, num_parts), layer.act_quantizer.bits)
     shape = [1] * x.ndim
     shape[layer.channel_dim] = -1
     x_hat = fake_quantize(x, scale[parts].view(shape), zp[parts].view(shape), layer.act_quantizer.bits, ste=True)

@@ -65,9 +65,15 @@ class QuantLayer(nn.Module):
         """The weight's integer codes: the stored ones once loaded (:meth:`load_integer_weight`; the float
         weight alone would round them to nearest, losing AdaRound's choices), else those of ``W · diag(γ)``."""
         if self.frozen_weight is not None:
-            scale, zp = self.weight_quantizer.channel_params(self.frozen_weight.ndim)
-            return torch.round(self.frozen_weight / scale) + zp  # exact: (w_q - z_w) · s divided by s
+            _, zp = self.weight_quantizer.channel_params(self.frozen_weight.ndim)
+            return self.centered_frozen_weight() + zp
         return self.weight_quantizer.to_integer(self.scaled_weight())
+
+    @torch.no_grad()
+    def centered_frozen_weight(self) -> torch.Tensor:
+        """``w_q - z_w`` of the loaded integers: exact, (w_q - z_w) · s divided by s."""
+        scale, _ = self.weight_quantizer.channel_params(self.frozen_weight.ndim)
+        return torch.round(self.frozen_weight / scale)
 
     @torch.no_grad()
     def load_integer_weight(self, weight_int: torch.Tensor) -> None:

@@ -66,26 +66,37 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
     return scale, zero_point
 
 
+def channel_extrema(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` over everything but ``channel_dim``: two (C,) tensors."""
+    others = tuple(d for d in range(x.ndim) if d != channel_dim % x.ndim)  # reduce in place: no transposed copy of x
+    return x.amin(others), x.amax(others)
+
+
+def reduce_parts(
+    lo: torch.Tensor, hi: torch.Tensor, parts: torch.Tensor, num_parts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel extrema (channels on the last dimension) to extrema per part of channels."""
+    index = parts.expand_as(lo)
+    inf = torch.full((*lo.shape[:-1], num_parts), float("inf"), dtype=lo.dtype, device=lo.device)
+    return inf.scatter_reduce(-1, index, lo, "amin"), (-inf).scatter_reduce(-1, index, hi, "amax")
+
+
 def part_extrema(
     x: torch.Tensor, parts: torch.Tensor, num_parts: int, channel_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x`` over everything but ``channel_dim``, then reduced per part of channels."""
-    others = tuple(d for d in range(x.ndim) if d != channel_dim % x.ndim)  # reduce in place: no transposed copy of x
-    lo_c, hi_c = x.amin(others), x.amax(others)
-    inf = torch.full((num_parts,), float("inf"), dtype=x.dtype, device=x.device)
-    lo = inf.scatter_reduce(0, parts, lo_c, "amin")
-    hi = (-inf).scatter_reduce(0, parts, hi_c, "amax")
-    return lo, hi
+    return reduce_parts(*channel_extrema(x, channel_dim), parts, num_parts)
+
+
+def weight_channel_extrema(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max per (output channel, input channel): two (C_out, C_in) tensors."""
+    flat = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    return flat.amin(2), flat.amax(2)
 
 
 def weight_part_extrema(weight: torch.Tensor, parts: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max per (output channel, input-channel part): two (C_out, num_parts) tensors."""
-    flat = weight.reshape(weight.shape[0], weight.shape[1], -1)
-    index = parts.expand(weight.shape[0], -1)
-    inf = torch.full((weight.shape[0], num_parts), float("inf"), dtype=weight.dtype, device=weight.device)
-    lo = inf.scatter_reduce(1, index, flat.amin(2), "amin")
-    hi = (-inf).scatter_reduce(1, index, flat.amax(2), "amax")
-    return lo, hi
+    return reduce_parts(*weight_channel_extrema(weight), parts, num_parts)
 
 
 def search_weight_params(
