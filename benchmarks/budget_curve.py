@@ -50,7 +50,7 @@ def budget_of(cfg: Config) -> dict:
         "les_iters": cfg.les.iters,
         "les_lr": cfg.les.learning_rate,
         "recon_iters": cfg.recon.iters,
-        "recon_lr": cfg.recon.lr,
+        "recon_lr": cfg.recon.learning_rate,
     }
 
 

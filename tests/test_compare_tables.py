@@ -6,9 +6,8 @@ import shutil
 import subprocess
 import sys
 
-import yaml
-
 from helpers import ROOT, reduced_params, run, set_params
+from pipeline.params import load_config
 
 
 def compare(a, b, out, *rows) -> dict:
@@ -65,7 +64,7 @@ def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_larg
     run([*command, "--json", str(out), "--figure", str(tmp_path / "curve.png")], ROOT)
     found = json.loads(out.read_text())
     assert [(p["les_iters"], p["recon_iters"], p["recon_lr"]) for p in found["points"]] == [
-        (5, reduced_params()["recon"]["iters"], yaml.safe_load((repo / "params.yaml").read_text())["recon"]["lr"]),
+        (5, reduced_params()["recon"]["iters"], load_config(repo / "params.yaml").recon.learning_rate),
         (6, 9, 0.004),
     ]
     for point in found["points"]:

@@ -27,6 +27,14 @@ def test_les_without_a_learning_rate_spreads_the_papers_sum_of_learning_rates_ov
     assert parse_config({"les": {"iters": 1000, "lr": 1e-3}}).les.learning_rate == 1e-3  # a given lr is kept
 
 
+def test_adaround_without_a_learning_rate_keeps_the_sum_of_3200_iterations_at_the_papers_lr():
+    assert load_config(ROOT / "params.yaml").recon.learning_rate == 0.004  # the shipped 800 iterations
+    assert parse_config({"recon": {"iters": 400}}).recon.learning_rate == 0.008
+    assert parse_config({"recon": {"iters": 3200}}).recon.learning_rate == 0.001
+    assert parse_config({"recon": {"iters": 20000}}).recon.learning_rate == 0.001  # never below the paper's
+    assert parse_config({"recon": {"iters": 400, "lr": 1e-3}}).recon.learning_rate == 1e-3  # a given lr is kept
+
+
 def test_rows_whose_weights_match_share_one_chain():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.rows["dmq-no-pts-w4a6"].weights == "dmq-w4a6" and cfg.rows["dmq-no-les-w4a6"].weights == "qdiff-w4"

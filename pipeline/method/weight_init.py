@@ -74,7 +74,7 @@ def reconstruct_weights(
             weighting = partial(make_weighting, method.weighting, steps, cfg.les.focal_r, cfg.les.focal_momentum)
         settings = AdaRoundSettings(
             iters=recon.iters,
-            lr=recon.lr,
+            lr=recon.learning_rate,
             batch_size=recon.batch_size,
             reg_lambda=recon.reg_lambda,
             beta_start=recon.beta_start,
