@@ -222,8 +222,9 @@ class CaptureConfig(Section):
 
 # DMQ trains γ for 6 000 iterations at lr 1e-3; 6.0 / 300 is the double nearest 0.02, as the literal is
 PAPER_LES_LR_SUM = 6.0
-# AdaRound's lr (the paper's 1e-3) and the sum of learning rates of the largest budget its curve measured
-# (3 200 iterations a block at 1e-3; docs/results.md): shorter runs keep that sum, 3.2 / 800 is exactly 0.004
+# AdaRound's lr (the paper's 1e-3) and the sum of learning rates of 3 200 iterations a block at 1e-3, which
+# its budget curve measured nearer its largest budget than 6 400's sum (docs/results.md): shorter runs keep
+# that sum, and 3.2 / 800 is exactly 0.004
 PAPER_RECON_LR = 1e-3
 RECON_LR_SUM = 3.2
 
