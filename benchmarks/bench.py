@@ -18,6 +18,7 @@ back to back with the current one, so a change is measured before/after in the s
     python benchmarks/bench.py                                   # both models -> benchmarks/results.json
     python benchmarks/bench.py --models default --cases sample
     python benchmarks/bench.py --before /tmp/dmq-before --json before_after.json
+    python benchmarks/bench.py --models default --cases les --iters 20 320 3 --before /tmp/dmq-before  # 300 a layer
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ RECORDS = 32  # LES / AdaRound batch (the paper's and the reference's)
 # iterations of the two LES / AdaRound runs whose difference times one iteration, and rounds of each
 ITERS = {"default": (4, 24, 5), "ldm4-half": (2, 8, 3)}
 SAMPLE_BATCH = {"default": 32, "ldm4-half": 4}
+
+
+def iterations(model: str) -> tuple[int, int, int]:
+    """ITERS of ``model``, or those of ``--iters`` (handed to the children as BENCH_ITERS)."""
+    given = os.environ.get("BENCH_ITERS")
+    return tuple(int(n) for n in given.split(",")) if given else ITERS[model]
 
 
 # ---------------------------------------------------------------- child process: one case, one model
@@ -178,7 +185,7 @@ def case_les(model: str, device) -> dict:
                 name=name,
             )
 
-        base, more, rounds = ITERS[model]
+        base, more, rounds = iterations(model)
         theta = torch.zeros(layer.gamma.shape, device=device, requires_grad=True)
 
         def plain():
@@ -236,7 +243,7 @@ def case_adaround(model: str, device) -> dict:
             )
             reconstruct_unit(name, unit, q_inputs, fp_outputs, settings)
 
-        base, more, rounds = ITERS[model]
+        base, more, rounds = iterations(model)
         fp_unit = copy.deepcopy(fp_modules[name]).requires_grad_(True)
         args, kwargs = q_inputs
         target = fp_outputs
@@ -430,9 +437,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each case")
     parser.add_argument("--before", type=Path, help="another checkout (with pipeline/) to run every case on too")
+    parser.add_argument(
+        "--iters", nargs=3, type=int, metavar=("BASE", "MORE", "ROUNDS"), help="LES / AdaRound runs (default: ITERS)"
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results.json")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.iters:
+        os.environ["BENCH_ITERS"] = ",".join(map(str, args.iters))
     if args.child:
         print(json.dumps(child(*args.child)))
         return
