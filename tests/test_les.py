@@ -9,7 +9,13 @@ from pipeline.infra.checkpoint import Checkpoints
 from pipeline.method.les import LESSettings, learn_all, learn_gamma
 from pipeline.method.weighting import make_weighting
 from pipeline.quant.layers import QuantLayer
-from pipeline.quant.quantizers import affine_params, fake_quantize, part_extrema, weight_part_extrema
+from pipeline.quant.quantizers import (
+    affine_params,
+    fake_quantize,
+    part_extrema,
+    weight_channel_extrema,
+    weight_part_extrema,
+)
 
 S, M = 4, 16
 OUTLIERS = [3, 17]
@@ -87,7 +93,8 @@ def test_ranges_from_per_channel_extrema_are_those_of_the_scaled_tensors(conv):
     x = torch.randn(6, 12, 5, 5) if conv else torch.randn(6, 7, 12)
     x.select(layer.channel_dim, 3).mul_(20)  # an outlier channel
     gamma = torch.exp(0.3 * torch.randn(12)).requires_grad_()
-    found = pipeline.method.les.quantized_output(layer, x, gamma)
+    weight_extrema = weight_channel_extrema(layer.module.weight)
+    found = pipeline.method.les.quantized_output(layer, x, gamma, weight_extrema)
     expected = output_with_ranges_of_the_scaled_tensors(layer, x, gamma)
     assert torch.equal(found, expected)
     (grad_found,) = torch.autograd.grad(found.pow(2).mean(), gamma)

@@ -55,17 +55,20 @@ def layer_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
 
 
-def quantized_output(layer: QuantLayer, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+def quantized_output(
+    layer: QuantLayer, x: torch.Tensor, gamma: torch.Tensor, weight_extrema: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """``Qw(W · diag(γ)) ⊛ Qa(x / γ) + b`` with on-the-fly min-max ranges and straight-through rounding.
 
-    The ranges are the per-channel extrema of W and x, multiplied or divided by γ: scaling by a positive
-    number keeps the order of floats, so they are the extrema of W · diag(γ) and x / γ to the bit, and
-    the gradient reaches γ through C values instead of a backward pass over both full tensors (a min's
+    The ranges are the per-channel extrema of W (``weight_extrema``: :func:`weight_channel_extrema` of the
+    layer's weight, which γ's learning leaves unchanged) and of x, multiplied or divided by γ: scaling by a
+    positive number keeps the order of floats, so they are the extrema of W · diag(γ) and x / γ to the bit,
+    and the gradient reaches γ through C values instead of a backward pass over both full tensors (a min's
     backward compares every element with it)."""
     wq = layer.weight_quantizer
     parts, num_parts = wq.parts, wq.num_parts
     w = layer.scaled_weight(gamma)
-    lo, hi = weight_channel_extrema(layer.module.weight.detach())
+    lo, hi = weight_extrema
     scale, zp = affine_params(*reduce_parts(lo * gamma, hi * gamma, parts, num_parts), wq.bits)
     view = (w.shape[0], w.shape[1], *[1] * (w.ndim - 2))
     w_hat = fake_quantize(w, scale[:, parts].view(view), zp[:, parts].view(view), wq.bits, ste=True)
@@ -92,11 +95,12 @@ def layer_loss(
     are taken per chunk of one step's records, as the per-step activation quantizers will be, so the
     number does not depend on how steps would be mixed in a batch."""
     per_step, device = len(inputs) // steps, gamma.device
+    weight_extrema = weight_channel_extrema(layer.module.weight.detach())
     total = torch.zeros((), dtype=torch.float64, device=device)
     for s in range(steps):
         for a in range(s * per_step, (s + 1) * per_step, batch_size):
             b = min(a + batch_size, (s + 1) * per_step)
-            out = quantized_output(layer, inputs[a:b].to(device).float(), gamma)
+            out = quantized_output(layer, inputs[a:b].to(device).float(), gamma, weight_extrema)
             total += per_sample_loss(out, outputs[a:b].to(device).float(), layer.channel_dim).double().sum()
     return float(host(total)) / len(inputs)
 
@@ -133,11 +137,12 @@ def learn_gamma(
     draws = torch.stack([torch.randperm(n, generator=generator)[:batch_size] for _ in range(iters)])
     draws_on_device = to_device(draws, device)
     losses = torch.empty(iters, device=device)
+    weight_extrema = weight_channel_extrema(layer.module.weight.detach())  # W is fixed: once, not per iteration
     for i in range(iters):
         index = (draws[i], draws_on_device[i])
         step_idx = index[1] // per_step
         x, target = gather((inputs, outputs), index, device)
-        out = quantized_output(layer, x.float(), theta.exp())
+        out = quantized_output(layer, x.float(), theta.exp(), weight_extrema)
         loss = per_sample_loss(out, target.float(), layer.channel_dim)
         weighting.update(step_idx, loss)
         total = (weighting.weights(step_idx) * loss).mean()
