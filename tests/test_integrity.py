@@ -277,24 +277,46 @@ def test_failed_write_leaves_nothing_and_stale_temporaries_of_dead_writers_go(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.zarr.tmp-{os.getpid()}-4567cdef", "out.zarr"]
 
 
+def matrix_stages() -> dict[str, dict]:
+    """The stages of today's matrix by the name DVC gives them (a foreach stage once per entry of its
+    params section, ``stage@entry``), each with the body dvc.yaml writes for it."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = {}
+    for name, spec in dvc_stages().items():
+        foreach = spec.get("foreach")
+        for key in params[foreach.strip("${}")] if foreach else [None]:
+            stages[name if key is None else f"{name}@{key}"] = (spec["do"], key) if foreach else (spec, None)
+    return stages
+
+
 def test_every_committed_report_and_metric_is_a_stage_output():
     """A retired entry's report stays in git after the stage that wrote it is gone (a clean repro does
     not delete it): every file under reports/ and metrics/ must be an output of some stage of today's
     matrix, or lie inside an output directory."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw = dvc_stages()
-    outputs = set()
-    for spec in raw.values():
-        body, foreach = spec.get("do", spec), spec.get("foreach")
-        keys = list(params[foreach.strip("${}")]) if foreach else [None]
-        for kind in ("outs", "metrics", "plots"):
-            for out in paths(body.get(kind, [])):
-                outputs |= {out if key is None else out.replace("${key}", key) for key in keys}
+    outputs = {
+        out if key is None else out.replace("${key}", key)
+        for body, key in matrix_stages().values()
+        for kind in ("outs", "metrics", "plots")
+        for out in paths(body.get(kind, []))
+    }
     found = [
         p.relative_to(ROOT).as_posix() for d in ("reports", "metrics") for p in (ROOT / d).rglob("*") if p.is_file()
     ]
     orphans = [f for f in found if f not in outputs and not any(within(f, out) for out in outputs)]
     assert found and not orphans, f"files no stage writes: {orphans}"
+
+
+def test_dvc_lock_records_only_stages_of_todays_matrix():
+    """DVC never drops the lock entry of a stage that dvc.yaml no longer defines (treeverse/dvc#5293), and
+    DVC round-trips the whole lock after every stage it runs: retired rows' entries made every stage of a
+    clean run pay for a third more lock than it needs. Delete the entries this names from the lock."""
+    from cli import PIPELINE_FILES
+
+    stages = matrix_stages()
+    locks = [(ROOT / file).with_suffix(".lock") for file in PIPELINE_FILES]
+    recorded = [name for lock in locks for name in yaml.safe_load(lock.read_text())["stages"]]
+    retired = [name for name in recorded if name not in stages]
+    assert recorded and not retired, f"lock entries of stages dvc.yaml no longer defines: {retired}"
 
 
 def test_the_shipped_fp_model_and_classifier_are_what_dvc_lock_records():
