@@ -5,10 +5,12 @@ Each workspace is a repo root after ``dvc repro`` of the rows at one budget (``l
 ΔFID against FP and the paired per-sample MSE against FP, each as mean ± spread over the quantization
 seeds, and γ's range (rows with LES). Against the largest budget measured (the last workspace), every
 other budget gets :func:`pipeline.eval.report.compare_rows`'s verdict per row: a budget whose rows are
-all "within the spread" of the largest one's changes no verdict of the table.
+all "within the spread" of the largest one's changes no verdict of the table. ``--pairs A:B`` adds the
+table's own claims: row A against row B within each budget, and whether every such verdict is the
+largest budget's (a budget can move both rows of a pair and keep what the table says of them).
 
     python benchmarks/budget_curve.py /work/b300 /work/b1000 /work/b3000 --rows dmq-w4a6 dmq-w4a4 \\
-        --json benchmarks/budget_curve.json --figure reports/figures/budget_curve.png
+        --pairs dmq-w4a6:qdiff-steps-w4a6 --json benchmarks/budget_curve.json --figure budget_curve.png
 """
 
 from __future__ import annotations
@@ -54,10 +56,25 @@ def budget_of(cfg: Config) -> dict:
     }
 
 
-def curve(workspaces: list[Path], rows: list[str]) -> dict:
+PAIR_KEYS = ("fid_diff", "fid_diff_std", "fid_verdict", "mse_diff", "mse_diff_std", "verdict")
+
+
+def pair_verdicts(found: dict, pairs: list[tuple[str, str]]) -> dict[str, dict]:
+    """Row A against row B of one workspace, as the table compares them."""
+    verdicts = {}
+    for a, b in pairs:
+        (errors_a, fid_a), (errors_b, fid_b) = (
+            (found["rows"][r]["errors"], found["rows"][r]["fid_vs_fp"]) for r in (a, b)
+        )
+        against = compare_rows(errors_a, errors_b, fid_a, fid_b)
+        verdicts[f"{a} vs {b}"] = {key: against[key] for key in PAIR_KEYS}
+    return verdicts
+
+
+def curve(workspaces: list[Path], rows: list[str], pairs: list[tuple[str, str]] = ()) -> dict:
     tables = []
     for root in workspaces:
-        cfg, found = table_of(root, rows)
+        cfg, found = table_of(root, list(dict.fromkeys([*rows, *(row for pair in pairs for row in pair)])))
         with inside(root):
             gammas = {row: gamma_range(root.resolve(), cfg, row) for row in rows}
         tables.append((root, cfg, found, gammas))
@@ -65,6 +82,7 @@ def curve(workspaces: list[Path], rows: list[str]) -> dict:
     if len(hashes) > 1:
         raise SystemExit(f"the FP models differ ({', '.join(sorted(hashes))}): the budgets are not paired")
     reference = tables[-1][2]["rows"]
+    reference_pairs = pair_verdicts(tables[-1][2], pairs)
     points = []
     for root, cfg, found, gammas in tables:
         point = {"workspace": str(root), **budget_of(cfg), "rows": {}}
@@ -84,6 +102,12 @@ def curve(workspaces: list[Path], rows: list[str]) -> dict:
             r["against_largest"]["fid_verdict"] == r["against_largest"]["verdict"] == "within the spread"
             for r in point["rows"].values()
         )
+        point["pairs"] = pair_verdicts(found, pairs)
+        point["keeps_pair_verdicts"] = all(
+            point["pairs"][pair][key] == reference_pairs[pair][key]
+            for pair in point["pairs"]
+            for key in ("fid_verdict", "verdict")
+        )
         points.append(point)
     return {"model_hash": hashes.pop(), "largest": str(workspaces[-1]), "points": points}
 
@@ -91,10 +115,14 @@ def curve(workspaces: list[Path], rows: list[str]) -> dict:
 def figure(found: dict, rows: list[str], path: Path) -> None:
     """ΔFID and paired MSE against FP per budget, one line per row, the seed spread as error bars."""
     points = found["points"]
-    labels = [
-        f"LES {p['les_iters']}, lr {p['les_lr']:g}\nAdaRound {p['recon_iters']}\nlr {p['recon_lr']:g}" for p in points
-    ]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # a learner whose budget is the same at every point goes into the title, not under every tick
+    varying = [what for what in ("les", "recon") if len({(p[f"{what}_iters"], p[f"{what}_lr"]) for p in points}) > 1]
+    name = {"les": "LES", "recon": "AdaRound"}
+    shown = varying or ["recon"]
+    labels = ["\n".join(f"{p[f'{what}_iters']}\nlr {p[f'{what}_lr']:g}" for what in shown) for p in points]
+    xlabel = " / ".join(f"{name[what]} iterations, learning rate" for what in shown)
+    fixed = [f"{name[w]} {points[0][f'{w}_iters']} at lr {points[0][f'{w}_lr']:g}" for w in name if w not in varying]
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 1.5 * len(points)), 4))
     for ax, key, title in (
         (axes[0], "fid_vs_fp", "ΔFID vs FP, same noise ↓"),
         (axes[1], "mse_vs_fp", "paired MSE vs FP ↓"),
@@ -105,10 +133,12 @@ def figure(found: dict, rows: list[str], path: Path) -> None:
             spreads = [p["rows"][row][key][1] for p in points]
             ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=row)
         ax.set_xticks(range(len(points)), labels, fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=9)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Rows against the LES / AdaRound budget (mean ± spread over quantization seeds)")
+    held = f"; {', '.join(fixed)} throughout" if fixed else ""
+    fig.suptitle(f"Rows against the LES / AdaRound budget (mean ± spread over quantization seeds{held})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -119,10 +149,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workspaces", type=Path, nargs="+", help="one per budget, the largest last")
     parser.add_argument("--rows", nargs="+", required=True)
+    parser.add_argument("--pairs", nargs="*", default=[], help="A:B, row A against row B within each budget")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--figure", type=Path)
     args = parser.parse_args()
-    found = curve(args.workspaces, args.rows)
+    found = curve(args.workspaces, args.rows, [tuple(pair.split(":")) for pair in args.pairs])
     for point in found["points"]:
         les, recon = (f"{point[f'{what}_iters']} at lr {point[f'{what}_lr']:g}" for what in ("les", "recon"))
         budget = f"LES {les}, AdaRound {recon}"
@@ -132,6 +163,13 @@ def main() -> None:
             print(
                 f"  {row:<18} ΔFID {fid:7.1f} ± {fid_s:4.1f}  MSE {mse:.5f} ± {mse_s:.5f}  γ {r['gamma_range']}  "
                 f"vs largest: {vs['fid_verdict']} / {vs['verdict']}"
+            )
+        if point["pairs"]:
+            print(f"  keeps the largest budget's verdicts of the pairs: {point['keeps_pair_verdicts']}")
+        for pair, v in point["pairs"].items():
+            print(
+                f"  {pair:<36} ΔFID {v['fid_diff']:+6.1f} ± {v['fid_diff_std']:4.1f} {v['fid_verdict']:<18} "
+                f"MSE {v['mse_diff']:+.4f} ± {v['mse_diff_std']:.4f} {v['verdict']}"
             )
     if args.json:
         args.json.write_text(json.dumps(found, indent=1) + "\n")

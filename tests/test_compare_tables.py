@@ -61,7 +61,8 @@ def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_larg
     set_params(pipeline_copy, {"les": {"iters": 6}, "recon": {"iters": 9, "lr": 0.004}})
     out = tmp_path / "curve.json"
     command = [sys.executable, "benchmarks/budget_curve.py", str(repo), str(pipeline_copy), "--rows", "dmq-w4a6"]
-    run([*command, "--json", str(out), "--figure", str(tmp_path / "curve.png")], ROOT)
+    pairs = ["qdiff-w4a6", "--pairs", "dmq-w4a6:qdiff-w4a6"]
+    run([*command, *pairs, "--json", str(out), "--figure", str(tmp_path / "curve.png")], ROOT)
     found = json.loads(out.read_text())
     assert [(p["les_iters"], p["recon_iters"], p["recon_lr"]) for p in found["points"]] == [
         (5, reduced_params()["recon"]["iters"], load_config(repo / "params.yaml").recon.learning_rate),
@@ -72,6 +73,10 @@ def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_larg
         assert row["against_largest"]["fid_diff"] == 0 and point["changes_no_verdict"]
         low, high = row["gamma_range"]
         assert 0 < low <= 1 <= high and row["mse_vs_fp"][0] > 0
+        pair = point["pairs"]["dmq-w4a6 vs qdiff-w4a6"]  # the table's claim, within the budget
+        qdiff_fid = point["rows"]["qdiff-w4a6"]["fid_vs_fp"][0]
+        assert math.isclose(pair["fid_diff"], row["fid_vs_fp"][0] - qdiff_fid, abs_tol=1e-9)
+        assert point["keeps_pair_verdicts"]  # the same artifacts under other labels: the same claims
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 
