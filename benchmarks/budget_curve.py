@@ -71,10 +71,23 @@ def pair_verdicts(found: dict, pairs: list[tuple[str, str]]) -> dict[str, dict]:
     return verdicts
 
 
-def curve(workspaces: list[Path], rows: list[str], pairs: list[tuple[str, str]] = ()) -> dict:
+def only_seeds(found: dict, positions: list[int]) -> None:
+    """Keep, in every row, the quantization seeds at these positions of ``quant.seeds`` (a subset of a
+    workspace run with more seeds reads as a run with those seeds alone: each seed is quantized anew)."""
+    for row in found["rows"].values():
+        seeds = list(row["errors"])
+        row["errors"] = {seeds[i]: row["errors"][seeds[i]] for i in positions}
+        row["fid_vs_fp"] = [row["fid_vs_fp"][i] for i in positions]
+
+
+def curve(
+    workspaces: list[Path], rows: list[str], pairs: list[tuple[str, str]] = (), seeds: list[int] | None = None
+) -> dict:
     tables = []
     for root in workspaces:
         cfg, found = table_of(root, list(dict.fromkeys([*rows, *(row for pair in pairs for row in pair)])))
+        if seeds is not None:
+            only_seeds(found, seeds)
         with inside(root):
             gammas = {row: gamma_range(root.resolve(), cfg, row) for row in rows}
         tables.append((root, cfg, found, gammas))
@@ -150,10 +163,11 @@ def main() -> None:
     parser.add_argument("workspaces", type=Path, nargs="+", help="one per budget, the largest last")
     parser.add_argument("--rows", nargs="+", required=True)
     parser.add_argument("--pairs", nargs="*", default=[], help="A:B, row A against row B within each budget")
+    parser.add_argument("--seeds", nargs="+", type=int, help="positions in quant.seeds to keep (default: all)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--figure", type=Path)
     args = parser.parse_args()
-    found = curve(args.workspaces, args.rows, [tuple(pair.split(":")) for pair in args.pairs])
+    found = curve(args.workspaces, args.rows, [tuple(pair.split(":")) for pair in args.pairs], args.seeds)
     for point in found["points"]:
         les, recon = (f"{point[f'{what}_iters']} at lr {point[f'{what}_lr']:g}" for what in ("les", "recon"))
         budget = f"LES {les}, AdaRound {recon}"
