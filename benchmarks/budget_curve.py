@@ -34,12 +34,13 @@ from pipeline.eval.report import compare_rows, mean_std  # noqa: E402
 from pipeline.infra.storage import read_json  # noqa: E402
 
 
-def gamma_range(root: Path, cfg, row: str) -> list[float] | None:
-    """γ's min and max over the layers and quantization seeds of the row's LES (None without LES)."""
+def gamma_range(root: Path, cfg, row: str, seeds) -> list[float] | None:
+    """γ's min and max over the layers and the quantization ``seeds`` of the row's LES (None without LES)."""
     path = root / "reports" / "les" / f"{cfg.rows[row].weights}.json"
     if not path.exists():
         return None
-    layers = [layer for seed in read_json(path)["quant_seeds"].values() for layer in seed["layers"].values()]
+    learned = read_json(path)["quant_seeds"]
+    layers = [layer for seed in seeds for layer in learned[str(seed)]["layers"].values()]
     if not layers or "gamma_min" not in layers[0]:
         return None
     return [min(layer["gamma_min"] for layer in layers), max(layer["gamma_max"] for layer in layers)]
@@ -56,7 +57,7 @@ def budget_of(cfg: Config) -> dict:
     }
 
 
-PAIR_KEYS = ("fid_diff", "fid_diff_std", "fid_verdict", "mse_diff", "mse_diff_std", "verdict")
+VERDICT_KEYS = ("fid_diff", "fid_diff_std", "fid_verdict", "mse_diff", "mse_diff_std", "verdict")  # of compare_rows
 
 
 def pair_verdicts(found: dict, pairs: list[tuple[str, str]]) -> dict[str, dict]:
@@ -67,7 +68,7 @@ def pair_verdicts(found: dict, pairs: list[tuple[str, str]]) -> dict[str, dict]:
             (found["rows"][r]["errors"], found["rows"][r]["fid_vs_fp"]) for r in (a, b)
         )
         against = compare_rows(errors_a, errors_b, fid_a, fid_b)
-        verdicts[f"{a} vs {b}"] = {key: against[key] for key in PAIR_KEYS}
+        verdicts[f"{a} vs {b}"] = {key: against[key] for key in VERDICT_KEYS}
     return verdicts
 
 
@@ -89,7 +90,7 @@ def curve(
         if seeds is not None:
             only_seeds(found, seeds)
         with inside(root):
-            gammas = {row: gamma_range(root.resolve(), cfg, row) for row in rows}
+            gammas = {row: gamma_range(root.resolve(), cfg, row, found["rows"][row]["errors"]) for row in rows}
         tables.append((root, cfg, found, gammas))
     hashes = {found["model_hash"] for _, _, found, _ in tables}
     if len(hashes) > 1:
@@ -107,9 +108,7 @@ def curve(
                 "fid_vs_fp": list(mean_std(fid)),
                 "mse_vs_fp": list(mean_std(per_seed_mse)),
                 "gamma_range": gammas[row],
-                "against_largest": {
-                    key: against[key] for key in ("fid_diff", "fid_diff_std", "fid_verdict", "mse_diff", "verdict")
-                },
+                "against_largest": {key: against[key] for key in VERDICT_KEYS},
             }
         point["changes_no_verdict"] = all(
             r["against_largest"]["fid_verdict"] == r["against_largest"]["verdict"] == "within the spread"

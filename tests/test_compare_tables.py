@@ -81,10 +81,13 @@ def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_larg
     by_seed = []  # each quantization seed alone (--seeds: positions in quant.seeds) averages to both together
     for seed in (0, 1):
         run([*command[:3], "--rows", "dmq-w4a6", "--seeds", str(seed), "--json", str(out)], ROOT)
-        by_seed.append(json.loads(out.read_text())["points"][0]["rows"]["dmq-w4a6"]["fid_vs_fp"])
-    assert [spread for _, spread in by_seed] == [0.0, 0.0] and by_seed[0][0] != by_seed[1][0]
-    both = found["points"][0]["rows"]["dmq-w4a6"]["fid_vs_fp"][0]
-    assert math.isclose((by_seed[0][0] + by_seed[1][0]) / 2, both, rel_tol=1e-12)
+        by_seed.append(json.loads(out.read_text())["points"][0]["rows"]["dmq-w4a6"])
+    fids = [row["fid_vs_fp"] for row in by_seed]
+    assert [spread for _, spread in fids] == [0.0, 0.0] and fids[0][0] != fids[1][0]
+    both = found["points"][0]["rows"]["dmq-w4a6"]
+    assert math.isclose((fids[0][0] + fids[1][0]) / 2, both["fid_vs_fp"][0], rel_tol=1e-12)
+    lows, highs = zip(*(row["gamma_range"] for row in by_seed))  # γ's range too is the kept seeds'
+    assert [min(lows), max(highs)] == both["gamma_range"] and (lows[0], highs[0]) != (lows[1], highs[1])
 
 
 def test_tables_of_two_fp_models_are_refused_unless_unpaired_and_then_compared_by_fid_only(reproduced, tmp_path):
