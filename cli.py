@@ -8,6 +8,9 @@ from typing import NoReturn
 
 import typer
 
+from pipeline.infra.allocator import keep_freed_memory
+
+keep_freed_memory()  # like every stage process: the commands that sample or quantize run torch in this one
 app = typer.Typer(help="DMQ post-training quantization of diffusion models, as a DVC pipeline.", no_args_is_help=True)
 
 

@@ -7,6 +7,7 @@ import torch
 from filelock import FileLock
 
 from helpers import copy_repo, init_repo, reduced_params, run
+from pipeline.infra.allocator import keep_freed_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,6 +20,7 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(min(2, threads))
+    keep_freed_memory()  # as the stage processes the tests start do
 
 
 # The files that use the reproduced repository longest, longest first.

@@ -1,1 +1,2 @@
-"""Infrastructure: atomic artifact storage, content hashes, checkpoints, devices, ranks, figures."""
+"""Infrastructure: atomic artifact storage, content hashes, checkpoints, devices, ranks, figures, the CPU
+kind, malloc's settings."""
