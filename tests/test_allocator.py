@@ -37,6 +37,9 @@ def test_kept_memory_spares_the_page_faults_of_each_forward_pass():
     assert default_faults > 2000 and kept_faults < default_faults / 10, (kept_faults, default_faults)
 
 
-def test_other_c_libraries_are_left_alone(monkeypatch):
+def test_other_c_libraries_and_an_opt_out_are_left_alone(monkeypatch):
+    monkeypatch.setenv("DMQ_KEEP_FREED_MEMORY", "0")
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.delenv("DMQ_KEEP_FREED_MEMORY")
     monkeypatch.setattr(sys, "platform", "darwin")
     assert allocator.keep_freed_memory() is False

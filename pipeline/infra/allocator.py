@@ -8,6 +8,7 @@ changes no number, only where the bytes live (the same samples to the byte, ~10 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 # mallopt's parameters (glibc's malloc.h)
@@ -26,8 +27,10 @@ def uses_glibc() -> bool:
 def keep_freed_memory() -> bool:
     """Have glibc's malloc serve blocks up to 32 MiB from its heap and never trim the heap, for the rest
     of the process. True where it applied; False elsewhere (macOS, musl: their allocators are left as
-    they are). Call it early in a process that runs torch on CPU (every stage does)."""
-    if not uses_glibc():
+    they are) and with ``DMQ_KEEP_FREED_MEMORY=0`` in the environment (a model whose peak memory is
+    near the machine's: the kept blocks add to it). Call it early in a process that runs torch on CPU
+    (every stage does)."""
+    if os.environ.get("DMQ_KEEP_FREED_MEMORY", "1") == "0" or not uses_glibc():
         return False
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
