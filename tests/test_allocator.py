@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import pytest
 from helpers import ROOT
 from pipeline.infra import allocator
 
-# A forward pass of batch-250 activations (8 MiB each), twice, counting the page faults of the second.
+# Forward passes on batch-250 activations (8 MiB each): one to warm up, then the page faults of five more.
 FORWARD = """
 import resource, sys, torch
 from pipeline.infra.allocator import keep_freed_memory
@@ -23,7 +24,10 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(mode: str) -> tuple[bool, int]:
-    found = subprocess.run([sys.executable, "-c", FORWARD, mode], cwd=ROOT, capture_output=True, text=True, check=True)
+    env = {key: value for key, value in os.environ.items() if key != "DMQ_KEEP_FREED_MEMORY"}
+    found = subprocess.run(
+        [sys.executable, "-c", FORWARD, mode], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     applied, faults = found.stdout.split()
     return applied == "True", int(faults)
 
