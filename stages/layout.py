@@ -74,9 +74,16 @@ def grid_path(row: str) -> Path:
     return REPORTS / "samples" / f"{row}.png"
 
 
+def entry_checkpoints_path(stage: str, name: str) -> Path:
+    """Every quantization seed's per-unit checkpoints of an unfinished les / recon stage, removed when
+    the stage completes, not when a seed's output is written: DVC deletes a stage's outputs before it
+    reruns the stage, so a finished seed's checkpoints are all that a killed run keeps of it."""
+    return ARTIFACTS / f".{stage}.ckpt" / name
+
+
 def checkpoints_path(stage: str, name: str, seed: int) -> Path:
-    """Per-unit checkpoints of an unfinished les / recon stage (removed when it completes)."""
-    return ARTIFACTS / f".{stage}.ckpt" / name / f"q{seed}"
+    """Per-unit checkpoints of quantization seed ``seed`` (:func:`entry_checkpoints_path`)."""
+    return entry_checkpoints_path(stage, name) / f"q{seed}"
 
 
 def entry_argument() -> str:

@@ -11,13 +11,21 @@ from pipeline.calibration.dump import open_calibration, record_denoiser
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.distributed import init
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import write_tensors
+from pipeline.infra.storage import remove_path, write_tensors
 from pipeline.method.les import learn_gammas, les_records_per_step
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import as_denoiser
 from pipeline.models.diffusion import load_fp_model
 from pipeline.params import load_config
-from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path
+from stages.layout import (
+    CALIB,
+    FP_MODEL,
+    checkpoints_path,
+    entry_argument,
+    entry_checkpoints_path,
+    les_path,
+    report_path,
+)
 from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
 
 
@@ -53,11 +61,10 @@ def main(name: str) -> None:
             "records": calib.attrs["steps"] * les_records_per_step(cfg, calib) if method.les else 0,
         }
         write_tensors(les_path(name, seed), {f"{layer}.gamma": gamma for layer, gamma in gammas.items()}, header)
-        if checkpoints:
-            checkpoints.remove()
         reports[str(seed)] = seed_report(losses, time.perf_counter() - start, gammas)
     if world.main:
         write_report(report_path("les", name), {"les": method.les, "quant_seeds": reports})
+        remove_path(entry_checkpoints_path("les", name))
 
 
 def seed_report(losses: dict[str, tuple[float, float]], seconds: float, gammas: dict[str, torch.Tensor]) -> dict:

@@ -8,14 +8,23 @@ from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import read_tensors, write_tensors
+from pipeline.infra.storage import read_tensors, remove_path, write_tensors
 from pipeline.method.weight_init import reconstruct_weights
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import as_denoiser
 from pipeline.models.diffusion import load_fp_model
 from pipeline.params import load_config
 from pipeline.quant.artifacts import weight_tensors
-from stages.layout import CALIB, FP_MODEL, checkpoints_path, entry_argument, les_path, report_path, weights_path
+from stages.layout import (
+    CALIB,
+    FP_MODEL,
+    checkpoints_path,
+    entry_argument,
+    entry_checkpoints_path,
+    les_path,
+    report_path,
+    weights_path,
+)
 from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
 
 
@@ -32,6 +41,7 @@ def main(name: str) -> None:
     write_report(
         report_path("recon", name), {"method": variant.method, "adaround": method.adaround, "quant_seeds": reports}
     )
+    remove_path(entry_checkpoints_path("recon", name))
 
 
 def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
@@ -60,8 +70,6 @@ def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
     )
     header = {**provenance, **variant._asdict(), "split": list(method.split)}
     write_tensors(weights_path(name, seed), weight_tensors(layers), header)
-    if checkpoints:
-        checkpoints.remove()
     return report
 
 

@@ -107,3 +107,21 @@ def test_killed_stage_resumes_to_the_same_bytes(pipeline_copy, stage, params, un
         f"\n{stage}: uninterrupted {uninterrupted:.1f} s; killed after {saved}/{units} units at {killed:.1f} s, "
         f"resumed in {resumed:.1f} s: {lost:.1f} s lost ({100 * lost / uninterrupted:.0f} %)"
     )
+
+
+def test_a_stage_killed_in_its_second_seed_keeps_the_first_seeds_units(pipeline_copy):
+    # dvc repro deletes a stage's outputs before it reruns it, so the first seed's written weights are gone
+    # on the rerun: its checkpoints must outlive them
+    repo = pipeline_copy
+    set_params(repo, {"recon": {"iters": 60}, "quant": {"seeds": [0, 1]}})
+    checkpoints = repo / "artifacts/.recon.ckpt/dmq-w4a6"
+    command = ["dvc", "repro", "--single-item", "recon@dmq-w4a6"]
+    process = start(command, repo)
+    wait_until(process, lambda: any(checkpoints.glob("q1/*/*.safetensors")))
+    os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage under it
+    process.wait()
+    assert len(list(checkpoints.glob("q0/*/*.safetensors"))) == 19
+
+    log = run(command, repo)
+    assert "resuming: 19 finished units" in log
+    assert not checkpoints.exists()
