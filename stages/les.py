@@ -8,25 +8,16 @@ import time
 import torch
 
 from pipeline.calibration.dump import open_calibration, record_denoiser
-from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.distributed import init
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import remove_path, write_tensors
+from pipeline.infra.storage import write_tensors
 from pipeline.method.les import learn_gammas, les_records_per_step
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import as_denoiser
 from pipeline.models.diffusion import load_fp_model
 from pipeline.params import load_config
-from stages.layout import (
-    CALIB,
-    FP_MODEL,
-    checkpoints_path,
-    entry_argument,
-    entry_checkpoints_path,
-    les_path,
-    report_path,
-)
-from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
+from stages.layout import CALIB, FP_MODEL, entry_argument, les_path, report_path
+from stages.lineage import check_input, drop_checkpoints, seed_checkpoints, stage_provenance, write_report
 
 
 def main(name: str) -> None:
@@ -49,7 +40,7 @@ def main(name: str) -> None:
         checkpoints = None
         if method.les:
             with world.main_first():  # rank 0 removes stale checkpoints before any rank saves new ones
-                checkpoints = Checkpoints(checkpoints_path("les", name, seed), checkpoint_key(provenance))
+                checkpoints = seed_checkpoints("les", name, seed, provenance)
         gammas, losses = learn_gammas(cfg, name, seed, fp, calib, device=device, world=world, checkpoints=checkpoints)
         if not world.main:
             continue
@@ -64,7 +55,7 @@ def main(name: str) -> None:
         reports[str(seed)] = seed_report(losses, time.perf_counter() - start, gammas)
     if world.main:
         write_report(report_path("les", name), {"les": method.les, "quant_seeds": reports})
-        remove_path(entry_checkpoints_path("les", name))
+        drop_checkpoints("les", name)
 
 
 def seed_report(losses: dict[str, tuple[float, float]], seconds: float, gammas: dict[str, torch.Tensor]) -> dict:

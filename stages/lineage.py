@@ -7,11 +7,12 @@ stale artifact from the current params."""
 from __future__ import annotations
 
 from pipeline.config import Config, Variant
+from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.fingerprint import check_provenance, config_values, provenance
 from pipeline.infra.machine import environment
-from pipeline.infra.storage import read_tensors, write_json
+from pipeline.infra.storage import read_tensors, remove_path, write_json
 from pipeline.methods import METHODS
-from stages.layout import CLASSIFIER
+from stages.layout import CLASSIFIER, checkpoints_path, entry_checkpoints_path
 
 PARAMS = {
     "fp_model": ("seed", "model"),
@@ -98,6 +99,19 @@ def stage_provenance(
 def checkpoint_key(provenance: dict) -> str:
     """Checkpoints are valid for one model and one set of params."""
     return f"{provenance['model_hash']}-{provenance['params_hash']}"
+
+
+def seed_checkpoints(stage: str, name: str, seed: int, provenance: dict) -> Checkpoints:
+    """The per-unit checkpoints of ``stage`` (les, recon, pts) for entry or row ``name`` and quantization
+    seed ``seed``, made under ``provenance``. They outlive the seed's output until
+    :func:`drop_checkpoints`: DVC deletes a stage's outputs before it reruns the stage, so a finished
+    seed's checkpoints are all that a killed run keeps of it."""
+    return Checkpoints(checkpoints_path(stage, name, seed), checkpoint_key(provenance))
+
+
+def drop_checkpoints(stage: str, name: str) -> None:
+    """Every seed's checkpoints of ``stage`` for ``name``, once the whole stage is written."""
+    remove_path(entry_checkpoints_path(stage, name))
 
 
 def check_input(

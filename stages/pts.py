@@ -9,7 +9,6 @@ import zarr
 from pipeline.calibration.dump import open_calibration, record_denoiser
 from pipeline.calibration.stats import auto_pts_layers, open_stats
 from pipeline.config import Config
-from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import atomic_store, write_tensors
@@ -26,13 +25,12 @@ from stages.layout import (
     FP_MODEL,
     STATS,
     act_params_path,
-    checkpoints_path,
     entry_argument,
     report_path,
     votes_path,
     weights_path,
 )
-from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
+from stages.lineage import check_input, drop_checkpoints, seed_checkpoints, stage_provenance, write_report
 
 
 def main(row: str) -> None:
@@ -43,6 +41,7 @@ def main(row: str) -> None:
     check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
     summaries = {str(seed): calibrate(cfg, row, seed, fp_hash, calib) for seed in cfg.quant.seeds}
     write_report(report_path("pts", row), {"quant_seeds": summaries})
+    drop_checkpoints("pts", row)
 
 
 def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group) -> dict:
@@ -80,7 +79,7 @@ def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group)
         fp_unet=load_fp_model(FP_MODEL)[0] if method.shared_acts else None,
         pts_layers=names,
         device=device,
-        checkpoints=lambda: Checkpoints(checkpoints_path("pts", row, seed), checkpoint_key(provenance)),
+        checkpoints=lambda: seed_checkpoints("pts", row, seed, provenance),
     )
     header = {**provenance, **variant._asdict(), "steps": steps, "pts": voter is not None, "attention": softmax_bits}
     write_tensors(act_params_path(row, seed), act_tensors(quantizers), header)

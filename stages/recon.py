@@ -5,27 +5,17 @@ reconstructed block is checkpointed, so a rerun after a kill resumes."""
 
 from pipeline.calibration.dump import open_calibration, record_denoiser
 from pipeline.config import Config
-from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import read_tensors, remove_path, write_tensors
+from pipeline.infra.storage import read_tensors, write_tensors
 from pipeline.method.weight_init import reconstruct_weights
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import as_denoiser
 from pipeline.models.diffusion import load_fp_model
 from pipeline.params import load_config
 from pipeline.quant.artifacts import weight_tensors
-from stages.layout import (
-    CALIB,
-    FP_MODEL,
-    checkpoints_path,
-    entry_argument,
-    entry_checkpoints_path,
-    les_path,
-    report_path,
-    weights_path,
-)
-from stages.lineage import check_input, checkpoint_key, stage_provenance, write_report
+from stages.layout import CALIB, FP_MODEL, entry_argument, les_path, report_path, weights_path
+from stages.lineage import check_input, drop_checkpoints, seed_checkpoints, stage_provenance, write_report
 
 
 def main(name: str) -> None:
@@ -41,7 +31,7 @@ def main(name: str) -> None:
     write_report(
         report_path("recon", name), {"method": variant.method, "adaround": method.adaround, "quant_seeds": reports}
     )
-    remove_path(entry_checkpoints_path("recon", name))
+    drop_checkpoints("recon", name)
 
 
 def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
@@ -55,7 +45,7 @@ def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
     checkpoints = None
     fp = as_denoiser(fp_unet)
     if method.adaround:
-        checkpoints = Checkpoints(checkpoints_path("recon", name, seed), checkpoint_key(provenance))
+        checkpoints = seed_checkpoints("recon", name, seed, provenance)
         fp = record_denoiser(FP_MODEL, fp_unet, calib)
     _, layers, report = reconstruct_weights(
         cfg,

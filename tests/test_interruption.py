@@ -1,6 +1,7 @@
 """Stages killed with SIGKILL: nothing half-written is left at an output path, the next `dvc repro`
 redoes the stage cleanly, and les / recon resume from their checkpoints to the same bytes as an
-uninterrupted run (the test prints the time lost)."""
+uninterrupted run (the test prints the time lost); les / recon / pts keep every seed's checkpoints until
+the whole stage is written."""
 
 import os
 import signal
@@ -109,13 +110,20 @@ def test_killed_stage_resumes_to_the_same_bytes(pipeline_copy, stage, params, un
     )
 
 
-def test_a_stage_killed_in_its_second_seed_keeps_the_first_seeds_units(pipeline_copy):
-    # dvc repro deletes a stage's outputs before it reruns it, so the first seed's written weights are gone
-    # on the rerun: its checkpoints must outlive them
+@pytest.mark.parametrize(
+    "stage, entry, params",
+    [
+        ("recon", "dmq-w4a6", {"recon": {"iters": 60}}),  # 19 blocks and stray layers
+        ("pts", "qdiff-w4a6", {"shared_acts": {"iters": 60}}),  # Q-Diffusion's steps learned on 19 units
+    ],
+)
+def test_a_stage_killed_in_its_second_seed_keeps_the_first_seeds_units(pipeline_copy, stage, entry, params):
+    # dvc repro deletes a stage's outputs before it reruns it, so the first seed's written output is gone
+    # on the rerun: its checkpoints must outlive it
     repo = pipeline_copy
-    set_params(repo, {"recon": {"iters": 60}, "quant": {"seeds": [0, 1]}})
-    checkpoints = repo / "artifacts/.recon.ckpt/dmq-w4a6"
-    command = ["dvc", "repro", "--single-item", "recon@dmq-w4a6"]
+    set_params(repo, {**params, "quant": {"seeds": [0, 1]}})
+    checkpoints = repo / f"artifacts/.{stage}.ckpt/{entry}"
+    command = ["dvc", "repro", "--single-item", f"{stage}@{entry}"]
     process = start(command, repo)
     wait_until(process, lambda: any(checkpoints.glob("q1/*/*.safetensors")))
     os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage under it

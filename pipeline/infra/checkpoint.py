@@ -3,17 +3,19 @@
 A unit (an LES layer, an AdaRound block) that finishes is written at once, atomically, as one
 safetensors file in ``root/<key>/``. ``key`` hashes everything the results depend on (model and
 params), so checkpoints made under other params are never reused; they are deleted when a stage
-opens its checkpoints with a new key. The stage removes the directory once its output is written.
+opens its checkpoints with a new key. The stage removes them once all of its outputs are written.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.infra.storage import ArtifactError, read_tensors, remove_path, write_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Checkpoints:
@@ -49,6 +51,3 @@ class Checkpoints:
 
     def save(self, unit: str, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
         write_tensors(self._file(unit), {k: v.detach().cpu() for k, v in tensors.items()}, metadata)
-
-    def remove(self) -> None:
-        remove_path(self.root)

@@ -305,8 +305,6 @@ def calibrate_shared_steps(
         Budget.from_config(cfg.capture),
         cfg.capture.batch_size,
     )
-    if saved:
-        saved.remove()
     return {
         "seconds": round(time.perf_counter() - start, 1),
         "mean_loss_before": sum(u["before"] for u in units.values()) / len(units),
