@@ -8,6 +8,7 @@ other budget gets :func:`pipeline.eval.report.compare_rows`'s verdict per row: a
 all "within the spread" of the largest one's changes no verdict of the table. ``--pairs A:B`` adds the
 table's own claims: row A against row B within each budget, and whether every such verdict is the
 largest budget's (a budget can move both rows of a pair and keep what the table says of them).
+``--markdown`` writes the same as a table for the docs, with what the learners that vary took.
 
     python benchmarks/budget_curve.py /work/b300 /work/b1000 /work/b3000 --rows dmq-w4a6 dmq-w4a4 \\
         --pairs dmq-w4a6:qdiff-steps-w4a6 --json benchmarks/budget_curve.json --figure budget_curve.png
@@ -60,6 +61,20 @@ def budget_of(cfg: Config) -> dict:
 VERDICT_KEYS = ("fid_diff", "fid_diff_std", "fid_verdict", "mse_diff", "mse_diff_std", "verdict")  # of compare_rows
 
 
+LEARNERS = {"les": "LES", "recon": "AdaRound"}  # the learners a budget sets, by their stage
+# in the learner's stage report: whether the entry learned, a quantization seed's seconds
+REPORT_KEYS = {"les": ("les", "wall_seconds"), "recon": ("adaround", "seconds")}
+
+
+def learner_seconds(root: Path, cfg, rows: list[str], learner: str) -> list[float]:
+    """What the learner took per weights entry of ``rows`` that it learns, the quantization seeds summed
+    (the seed times of its stage's reports, which leave out loading the model)."""
+    entries = dict.fromkeys(cfg.rows[row].weights for row in rows)
+    learned, seconds = REPORT_KEYS[learner]
+    reports = [read_json(root / "reports" / learner / f"{entry}.json") for entry in entries]
+    return [sum(seed[seconds] for seed in r["quant_seeds"].values()) for r in reports if r[learned]]
+
+
 def pair_verdicts(found: dict, pairs: list[tuple[str, str]]) -> dict[str, dict]:
     """Row A against row B of one workspace, as the table compares them."""
     verdicts = {}
@@ -100,6 +115,7 @@ def curve(
     points = []
     for root, cfg, found, gammas in tables:
         point = {"workspace": str(root), **budget_of(cfg), "rows": {}}
+        point["seconds"] = {learner: learner_seconds(root, cfg, rows, learner) for learner in LEARNERS}
         for row in rows:
             errors, fid = found["rows"][row]["errors"], found["rows"][row]["fid_vs_fp"]
             per_seed_mse = [float(e.mean()) for e in errors.values()]
@@ -124,16 +140,24 @@ def curve(
     return {"model_hash": hashes.pop(), "largest": str(workspaces[-1]), "points": points}
 
 
+def varying(points: list[dict]) -> list[str]:
+    """The learners whose budget differs between the points (AdaRound's when none does)."""
+    found = [what for what in LEARNERS if len({(p[f"{what}_iters"], p[f"{what}_lr"]) for p in points}) > 1]
+    return found or ["recon"]
+
+
+def budget(point: dict, what: str) -> str:
+    return f"{point[f'{what}_iters']} at lr {point[f'{what}_lr']:g}"
+
+
 def figure(found: dict, rows: list[str], path: Path) -> None:
     """ΔFID and paired MSE against FP per budget, one line per row, the seed spread as error bars."""
     points = found["points"]
     # a learner whose budget is the same at every point goes into the title, not under every tick
-    varying = [what for what in ("les", "recon") if len({(p[f"{what}_iters"], p[f"{what}_lr"]) for p in points}) > 1]
-    name = {"les": "LES", "recon": "AdaRound"}
-    shown = varying or ["recon"]
+    shown = varying(points)
     labels = ["\n".join(f"{p[f'{what}_iters']}\nlr {p[f'{what}_lr']:g}" for what in shown) for p in points]
-    xlabel = " / ".join(f"{name[what]} iterations, learning rate" for what in shown)
-    fixed = [f"{name[w]} {points[0][f'{w}_iters']} at lr {points[0][f'{w}_lr']:g}" for w in name if w not in varying]
+    xlabel = " / ".join(f"{LEARNERS[what]} iterations, learning rate" for what in shown)
+    fixed = [f"{LEARNERS[w]} {budget(points[0], w)}" for w in LEARNERS if w not in shown]
     fig, axes = plt.subplots(1, 2, figsize=(max(11, 1.5 * len(points)), 4))
     for ax, key, title in (
         (axes[0], "fid_vs_fp", "ΔFID vs FP, same noise ↓"),
@@ -157,6 +181,68 @@ def figure(found: dict, rows: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def _against(verdict: dict, fid: bool) -> str:
+    """A row's verdict against itself at the largest budget, by FID or by pixel error."""
+    key, diff, digits = ("fid_verdict", "fid_diff", 1) if fid else ("verdict", "mse_diff", 4)
+    if verdict[key] == "within the spread":
+        return "within"
+    spread = f" ± {verdict['fid_diff_std']:.1f}" if fid else ""
+    return f"{'closer' if verdict[diff] < 0 else 'farther'} by {abs(verdict[diff]):.{digits}f}{spread}"
+
+
+def _pair(verdict: dict, a: str, b: str, key: str) -> str:
+    return {"within the spread": "within", "A closer to FP": f"`{a}` closer", "B closer to FP": f"`{b}` closer"}.get(
+        verdict[key], verdict[key]
+    )
+
+
+def markdown(found: dict, rows: list[str]) -> str:
+    """The curve as a Markdown table, a line per budget: each row against itself at the largest budget
+    (FID; pixel error), how many of those verdicts moved, each pair's verdicts within the budget (FID;
+    pixel error, in bold where they differ from the largest budget's; with the differences at the
+    largest), and the varying learners' seconds per weights entry (min–max over the entries)."""
+    points, shown = found["points"], varying(found["points"])
+    header = ["budget", *(f"`{row}`" for row in rows), "moved"]
+    pairs = list(points[-1]["pairs"])
+    header += ["`{}` vs `{}`".format(*pair.split(" vs ")) for pair in pairs]
+    header += [f"{LEARNERS[what]} s an entry" for what in shown]
+    numbers = {"moved", *header[-len(shown) :]}  # right-aligned
+    lines = ["| " + " | ".join(header) + " |", "|" + "".join("---:|" if h in numbers else "---|" for h in header)]
+    largest = points[-1]
+    for point in points:
+        label = ", ".join(f"{LEARNERS[what]} {budget(point, what)}" for what in shown)
+        if point is largest:
+            cells = [
+                f"ΔFID {r['fid_vs_fp'][0]:.1f} ± {r['fid_vs_fp'][1]:.1f}, MSE {r['mse_vs_fp'][0]:.4f}"
+                for r in (point["rows"][row] for row in rows)
+            ]
+            cells.append("–")
+            label += " (largest)"
+        else:
+            verdicts = [point["rows"][row]["against_largest"] for row in rows]
+            cells = [f"{_against(v, True)}; {_against(v, False)}" for v in verdicts]
+            cells.append(str(sum(_against(v, fid) != "within" for v in verdicts for fid in (True, False))))
+        for pair in pairs:
+            a, b = pair.split(" vs ")
+            texts = []
+            for key, diff, spread, digits in (
+                ("fid_verdict", "fid_diff", "fid_diff_std", 1),
+                ("verdict", "mse_diff", "mse_diff_std", 4),
+            ):
+                text = _pair(point["pairs"][pair], a, b, key)
+                if point is largest:
+                    text += f" ({point['pairs'][pair][diff]:+.{digits}f} ± {point['pairs'][pair][spread]:.{digits}f})"
+                elif point["pairs"][pair][key] != largest["pairs"][pair][key]:
+                    text = f"**{text}**"
+                texts.append(text)
+            cells.append("; ".join(texts))
+        for what in shown:
+            seconds = point["seconds"][what] or [0.0]
+            cells.append(f"{min(seconds):,.0f}–{max(seconds):,.0f}".replace(",", " "))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workspaces", type=Path, nargs="+", help="one per budget, the largest last")
@@ -165,12 +251,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help="positions in quant.seeds to keep (default: all)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--figure", type=Path)
+    parser.add_argument("--markdown", type=Path, help="the curve as a table, for the docs")
     args = parser.parse_args()
     found = curve(args.workspaces, args.rows, [tuple(pair.split(":")) for pair in args.pairs], args.seeds)
     for point in found["points"]:
-        les, recon = (f"{point[f'{what}_iters']} at lr {point[f'{what}_lr']:g}" for what in ("les", "recon"))
-        budget = f"LES {les}, AdaRound {recon}"
-        print(f"{budget}: changes no verdict against the largest: {point['changes_no_verdict']}")
+        learners = ", ".join(f"{LEARNERS[what]} {budget(point, what)}" for what in LEARNERS)
+        print(f"{learners}: changes no verdict against the largest: {point['changes_no_verdict']}")
         for row, r in point["rows"].items():
             (fid, fid_s), (mse, mse_s), vs = r["fid_vs_fp"], r["mse_vs_fp"], r["against_largest"]
             print(
@@ -188,6 +274,8 @@ def main() -> None:
         args.json.write_text(json.dumps(found, indent=1) + "\n")
     if args.figure:
         figure(found, args.rows, args.figure)
+    if args.markdown:
+        args.markdown.write_text(markdown(found, args.rows))
 
 
 if __name__ == "__main__":

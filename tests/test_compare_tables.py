@@ -62,7 +62,8 @@ def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_larg
     out = tmp_path / "curve.json"
     command = [sys.executable, "benchmarks/budget_curve.py", str(repo), str(pipeline_copy), "--rows", "dmq-w4a6"]
     pairs = ["qdiff-w4a6", "--pairs", "dmq-w4a6:qdiff-w4a6"]
-    run([*command, *pairs, "--json", str(out), "--figure", str(tmp_path / "curve.png")], ROOT)
+    table = tmp_path / "curve.md"
+    run([*command, *pairs, "--json", str(out), "--figure", str(tmp_path / "curve.png"), "--markdown", str(table)], ROOT)
     found = json.loads(out.read_text())
     assert [(p["les_iters"], p["recon_iters"], p["recon_lr"]) for p in found["points"]] == [
         (5, reduced_params()["recon"]["iters"], load_config(repo / "params.yaml").recon.learning_rate),
@@ -78,6 +79,15 @@ def test_the_budget_curve_reads_each_workspace_budget_and_pairs_it_with_the_larg
         assert math.isclose(pair["fid_diff"], row["fid_vs_fp"][0] - qdiff_fid, abs_tol=1e-9)
         assert point["keeps_pair_verdicts"]  # the same artifacts under other labels: the same claims
     assert (tmp_path / "curve.png").stat().st_size > 0
+    header, alignment, smaller, largest = table.read_text().splitlines()
+    assert header.split(" | ")[1:5] == ["`dmq-w4a6`", "`qdiff-w4a6`", "moved", "`dmq-w4a6` vs `qdiff-w4a6`"]
+    assert alignment == "|---|---|---|---:|---|---:|---:|"  # with the seconds of LES and AdaRound, both varied
+    assert smaller.startswith("| LES 5 at lr ") and "| within; within | within; within | 0 |" in smaller
+    pair = found["points"][1]["pairs"]["dmq-w4a6 vs qdiff-w4a6"]
+    assert f"ΔFID {found['points'][1]['rows']['dmq-w4a6']['fid_vs_fp'][0]:.1f} ± " in largest
+    assert f"({pair['fid_diff']:+.1f} ± {pair['fid_diff_std']:.1f})" in largest and "(largest)" in largest
+    seconds = found["points"][0]["seconds"]["recon"]  # qdiff-w4 and dmq-w4a6 both reconstruct
+    assert len(seconds) == 2 and smaller.endswith(f"| {min(seconds):.0f}–{max(seconds):.0f} |")
     by_seed = []  # each quantization seed alone (--seeds: positions in quant.seeds) averages to both together
     for seed in (0, 1):
         run([*command[:3], "--rows", "dmq-w4a6", "--seeds", str(seed), "--json", str(out)], ROOT)
