@@ -75,9 +75,8 @@ def grid_path(row: str) -> Path:
 
 
 def entry_checkpoints_path(stage: str, name: str) -> Path:
-    """Every quantization seed's per-unit checkpoints of an unfinished les / recon stage, removed when
-    the stage completes, not when a seed's output is written: DVC deletes a stage's outputs before it
-    reruns the stage, so a finished seed's checkpoints are all that a killed run keeps of it."""
+    """Every quantization seed's per-unit checkpoints of an unfinished les / recon / pts stage for an
+    entry or row (:func:`stages.lineage.seed_checkpoints`, removed when the whole stage is written)."""
     return ARTIFACTS / f".{stage}.ckpt" / name
 
 
