@@ -181,13 +181,17 @@ def figure(found: dict, rows: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _against(verdict: dict, fid: bool) -> str:
-    """A row's verdict against itself at the largest budget, by FID or by pixel error."""
-    key, diff, digits = ("fid_verdict", "fid_diff", 1) if fid else ("verdict", "mse_diff", 4)
+# compare_rows' verdict, difference, its seed spread and the digits shown, by FID and by pixel error
+BY_FID, BY_PIXELS = ("fid_verdict", "fid_diff", "fid_diff_std", 1), ("verdict", "mse_diff", "mse_diff_std", 4)
+
+
+def _against(verdict: dict, metric: tuple) -> str:
+    """A row's verdict against itself at the largest budget (the spread shown for FID only)."""
+    key, diff, spread, digits = metric
     if verdict[key] == "within the spread":
         return "within"
-    spread = f" ± {verdict['fid_diff_std']:.1f}" if fid else ""
-    return f"{'closer' if verdict[diff] < 0 else 'farther'} by {abs(verdict[diff]):.{digits}f}{spread}"
+    shown = f" ± {verdict[spread]:.{digits}f}" if metric is BY_FID else ""
+    return f"{'closer' if verdict[diff] < 0 else 'farther'} by {abs(verdict[diff]):.{digits}f}{shown}"
 
 
 def _pair(verdict: dict, a: str, b: str, key: str) -> str:
@@ -220,15 +224,12 @@ def markdown(found: dict, rows: list[str]) -> str:
             label += " (largest)"
         else:
             verdicts = [point["rows"][row]["against_largest"] for row in rows]
-            cells = [f"{_against(v, True)}; {_against(v, False)}" for v in verdicts]
-            cells.append(str(sum(_against(v, fid) != "within" for v in verdicts for fid in (True, False))))
+            cells = [f"{_against(v, BY_FID)}; {_against(v, BY_PIXELS)}" for v in verdicts]
+            cells.append(str(sum(_against(v, metric) != "within" for v in verdicts for metric in (BY_FID, BY_PIXELS))))
         for pair in pairs:
             a, b = pair.split(" vs ")
             texts = []
-            for key, diff, spread, digits in (
-                ("fid_verdict", "fid_diff", "fid_diff_std", 1),
-                ("verdict", "mse_diff", "mse_diff_std", 4),
-            ):
+            for key, diff, spread, digits in (BY_FID, BY_PIXELS):
                 text = _pair(point["pairs"][pair], a, b, key)
                 if point is largest:
                     text += f" ({point['pairs'][pair][diff]:+.{digits}f} ± {point['pairs'][pair][spread]:.{digits}f})"
