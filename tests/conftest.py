@@ -24,7 +24,7 @@ def pytest_configure(config):
 
 
 # The files that use the reproduced repository longest, longest first.
-LONGEST_ON_THE_REPRODUCED_REPO = ("test_dvc_pipeline.py", "test_dvc_reruns.py")
+LONGEST_ON_THE_REPRODUCED_REPO = ("test_dvc_pipeline.py", "test_interruption.py", "test_reproducibility.py")
 
 
 def pytest_collection_modifyitems(config, items):
