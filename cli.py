@@ -112,7 +112,7 @@ def _records(params: Path, ablation: bool) -> tuple[list[dict], str, int | None]
     from pipeline.params import load_config
     from stages.layout import FP, metrics_path
 
-    cfg = load_config(params)
+    cfg = load_config(params, model_checks=False)  # reads records only: no model, no import of diffusers
     names = [FP, *(cfg.report.ablation if ablation else cfg.report.table)]
     missing = [name for name in names if not metrics_path(name).exists()]
     if missing:
@@ -124,13 +124,13 @@ def _records(params: Path, ablation: bool) -> tuple[list[dict], str, int | None]
 def _table(params: Path, ablation: bool) -> str:
     """The table of metrics/ as markdown; FileNotFoundError for a missing record, ValueError for a row
     made from another FP model than metrics/fp.json's."""
-    from pipeline.eval.metrics import FEATURE_NOTE
     from pipeline.eval.report import ABLATION_COLUMNS, COLUMNS, markdown_table, rows_against_fp
 
     records, title, protocol_samples = _records(params, ablation)
-    features = records[0].get("features", FEATURE_NOTE)  # records written before the Inception option name no features
     columns = ABLATION_COLUMNS if ablation else COLUMNS
-    body = markdown_table(rows_against_fp(records), records[0]["steps"], features, columns, protocol_samples)
+    body = markdown_table(
+        rows_against_fp(records), records[0]["steps"], records[0]["features"], columns, protocol_samples
+    )
     return f"{title}\n\n{body}"
 
 
@@ -184,27 +184,27 @@ def run_pipeline(
     targets: list[str] = typer.Argument(None, help="stages to bring up to date (default: all, i.e. the whole table)"),
     force: bool = typer.Option(False, help="rerun the stages even when nothing changed (dvc repro --force)"),
 ) -> None:
-    """``dvc repro`` with a readable account: each stage's predicted peak memory (a run that cannot fit
-    this machine is refused before it starts), the stages it will run, progress as each starts, how
-    long each took, then the table."""
+    """``dvc repro`` with a readable account: each stage's predicted peak memory when any stage is to run
+    (a run that cannot fit this machine is refused before it starts), the stages it will run, progress as
+    each starts, how long each took, then the table."""
     import subprocess
     import time
 
     from pipeline.params import load_config
     from pipeline.preflight import memory
 
-    findings = memory(load_config(Path("params.yaml")))
-    for finding in findings:
-        typer.echo(f"{'ok' if finding.ok else 'PROBLEM':>7}  {finding.check}: {finding.detail}")
-    if not all(finding.ok for finding in findings):
-        typer.secho("refused: a stage would not fit this machine (`dvc repro` runs it anyway)", fg="red", err=True)
-        raise typer.Exit(1)
-
     command = ["dvc", "repro", *(["--force"] if force else []), *(targets or [])]
     always = _always_changed()  # they run on every repro; they rerun others only when their output changes
     dry = subprocess.run([*command, "--dry"], capture_output=True, text=True).stdout
     changed = [stage for stage in _stages_in(dry) if stage not in always]
     planned = _downstream(changed, subprocess.run(["dvc", "dag", "--dot"], capture_output=True, text=True).stdout)
+    # the predictions run the network on the meta device (seconds): only for a run that runs something
+    findings = memory(load_config(Path("params.yaml"))) if planned else []
+    for finding in findings:
+        typer.echo(f"{'ok' if finding.ok else 'PROBLEM':>7}  {finding.check}: {finding.detail}")
+    if not all(finding.ok for finding in findings):
+        typer.secho("refused: a stage would not fit this machine (`dvc repro` runs it anyway)", fg="red", err=True)
+        raise typer.Exit(1)
     typer.echo(
         f"{len(changed)} stage(s) changed: {', '.join(changed)}; up to {len(planned)} run, those downstream only "
         "if their inputs change"

@@ -103,14 +103,24 @@ def test_a_rows_activation_bits_rerun_that_row_only_not_its_shared_weights(repo)
     }
 
 
+SHARED_WEIGHTS_CHANGE = {"weights": {"qdiff-w4": {"method": "qdiff-steps"}}}  # w_bits would break the guard's pair
+SHARING = ("qdiff-w4a8", "qdiff-w4a6", "dmq-no-les-w4a6")
+
+
+def test_a_weights_entry_makes_the_rows_that_share_it_stale(pipeline_copy):
+    set_params(pipeline_copy, SHARED_WEIGHTS_CHANGE)
+    assert (
+        stale_stages(pipeline_copy) == {"les@qdiff-w4", "recon@qdiff-w4", *(f"pts@{row}" for row in SHARING)} | ALWAYS
+    )
+
+
+@pytest.mark.slow  # 11 stages: the longest rerun of the reduced repository (2:45 on a 2-core AVX2 machine)
 def test_a_weights_entry_reruns_the_rows_that_share_it(repo):
     repo, _ = repo
-    set_params(repo, {"weights": {"qdiff-w4": {"method": "qdiff-steps"}}})  # w_bits would break the guard's pair
-    sharing = ("qdiff-w4a8", "qdiff-w4a6", "dmq-no-les-w4a6")
-    assert stale_stages(repo) == {"les@qdiff-w4", "recon@qdiff-w4", *(f"pts@{row}" for row in sharing)} | ALWAYS
+    set_params(repo, SHARED_WEIGHTS_CHANGE)
     ran = ran_stages(run(["dvc", "repro"], repo))
     # the qdiff rows take the entry's new method; dmq-no-les names its own, and the weights' values are the
     # same (qdiff-steps shares qdiff's switches), so its activation parameters and samples come out
     # byte-identical: its metrics and the guard do not rerun
-    rows = {f"{stage}@{row}" for stage in ("pts", "sample") for row in sharing} | {"fid@qdiff-w4a8", "fid@qdiff-w4a6"}
+    rows = {f"{stage}@{row}" for stage in ("pts", "sample") for row in SHARING} | {"fid@qdiff-w4a8", "fid@qdiff-w4a6"}
     assert ran == {"les@qdiff-w4", "recon@qdiff-w4", *rows, "report"} | ALWAYS
