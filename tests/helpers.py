@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +30,15 @@ def run(cmd, cwd) -> str:
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
+
+
+def imported_packages(code: str, cwd: Path = ROOT) -> set[str]:
+    """The top-level packages a fresh interpreter holds after running ``code`` in ``cwd``."""
+    listing = "import sys; print(' '.join({m.split('.')[0] for m in sys.modules}))"
+    found = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{listing}"], cwd=cwd, capture_output=True, text=True, check=True
+    )
+    return set(found.stdout.split())
 
 
 def ran_stages(output: str) -> set[str]:

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-from helpers import ROOT, dvc_stages
+from helpers import ROOT, dvc_stages, imported_packages
 
 # Roles in the order imports may flow: a module imports its own role or an earlier one.
 ROLES = [
@@ -152,15 +150,9 @@ def test_every_stage_declares_the_modules_its_script_imports():
     assert not missing, "stages import modules their deps do not list:\n" + "\n".join(missing)
 
 
-def _imported_packages(module: str) -> set[str]:
-    code = f"import sys, {module}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
-    found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    return set(found.stdout.split())
-
-
 def test_the_always_run_stage_imports_no_torch():
     # eval_files runs on every `dvc repro`, so a no-op repro costs its imports
-    assert not {"torch", "zarr", "diffusers"} & _imported_packages("stages.eval_files")
+    assert not {"torch", "zarr", "diffusers"} & imported_packages("import stages.eval_files")
 
 
 def test_no_always_run_stage_in_the_root_dvc_yaml():
@@ -173,4 +165,5 @@ def test_no_always_run_stage_in_the_root_dvc_yaml():
 
 def test_the_metrics_stages_import_no_diffusers():
     # a dozen fid stages per repro: diffusers' import is seconds each, and they never build a model
-    assert "diffusers" not in _imported_packages("stages.fid, stages.report")  # one process: its imports are seconds
+    # (one process for both: its imports are seconds)
+    assert "diffusers" not in imported_packages("import stages.fid, stages.report")

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from helpers import ROOT, run, set_params
+from helpers import ROOT, imported_packages, run, set_params
 
 CLI = [sys.executable, str(ROOT / "cli.py")]
 
@@ -26,9 +26,7 @@ def test_table_prints_fp_first_then_the_configured_rows(pipeline_copy):
 def test_the_table_reads_the_records_without_the_model_or_torch_fidelity(reproduced):
     # seconds of imports each: `cli.py table` took 12 s on a 2-core AVX2 machine when it checked the params
     # against the model as a stage does
-    code = "import sys, cli; cli._table(cli.Path('params.yaml'), False); print(*{m.split('.')[0] for m in sys.modules})"
-    found = subprocess.run([sys.executable, "-c", code], cwd=reproduced[0], capture_output=True, text=True, check=True)
-    imported = set(found.stdout.split())
+    imported = imported_packages("import cli; cli._table(cli.Path('params.yaml'), False)", reproduced[0])
     assert "pipeline" in imported and not {"diffusers", "torch_fidelity"} & imported
 
 

@@ -107,13 +107,6 @@ SHARED_WEIGHTS_CHANGE = {"weights": {"qdiff-w4": {"method": "qdiff-steps"}}}  # 
 SHARING = ("qdiff-w4a8", "qdiff-w4a6", "dmq-no-les-w4a6")
 
 
-def test_a_weights_entry_makes_the_rows_that_share_it_stale(pipeline_copy):
-    set_params(pipeline_copy, SHARED_WEIGHTS_CHANGE)
-    assert (
-        stale_stages(pipeline_copy) == {"les@qdiff-w4", "recon@qdiff-w4", *(f"pts@{row}" for row in SHARING)} | ALWAYS
-    )
-
-
 @pytest.mark.slow  # 11 stages: the longest rerun of the reduced repository (2:45 on a 2-core AVX2 machine)
 def test_a_weights_entry_reruns_the_rows_that_share_it(repo):
     repo, _ = repo

@@ -1,13 +1,13 @@
-"""Two params of the reduced configuration (see test_dvc_pipeline.py): LES params reach only the LES stages,
-sampling seeds only sampling. What DVC finds stale after each change (``dvc status``) is checked on every
-run; the reruns themselves, which show where the stages downstream stop because an output came out
-byte-identical, are the longest of the reduced repository (1:49 and 2:38 on a 2-core AVX2 machine) and run
-with the end-to-end tests (``slow``)."""
+"""Params of the reduced configuration (see test_dvc_pipeline.py): LES params reach only the LES stages, sampling
+seeds only sampling, a weights entry the rows that share it. What DVC finds stale after each change (``dvc
+status``) is checked on every run; the reruns themselves, which show where the stages downstream stop because
+an output came out byte-identical, are the longest of the reduced repository (1:49 and 2:38 on a 2-core AVX2
+machine) and run with the end-to-end tests (``slow``)."""
 
 import json
 
 import pytest
-from test_dvc_pipeline import ALWAYS, GUARD, ROWS
+from test_dvc_pipeline import ALWAYS, GUARD, ROWS, SHARED_WEIGHTS_CHANGE, SHARING
 
 from helpers import copy_repo, ran_stages, run, set_params, stale_stages
 
@@ -20,8 +20,10 @@ SAMPLE_SEEDS = {"sample": {"seeds": [1, 3]}}
     [
         (LES_ITERS, {"les@qdiff-w4", "les@dmq-w4a6"}),  # every entry's les declares the section
         (SAMPLE_SEEDS, {"sample_fp", "peer@quanto-w4a8", *(f"sample@{row}" for row in ROWS)}),
+        # its rerun (slow) is test_dvc_pipeline.py's test_a_weights_entry_reruns_the_rows_that_share_it
+        (SHARED_WEIGHTS_CHANGE, {"les@qdiff-w4", "recon@qdiff-w4", *(f"pts@{row}" for row in SHARING)}),
     ],
-    ids=["les", "sample-seeds"],
+    ids=["les", "sample-seeds", "weights-entry"],
 )
 def test_a_param_makes_only_the_stages_that_read_it_stale(pipeline_copy, change, stale):
     set_params(pipeline_copy, change)
