@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.eval.includes import first_table
-from pipeline.eval.report import Row, mean_std, rows_against_fp
-from pipeline.infra.storage import ArtifactError, read_json
-from stages.layout import ABLATION, COMPARISONS, FP, METRICS, PAPER_TABLE, metrics_path
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # this checkout's code, whichever checkout pip installed
+
+from pipeline.eval.includes import first_table  # noqa: E402
+from pipeline.eval.report import Row, mean_std, rows_against_fp  # noqa: E402
+from pipeline.infra.storage import ArtifactError, read_json  # noqa: E402
+from stages.layout import ABLATION, COMPARISONS, FP, METRICS, PAPER_TABLE, metrics_path  # noqa: E402
 
 CPU_MARK = "; CPU "  # pipeline.infra.machine.environment ends with it; records written before it have no CPU part
 VERDICTS = {"mse_verdict": "MSE verdict", "fid_verdict": "FID verdict"}  # JSON key: comparisons.md column

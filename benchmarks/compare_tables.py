@@ -20,19 +20,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 
-from pipeline.eval.report import compare_rows, mean_std, rows_against_fp
-from pipeline.eval.sampling import read_samples
-from pipeline.infra.fingerprint import config_values
-from pipeline.infra.storage import read_json
-from pipeline.params import load_config
-from stages.layout import FP, metrics_path, samples_path
-from stages.report import sample_errors
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # this checkout's code, whichever checkout pip installed
+
+from pipeline.eval.report import compare_rows, mean_std, rows_against_fp  # noqa: E402
+from pipeline.eval.sampling import read_samples  # noqa: E402
+from pipeline.infra.fingerprint import config_values  # noqa: E402
+from pipeline.infra.storage import read_json  # noqa: E402
+from pipeline.params import load_config  # noqa: E402
+from stages.layout import FP, metrics_path, samples_path  # noqa: E402
+from stages.report import sample_errors  # noqa: E402
 
 
 def flat_params(root: Path) -> dict:

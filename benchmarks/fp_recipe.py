@@ -21,19 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.eval.metrics import evaluate_runs, feature_space, featurize, reference_digits
-from pipeline.eval.sampling import generate
-from pipeline.models.diffusion import ddim_scheduler, load_fp_model
-from pipeline.models.training import train_embedded
-from pipeline.params import load_config
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # this checkout's code, whichever checkout pip installed
+
+from pipeline.eval.metrics import evaluate_runs, feature_space, featurize, reference_digits  # noqa: E402
+from pipeline.eval.sampling import generate  # noqa: E402
+from pipeline.models.diffusion import ddim_scheduler, load_fp_model  # noqa: E402
+from pipeline.models.training import train_embedded  # noqa: E402
+from pipeline.params import load_config  # noqa: E402
+
 TRAIN_KEYS = {
     "train_steps": int,
     "batch_size": int,
