@@ -7,7 +7,8 @@ guard row's -> metrics/<name>.json, reports/guard/<name>.json."""
 import time
 from functools import partial
 
-from pipeline.eval.metrics import distance_features, feature_space, per_sample_mse
+from pipeline.eval.metrics import distance_features, feature_space
+from pipeline.eval.paired import per_sample_mse
 from pipeline.eval.report import guarded_record
 from pipeline.eval.sampling import generate
 from pipeline.infra.device import resolve_device

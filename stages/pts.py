@@ -11,7 +11,7 @@ from pipeline.calibration.stats import auto_pts_layers, open_stats
 from pipeline.config import Config
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
-from pipeline.infra.storage import atomic_store, write_tensors
+from pipeline.infra.storage import atomic_store, create_array, write_tensors
 from pipeline.method.activation_ranges import calibrate_row
 from pipeline.method.pts import select_pts_layers, vote_summary
 from pipeline.methods import METHODS
@@ -89,7 +89,7 @@ def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group)
         root.attrs.update({**provenance, "steps": steps, "threshold": pts.ratio_threshold, "pts": voter is not None})
         for name, arrays in votes.items():
             for key, value in arrays.items():
-                root.create_array(f"{name}/{key}", data=value.numpy())
+                create_array(root, f"{name}/{key}", data=value.numpy())
     return {**vote_summary(votes), **learned}
 
 

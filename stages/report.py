@@ -9,7 +9,7 @@ import statistics
 import torch
 
 from pipeline.config import Config
-from pipeline.eval.metrics import per_sample_mse
+from pipeline.eval.paired import per_sample_mse
 from pipeline.eval.report import (
     ABLATION_COLUMNS,
     COLUMNS,

@@ -122,14 +122,14 @@ def exempt_from_code_deps() -> set[str]:
     return set(listed.group(1).replace("#", " ").split())
 
 
-def test_every_stage_declares_the_modules_its_script_imports():
+def test_every_stage_declares_exactly_the_modules_its_script_imports():
     graph, known = import_graph(), project_modules()
     exempt = exempt_from_code_deps()
     path_of = {name: path.relative_to(ROOT).as_posix() for name, path in known.items()}
     assert exempt <= set(path_of.values()), (
         f"dvc.yaml exempts files that do not exist: {exempt - set(path_of.values())}"
     )
-    missing = []
+    missing, extra = [], []
     for stage, spec in dvc_stages().items():
         spec = spec.get("do", spec)
         script = re.search(r"python -m (stages\.\w+)", spec["cmd"]).group(1)
@@ -147,7 +147,15 @@ def test_every_stage_declares_the_modules_its_script_imports():
                 continue
             if not any(file == d or file.startswith(d + "/") for d in deps):
                 missing.append(f"{stage}: {file}")
+        # a listed module the script does not import reruns the stage for nothing when it changes; a
+        # package's __init__ runs when any of its modules is imported
+        files = {path_of[module] for module in reached}
+        files |= {file.rsplit("/", 1)[0] + "/__init__.py" for file in files}
+        for dep in (d for d in deps if d.split("/")[0] in {"pipeline", "stages"}):
+            if not any(file == dep or file.startswith(dep + "/") for file in files):
+                extra.append(f"{stage}: {dep}")
     assert not missing, "stages import modules their deps do not list:\n" + "\n".join(missing)
+    assert not extra, "stages list modules their scripts do not import:\n" + "\n".join(extra)
 
 
 def test_the_always_run_stage_imports_no_torch():

@@ -67,6 +67,17 @@ def test_repro_runs_every_stage_and_writes_metrics_and_report(repo):
         assert (repo / f"reports/figures/{name}.png").stat().st_size > 0
 
 
+def test_every_store_keeps_its_chunks_beside_its_arrays_metadata(repo):
+    """Flat chunk keys (``c.0.0``): no directory per chunk dimension for DVC to walk on every run."""
+    repo, _ = repo
+    stores = [*(repo / "artifacts").glob("*.zarr"), *(repo / "artifacts").glob("*/**/*.zarr")]
+    assert {store.name for store in stores} >= {"calib.zarr", "stats.zarr"}
+    nested = [path for store in stores for path in store.rglob("c") if path.is_dir()]
+    assert not nested, nested[:3]
+    x0 = repo / "artifacts/calib.zarr/trajectory/x0"
+    assert [path.name for path in x0.iterdir() if path.name != "zarr.json"] == ["c.0.0.0.0"]
+
+
 def test_nothing_changed_reruns_nothing(repo):
     """eval_files runs every time; its listing comes out unchanged, so the reference features and the
     metrics are not recomputed."""
@@ -80,7 +91,7 @@ def test_a_damaged_store_is_restored_without_rerunning_its_readers(repo):
     thousand files for each of ~40 readers made a no-op `dvc repro` cost 10 s): DVC sees the damage
     as a changed output of dump and restores it, and the readers' dependency is unchanged."""
     repo, _ = repo
-    chunk = max((repo / "artifacts/calib.zarr").rglob("c/*/*/*/*"), key=lambda p: p.stat().st_size)
+    chunk = max((repo / "artifacts/calib.zarr").rglob("c.*"), key=lambda p: p.stat().st_size)
     intact = chunk.read_bytes()
     chunk.write_bytes(intact[:100])
     assert stale_stages(repo) == {"dump"} | ALWAYS

@@ -39,7 +39,7 @@ from pipeline.calibration.capture import GB, Budget, capture_io, io_numel
 from pipeline.config import Config
 from pipeline.infra.device import to_device
 from pipeline.infra.distributed import SINGLE, World, my_batches, plan_batches
-from pipeline.infra.storage import ArtifactError, open_store, store_name
+from pipeline.infra.storage import ArtifactError, create_array, open_store, store_name
 from pipeline.models.denoiser import NULL, Denoiser, as_denoiser, load_denoiser
 from pipeline.models.diffusion import ddim_sample, ddim_scheduler, sample_noise
 from pipeline.quant.model import quantizable_layers
@@ -95,18 +95,19 @@ def dump_calibration(
     sample_chunk = chunk_records if num_samples % chunk_records == 0 else num_samples
     if world.main:
         root = zarr.open_group(str(store_path), mode="w")
-        root.create_array(
+        create_array(
+            root,
             "trajectory/x_t",
             shape=(n_records, *shape),
             chunks=_chunks((n_records, *shape), chunk_records),
             dtype="float32",
         )
-        root.create_array("trajectory/t", data=np.repeat(scheduler.timesteps.numpy().astype(np.int64), num_samples))
-        root.create_array("trajectory/step", data=np.repeat(np.arange(steps, dtype=np.int32), num_samples))
-        root.create_array("trajectory/sample", data=np.tile(np.arange(num_samples, dtype=np.int32), steps))
-        root.create_array("trajectory/x0", shape=(num_samples, *shape), chunks=(sample_chunk, *shape), dtype="float32")
+        create_array(root, "trajectory/t", data=np.repeat(scheduler.timesteps.numpy().astype(np.int64), num_samples))
+        create_array(root, "trajectory/step", data=np.repeat(np.arange(steps, dtype=np.int32), num_samples))
+        create_array(root, "trajectory/sample", data=np.tile(np.arange(num_samples, dtype=np.int32), steps))
+        create_array(root, "trajectory/x0", shape=(num_samples, *shape), chunks=(sample_chunk, *shape), dtype="float32")
         if keys is not None:
-            root.create_array("trajectory/cond", data=keys.numpy())
+            create_array(root, "trajectory/cond", data=keys.numpy())
         root.attrs["guided"] = guided
         if world.size > 1 and sample_chunk == num_samples:
             print(
@@ -230,8 +231,8 @@ def dump_layer_io(
         for name, (inp, out) in captured.items():
             for kind, value in (("input", inp), ("output", out)):
                 shape = (n, *value.shape[1:])
-                root.create_array(
-                    f"layers/{name}/{kind}", shape=shape, chunks=_chunks(shape, chunk_records), dtype="float16"
+                create_array(
+                    root, f"layers/{name}/{kind}", shape=shape, chunks=_chunks(shape, chunk_records), dtype="float16"
                 )
     names = world.broadcast(list(captured) if world.main else None)
     world.barrier()

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.calibration.capture import Budget, execution_order, io_numel, layer_io, windows
 from pipeline.calibration.dump import step_records
-from pipeline.infra.storage import atomic_path, open_store
+from pipeline.infra.storage import atomic_path, create_array, open_store
 
 CHANNEL_STATS = ("min", "max", "absmax", "percentile")
 STEP_STATS = ("channel_range_variance", "outlier_ratio")
@@ -106,7 +106,7 @@ def write_stats_store(path: str | Path, stats: Stats, attrs: dict) -> None:
     root = zarr.open_group(str(path), mode="w")
     for layer, table in stats.items():
         for name in CHANNEL_STATS + STEP_STATS:
-            root.create_array(f"{layer}/{name}", data=np.asarray(table[name], dtype=np.float32))
+            create_array(root, f"{layer}/{name}", data=np.asarray(table[name], dtype=np.float32))
     root.attrs.update(attrs)
 
 

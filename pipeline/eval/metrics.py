@@ -44,6 +44,7 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+from pipeline.eval.paired import paired_error
 from pipeline.infra.listing import clip_folder_problem, reference_files
 from pipeline.infra.storage import ArtifactError, read_tensors
 from pipeline.models.classifier import DigitClassifier
@@ -158,22 +159,9 @@ def confident_share(images_uint8: torch.Tensor, classifier_path: str, threshold:
     return float((probabilities.max(1).values > threshold).float().mean())
 
 
-def per_sample_mse(reference: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Mean squared pixel error of each sample against the reference sample from the same noise, (N,)."""
-    return (images.float() - reference.float()).pow(2).flatten(1).mean(1)
-
-
 def distance_features(images: torch.Tensor, features: FeatureSpace) -> torch.Tensor:
     """The features FID compares, of each image in [-1, 1], (N, D) float32."""
     return featurize(to_uint8_rgb(images), features, reference=True)[features.distance_layer]
-
-
-def paired_error(reference: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
-    """Pixel error between samples drawn from the same noise (deterministic DDIM): a far less noisy
-    comparison of quantizers than any distribution metric on a thousand samples."""
-    mse = per_sample_mse(reference, images)
-    psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-12))  # images span [-1, 1]: peak-to-peak 2
-    return {"mse": float(mse.mean()), "psnr_db": float(psnr.mean())}
 
 
 class ImageTensors(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from pipeline.infra.device import autocast, host, to_device
 from pipeline.infra.distributed import SINGLE, World, my_batches, plan_batches, shared_store
-from pipeline.infra.storage import open_store
+from pipeline.infra.storage import create_array, open_store
 from pipeline.models.denoiser import as_denoiser
 from pipeline.models.diffusion import ddim_sample, sample_noise
 from pipeline.quant.model import set_step
@@ -109,7 +109,8 @@ def write_samples(
         if world.main:
             root = zarr.open_group(str(tmp), mode="w")
             for seed in seeds:
-                root.create_array(
+                create_array(
+                    root,
                     f"seed-{seed}",
                     shape=(num_samples, *shape),
                     chunks=(min(batch_size, num_samples), *shape),

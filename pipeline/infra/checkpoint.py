@@ -1,6 +1,7 @@
 """Per-unit checkpoints of a long stage, so that a rerun after a crash or a kill resumes.
 
-A unit (an LES layer, an AdaRound block) that finishes is written at once, atomically, as one
+A unit (an LES layer, an AdaRound block, a block of Q-Diffusion's learned activation steps in
+``pts``) that finishes is written at once, atomically, as one
 safetensors file in ``root/<key>/``. ``key`` hashes everything the results depend on (model and
 params), so checkpoints made under other params are never reused; they are deleted when a stage
 opens its checkpoints with a new key. The stage removes them once all of its outputs are written.
