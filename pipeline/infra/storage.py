@@ -148,7 +148,7 @@ def create_array(group: zarr.Group, name: str, **kwargs) -> zarr.Array:
     """``group.create_array`` with flat chunk keys (``c.0.0`` beside the array's ``zarr.json``).
 
     Zarr's default keys (``c/0/0``) give every array a directory per chunk dimension: the main job's
-    stores would hold twice as many directories as files, and DVC walks every output directory on
+    stores would hold nearly twice as many directories as files, and DVC walks every output directory on
     each ``dvc repro`` and ``dvc status``. Readers need nothing: the encoding is in the metadata.
     """
     return group.create_array(name, chunk_key_encoding={"name": "default", "separator": "."}, **kwargs)
