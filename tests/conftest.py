@@ -7,6 +7,7 @@ import torch
 from filelock import FileLock
 
 from helpers import copy_repo, init_repo, reduced_params, run
+from pipeline.infra import forkserver
 from pipeline.infra.allocator import keep_freed_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +56,8 @@ def tiny_unet():
 
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory):
-    """(repo, dvc output): the reduced configuration after one full ``dvc repro``. Shared by several
+    """(repo, dvc output): the reduced configuration after one full ``dvc repro``, its stages forked from
+    a warm server as under ``cli.py run`` (the output ends with the server's log). Shared by several
     test files, so never change it: work on a :func:`pipeline_copy`. Built once per test run: under
     pytest-xdist the first worker to need it builds it in the run's shared folder, holding a file
     lock that the other workers wait on."""
@@ -67,7 +69,11 @@ def reproduced(tmp_path_factory):
         if not log.exists():
             shutil.rmtree(repo, ignore_errors=True)  # a build that failed in another worker
             repo.mkdir()
-            log.write_text(run(["dvc", "repro"], init_repo(repo, reduced_params())))
+            init_repo(repo, reduced_params())
+            with forkserver.started(repo, wait=True) as server:  # as `cli.py run` does
+                output = run(["dvc", "repro"], repo, server.env)
+                output += "".join(f"fork server: {line}\n" for line in server.requests())
+            log.write_text(output)
     return repo, log.read_text()
 
 

@@ -26,8 +26,8 @@ def dvc_stages() -> dict:
     return {name: spec for stages in files for name, spec in stages.items()}
 
 
-def run(cmd, cwd) -> str:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+def run(cmd, cwd, env=None) -> str:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
 
