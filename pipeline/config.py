@@ -271,6 +271,7 @@ class ReconConfig(Section):
     weighting: Literal["none", "method"] = Field(
         "none", description="timestep-weight the loss as LES does (reference: none)"
     )
+    workers: int = Field(1, ge=1, description="parallel worker processes (the quantization seeds are independent)")
 
     @property
     def learning_rate(self) -> float:
@@ -286,6 +287,7 @@ class PTSConfig(Section):
     calib_records: int = Field(64, ge=1, description="records per step for activation calibration")
     batch_size: int = Field(16, ge=1)
     momentum: float = Field(0.95, ge=0, lt=1)
+    workers: int = Field(1, ge=1, description="parallel worker processes (the quantization seeds are independent)")
 
 
 class SharedActsConfig(Section):

@@ -105,7 +105,7 @@ def package_versions(distribution: str = DISTRIBUTION) -> list[Finding]:
     return findings
 
 
-def thread_settings(les_workers: int) -> list[Finding]:
+def thread_settings(workers: dict[str, int]) -> list[Finding]:
     """Oversubscribed cores slow every stage; artifacts are bit-identical only at equal thread counts."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = torch.get_num_threads()
@@ -118,8 +118,9 @@ def thread_settings(les_workers: int) -> list[Finding]:
             threads <= cores,
             detail if threads <= cores else f"{detail}: more threads than cores; set OMP_NUM_THREADS",
         ),
-        Finding(
-            "les.workers", les_workers <= cores, f"{les_workers} worker processes, one thread each, on {cores} cores"
+        *(
+            Finding(key, count <= cores, f"{count} worker processes, one thread each, on {cores} cores")
+            for key, count in workers.items()
         ),
     ]
 
@@ -228,7 +229,13 @@ GPU_KNOBS = {
     "pts": "pts.batch_size",
     "sample": "sample.batch_size",
 }
-HOST_KNOBS = {**GPU_KNOBS, "stats": "capture.host_gb", "les": "capture.host_gb", "recon": "capture.host_gb"}
+HOST_KNOBS = {
+    **GPU_KNOBS,
+    "stats": "capture.host_gb",
+    "les": "capture.host_gb",
+    "recon": "capture.host_gb, recon.workers",
+    "pts": "pts.batch_size, pts.workers",
+}
 
 
 def host_memory() -> int:
@@ -307,7 +314,9 @@ def diagnose(
     findings.append(Finding("params", True, f"{params} is valid"))
     return [
         *findings,
-        *thread_settings(cfg.les.workers),
+        *thread_settings(
+            {"les.workers": cfg.les.workers, "recon.workers": cfg.recon.workers, "pts.workers": cfg.pts.workers}
+        ),
         cpu(),
         device(cfg),
         model(cfg),

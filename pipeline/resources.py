@@ -219,10 +219,15 @@ class StageCost:
     # weights the stage holds but never reads: mapped from the weights file, they take no memory until
     # read (on a GPU they are, when they are copied there)
     unread: int = 0
+    # processes at that peak at once on the CPU: the quantization seeds of recon and pts in their workers
+    # (forked: the process baseline stays shared); on CUDA one
+    processes: int = 1
 
     def host_peak(self, cuda: bool) -> int:
         """Host bytes at the stage's peak, the process baseline not included."""
-        return self.host + (self.staged if cuda else max(self.device, self.staged) - self.unread)
+        if cuda:
+            return self.host + self.staged
+        return self.processes * (self.host + max(self.device, self.staged) - self.unread)
 
 
 def _placed(sizes: list[int], budget: Budget) -> tuple[int, int, int]:
@@ -302,14 +307,17 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
         # measured and reconstruction now drops after each block (an over-estimate until measured again);
         # at the end the 8-bit integer weights
         held = 4 * weights
+        processes = min(cfg.recon.workers, len(cfg.quant.seeds))
         costs.append(
             StageCost(
                 "recon",
                 held + max(forward, train, weights // 4) + d + di,
                 h + hi,
                 s + si,
-                f"block inputs and FP targets of {recon_records} records",
+                f"block inputs and FP targets of {recon_records} records"
+                + (f", in each of {processes} seeds' processes on the CPU" if processes > 1 else ""),
                 2 * weights + text_encoder,
+                processes=processes,
             )
         )
 
@@ -339,7 +347,9 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
             train = unit_training_peak(calls)  # with rounding variables: an over-estimate of the steps' learning
             pts, pts_host, pts_disk = max(pts, 3 * weights + train + d + di), pts_host + hi, pts_disk + si
             calibrated += f", block inputs and FP targets of {shared.records} records"
-    costs.append(StageCost("pts", pts, pts_host, pts_disk, calibrated, 2 * weights + text_encoder, unread))
+    processes = min(cfg.pts.workers, len(cfg.quant.seeds))
+    calibrated += f", in each of {processes} seeds' processes on the CPU" if processes > 1 else ""
+    costs.append(StageCost("pts", pts, pts_host, pts_disk, calibrated, 2 * weights + text_encoder, unread, processes))
     sample_rows = 2 if conditional and cfg.sample.guidance_scale != 1 else 1
     sample = forward_peak(network, cfg.sample.batch_size * sample_rows, text_length)
     sampled = f"batches of {cfg.sample.batch_size}"

@@ -74,11 +74,19 @@ def lineage_params(stage: str, variant: Variant | None = None) -> set[str]:
     return keys
 
 
-# Params that change how a stage runs, not what it writes (γ are bit-identical for any number of LES
-# workers; captures are the same wherever the capture budget keeps them; the seed list says which
-# artifacts there are, each depends on its own seed): left out of provenance, so changing them
-# neither makes other artifacts stale nor discards checkpoints.
-RESULT_INDEPENDENT = {"les.workers", "quant.seeds", "capture.device_gb", "capture.host_gb", "capture.scratch"}
+# Params that change how a stage runs, not what it writes (γ and the weights are bit-identical for any
+# number of LES, recon or pts workers; captures are the same wherever the capture budget keeps them; the
+# seed list says which artifacts there are, each depends on its own seed): left out of provenance, so
+# changing them neither makes other artifacts stale nor discards checkpoints.
+RESULT_INDEPENDENT = {
+    "les.workers",
+    "recon.workers",
+    "pts.workers",
+    "quant.seeds",
+    "capture.device_gb",
+    "capture.host_gb",
+    "capture.scratch",
+}
 
 
 def stage_provenance(

@@ -1,7 +1,8 @@
 """Stage pts@<row>: activation calibration on the weight-quantized network (the attention matmuls' inputs
 too for the rows that quantize them), per step (with PTS voting for the methods that use it) or shared
 by all steps (Q-Diffusion: initialised, then learned block by block, each block checkpointed), once per
-quantization seed (the seed draws the records) -> artifacts/act_params/<row>/q<seed>.safetensors,
+quantization seed (the seed draws the records; the seeds run side by side in ``pts.workers`` processes,
+one thread each) -> artifacts/act_params/<row>/q<seed>.safetensors,
 artifacts/votes/<row>/q<seed>.zarr."""
 
 import zarr
@@ -12,6 +13,7 @@ from pipeline.config import Config
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import atomic_store, create_array, write_tensors
+from pipeline.infra.workers import single_threaded
 from pipeline.method.activation_ranges import calibrate_row
 from pipeline.method.pts import select_pts_layers, vote_summary
 from pipeline.methods import METHODS
@@ -37,16 +39,17 @@ def main(row: str) -> None:
     cfg = load_config()
     cfg.row_variant(row)  # an unknown row fails here, naming the defined ones
     fp_hash = model_hash(FP_MODEL)
-    calib = open_calibration(CALIB)
-    check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
-    summaries = {str(seed): calibrate(cfg, row, seed, fp_hash, calib) for seed in cfg.quant.seeds}
-    write_report(report_path("pts", row), {"quant_seeds": summaries})
+    check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
+    workers = cfg.pts.workers if resolve_device(cfg.device).type == "cpu" else 1
+    summaries = dict(single_threaded(calibrate, [(cfg, row, seed, fp_hash) for seed in cfg.quant.seeds], workers))
+    write_report(report_path("pts", row), {"quant_seeds": {str(seed): summaries[seed] for seed in cfg.quant.seeds}})
     drop_checkpoints("pts", row)
 
 
-def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group) -> dict:
+def calibrate(cfg: Config, row: str, seed: int, fp_hash: str) -> tuple[int, dict]:
     """The activation parameters (and PTS votes) of ``row`` for quantization seed ``seed``; returns the
-    vote summary (and the shared steps' learning)."""
+    seed and its vote summary (and the shared steps' learning)."""
+    calib = open_calibration(CALIB)
     pts = cfg.pts
     variant = cfg.row_variant(row)
     weights = cfg.rows[row].weights
@@ -90,7 +93,7 @@ def calibrate(cfg: Config, row: str, seed: int, fp_hash: str, calib: zarr.Group)
         for name, arrays in votes.items():
             for key, value in arrays.items():
                 create_array(root, f"{name}/{key}", data=value.numpy())
-    return {**vote_summary(votes), **learned}
+    return seed, {**vote_summary(votes), **learned}
 
 
 if __name__ == "__main__":

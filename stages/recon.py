@@ -1,13 +1,15 @@
 """Stage recon@<weights entry>: fold γ into the weights, search weight scales, then learn the rounding
 (AdaRound) or round to nearest (methods without AdaRound), once per quantization seed (the seed draws
-the records and orders the batches) -> artifacts/weights/<entry>/q<seed>.safetensors. Each
-reconstructed block is checkpointed, so a rerun after a kill resumes."""
+the records and orders the batches; the seeds run side by side in ``recon.workers`` processes, one thread
+each) -> artifacts/weights/<entry>/q<seed>.safetensors. Each reconstructed block is checkpointed, so a
+rerun after a kill resumes."""
 
 from pipeline.calibration.dump import open_calibration, record_denoiser
 from pipeline.config import Config
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import read_tensors, write_tensors
+from pipeline.infra.workers import single_threaded
 from pipeline.method.weight_init import reconstruct_weights
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import as_denoiser
@@ -23,21 +25,28 @@ def main(name: str) -> None:
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
     fp_hash = model_hash(FP_MODEL)
-    calib = None
     if method.adaround:
-        calib = open_calibration(CALIB)
-        check_input(calib.attrs, cfg, "dump", fp_hash, CALIB)
-    reports = {str(seed): reconstruct(cfg, name, seed, fp_hash, calib) for seed in cfg.quant.seeds}
+        check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
+    # the seeds are independent and each runs on one thread: side by side in recon.workers processes on the CPU
+    workers = cfg.recon.workers if resolve_device(cfg.device).type == "cpu" else 1
+    calls = [(cfg, name, seed, fp_hash) for seed in cfg.quant.seeds]
+    reports = dict(single_threaded(reconstruct, calls, workers))
     write_report(
-        report_path("recon", name), {"method": variant.method, "adaround": method.adaround, "quant_seeds": reports}
+        report_path("recon", name),
+        {
+            "method": variant.method,
+            "adaround": method.adaround,
+            "quant_seeds": {str(seed): reports[seed] for seed in cfg.quant.seeds},
+        },
     )
     drop_checkpoints("recon", name)
 
 
-def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
-    """The weights of entry ``name`` for quantization seed ``seed``; returns the seed's report."""
+def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str) -> tuple[int, dict]:
+    """The weights of entry ``name`` for quantization seed ``seed``; returns the seed and its report."""
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
+    calib = open_calibration(CALIB) if method.adaround else None
     fp_unet, _ = load_fp_model(FP_MODEL)
     provenance = stage_provenance(cfg, "recon", fp_hash, variant, seed)
     gammas, les_header = read_tensors(les_path(name, seed))
@@ -60,7 +69,7 @@ def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str, calib) -> dict:
     )
     header = {**provenance, **variant._asdict(), "split": list(method.split)}
     write_tensors(weights_path(name, seed), weight_tensors(layers), header)
-    return report
+    return seed, report
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ ONE_ROW = [
 def test_two_runs_with_the_same_seeds_give_bit_identical_artifacts(reproduced, pipeline_copy, stages):
     first = artifact_hashes(reproduced[0])
     if stages is None:
-        stages = run(["dvc", "stage", "list", "--name-only"], pipeline_copy).split()
+        stages = run(["dvc", "stage", "list", "--all", "--name-only"], pipeline_copy).split()  # eval_files too
         command = ["dvc", "repro", "--force"]
     else:
         command = ["dvc", "repro", "--force", "--single-item", *stages]

@@ -17,11 +17,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import multiprocessing
-import os
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,6 +31,7 @@ from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import first_nonfinite, host, nonfinite_loss, to_device
 from pipeline.infra.distributed import SINGLE, World
+from pipeline.infra.workers import single_threaded
 from pipeline.method.weighting import TimestepWeighting, make_weighting
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import Denoiser
@@ -202,19 +198,6 @@ def assign_layers(costs: dict[str, int], ranks: int) -> dict[str, int]:
     return owner
 
 
-def _start_worker(parent: int) -> None:
-    """One intra-op thread; and exit when the stage process is gone (killed), instead of waiting
-    forever on a queue nobody feeds."""
-    torch.set_num_threads(1)
-
-    def exit_when_orphaned():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=exit_when_orphaned, daemon=True).start()
-
-
 def learn_all(
     layers: dict[str, QuantLayer],
     fp_model: nn.Module,
@@ -257,7 +240,7 @@ def learn_all(
     numel = io_numel(fp_model, fp_layers, one)
     n = len(records[0])
     capture_bytes = {name: n * sum(numel[name]) * 4 for name in order}  # float32 input and output
-    if device.type == "cuda" or "fork" not in multiprocessing.get_all_start_methods():
+    if device.type == "cuda":
         workers = 1
     job = partial(_learn_captured, steps=steps, settings=settings, device=device)
     results = {}
@@ -292,35 +275,12 @@ def learn_all(
             ) as captured:
                 _CAPTURED.update(captured)
                 try:
-                    _learn_window(window, layers, job, workers, finished)
+                    for result in single_threaded(job, [(name, layers[name]) for name in window], workers):
+                        finished(*result)
                 finally:
                     _CAPTURED.clear()
     results = world.merge(results)
     return {n: results[n][0] for n in layers}, {n: (results[n][1], results[n][2]) for n in layers}
-
-
-def _learn_window(window: list[str], layers: dict[str, QuantLayer], job, workers: int, finished) -> None:
-    if workers == 1 or len(window) == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for name in window:
-                finished(*job(name, layers[name]))
-        finally:
-            torch.set_num_threads(threads)
-        return
-    # fork starts in milliseconds and shares the captures; it is safe because workers run torch single-threaded
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(
-        min(workers, len(window)), mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
-    ) as pool:
-        futures = [pool.submit(job, name, layers[name]) for name in window]
-        try:
-            for future in as_completed(futures):
-                finished(*future.result())
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # one failed layer fails the stage; skip the queue
-            raise
 
 
 def les_records_per_step(cfg: Config, calib: zarr.Group) -> int:
