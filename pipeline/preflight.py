@@ -105,8 +105,11 @@ def package_versions(distribution: str = DISTRIBUTION) -> list[Finding]:
     return findings
 
 
-def thread_settings(workers: dict[str, int]) -> list[Finding]:
-    """Oversubscribed cores slow every stage; artifacts are bit-identical only at equal thread counts."""
+def thread_settings(les_workers: int, seed_workers: dict[str, int], seeds: int) -> list[Finding]:
+    """Oversubscribed cores slow every stage; artifacts are bit-identical only at equal thread counts.
+    LES's many layers keep ``les_workers`` busy up to one a core; the quantization seeds' workers
+    (``seed_workers``: recon, pts) may outnumber the cores up to one a seed, since their processes run one
+    thread each and share the cores without waiting on each other, which balances 3 seeds on 2 cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = torch.get_num_threads()
     detail = (
@@ -118,9 +121,16 @@ def thread_settings(workers: dict[str, int]) -> list[Finding]:
             threads <= cores,
             detail if threads <= cores else f"{detail}: more threads than cores; set OMP_NUM_THREADS",
         ),
+        Finding(
+            "les.workers", les_workers <= cores, f"{les_workers} worker processes, one thread each, on {cores} cores"
+        ),
         *(
-            Finding(key, count <= cores, f"{count} worker processes, one thread each, on {cores} cores")
-            for key, count in workers.items()
+            Finding(
+                key,
+                count <= max(cores, seeds),
+                f"{count} worker processes, one thread each, on {cores} cores for {seeds} quantization seeds",
+            )
+            for key, count in seed_workers.items()
         ),
     ]
 
@@ -315,7 +325,9 @@ def diagnose(
     return [
         *findings,
         *thread_settings(
-            {"les.workers": cfg.les.workers, "recon.workers": cfg.recon.workers, "pts.workers": cfg.pts.workers}
+            cfg.les.workers,
+            {"recon.workers": cfg.recon.workers, "pts.workers": cfg.pts.workers},
+            len(cfg.quant.seeds),
         ),
         cpu(),
         device(cfg),

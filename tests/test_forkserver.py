@@ -5,9 +5,11 @@ against a cold rerun byte for byte."""
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -50,7 +52,7 @@ def server(jobs):
 
 def probe(folder, argument, env):
     done = subprocess.run(
-        [sys.executable, "-m", "jobs.probe", argument], cwd=folder, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "jobs.probe", argument], cwd=folder, env=env, capture_output=True, text=True, timeout=120
     )
     digest, details = done.stdout.splitlines()
     return done.returncode, digest, details.split(" parent ")[0], int(details.split()[-1]), done.stderr
@@ -78,6 +80,16 @@ def test_another_environment_runs_cold_and_says_which_variable(jobs, server):
     status, _, _, parent, _ = probe(jobs, "0", {**server.env, "OMP_NUM_THREADS": "7"})
     assert (status, parent) == (0, os.getpid())
     assert server.requests()[-1] == "cold jobs.probe 0: OMP_NUM_THREADS differs"
+
+
+def test_a_requester_that_sends_nothing_does_not_stall_the_others(jobs, server):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(server.env[forkserver.ADDRESS_VARIABLE])
+        started = time.monotonic()
+        status, _, _, parent, _ = probe(jobs, "0", server.env)  # served once the silent one timed out
+        assert status == 0 and parent != os.getpid()
+        assert time.monotonic() - started < forkserver.REQUEST_TIMEOUT + 30
+        assert silent.recv(1) == b""  # the server closed the silent connection
 
 
 def test_without_a_server_the_module_runs_here(jobs, tmp_path):

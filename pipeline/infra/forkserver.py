@@ -43,6 +43,8 @@ LAUNCHER_PREFIXES = ("PYENV_",)
 STDIO = (0, 1, 2)
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _HEADER = struct.Struct("!I")
+# seconds a connected requester has to send its request: one that sends nothing must not stall the others
+REQUEST_TIMEOUT = 5.0
 
 
 def _interpreter() -> dict:
@@ -185,11 +187,13 @@ def serve(address: str, idle_timeout: float = 3600.0) -> int:
             if key.fileobj is listener:
                 connection, _ = listener.accept()
                 last_request = time.monotonic()
+                connection.settimeout(REQUEST_TIMEOUT)
                 try:
                     request, fds = _receive(connection)
-                except (OSError, ValueError):  # a requester gone mid-request
+                except (OSError, ValueError):  # a requester gone or silent mid-request (socket.timeout is an OSError)
                     connection.close()
                     continue
+                connection.settimeout(None)
                 if reason := _mismatch(request, ours, cwd):
                     print(f"cold {request['module']} {' '.join(request['args'])}: {reason} differs", flush=True)
                     connection.sendall(f"cold {reason}\n".encode())
