@@ -365,10 +365,9 @@ def test_the_weight_scale_search_runs_on_the_device(pipeline_copy, monkeypatch):
     """recon moves the model before its 80-ratio search per layer, not after."""
     import pipeline.method.weight_init as weight_init
     import stages.recon as recon
-    from pipeline.calibration.dump import open_calibration
     from pipeline.infra.fingerprint import model_hash
     from pipeline.params import load_config
-    from stages.layout import CALIB, FP_MODEL
+    from stages.layout import FP_MODEL
 
     class Searched(Exception):
         pass
@@ -382,7 +381,7 @@ def test_the_weight_scale_search_runs_on_the_device(pipeline_copy, monkeypatch):
     cfg = load_config()
     name = next(iter(cfg.weights))
     with pytest.raises(Searched, match="meta"):
-        recon.reconstruct(cfg, name, cfg.quant.seeds[0], model_hash(FP_MODEL), open_calibration(CALIB))
+        recon.reconstruct(cfg, name, cfg.quant.seeds[0], model_hash(FP_MODEL))
 
 
 def test_the_host_copy_of_a_meta_tensor_is_zeros_of_its_shape():

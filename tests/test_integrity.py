@@ -242,7 +242,8 @@ def test_provenance_follows_dvc_yaml():
         (
             {"les": {"iters": 7}},
             "recon",
-            r"artifacts/les/dmq-w4a6/q0\.safetensors was made with other parameters than the current ones: les\.iters "
+            # the seeds run side by side (recon.workers): whichever reads its LES file first refuses
+            r"artifacts/les/dmq-w4a6/q\d\.safetensors was made with other parameters than the current ones: les\.iters "
             r"= 5 there, 7 now",
         ),
         ("truncate", "les", r"calibration store artifacts/calib\.zarr is damaged: .* \(truncated\?\)"),
