@@ -230,6 +230,13 @@ class StageCost:
         return self.processes * (self.host + max(self.device, self.staged) - self.unread)
 
 
+def seed_processes(workers: int, seeds: list[int]) -> tuple[int, str]:
+    """How many processes of a stage that runs its quantization seeds side by side (recon, pts) are at
+    their peak at once on the CPU, and the words that say so in a prediction's detail."""
+    processes = min(workers, len(seeds))
+    return processes, f", in each of {processes} seeds' processes on the CPU" if processes > 1 else ""
+
+
 def _placed(sizes: list[int], budget: Budget) -> tuple[int, int, int]:
     """Device, host and scratch bytes of the largest window that ``budget`` cuts ``sizes`` into."""
     names = [str(i) for i in range(len(sizes))]
@@ -307,15 +314,14 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
         # measured and reconstruction now drops after each block (an over-estimate until measured again);
         # at the end the 8-bit integer weights
         held = 4 * weights
-        processes = min(cfg.recon.workers, len(cfg.quant.seeds))
+        processes, in_processes = seed_processes(cfg.recon.workers, cfg.quant.seeds)
         costs.append(
             StageCost(
                 "recon",
                 held + max(forward, train, weights // 4) + d + di,
                 h + hi,
                 s + si,
-                f"block inputs and FP targets of {recon_records} records"
-                + (f", in each of {processes} seeds' processes on the CPU" if processes > 1 else ""),
+                f"block inputs and FP targets of {recon_records} records{in_processes}",
                 2 * weights + text_encoder,
                 processes=processes,
             )
@@ -347,8 +353,8 @@ def stage_costs(cfg: Config, unet: nn.Module, text_length: int = 77) -> list[Sta
             train = unit_training_peak(calls)  # with rounding variables: an over-estimate of the steps' learning
             pts, pts_host, pts_disk = max(pts, 3 * weights + train + d + di), pts_host + hi, pts_disk + si
             calibrated += f", block inputs and FP targets of {shared.records} records"
-    processes = min(cfg.pts.workers, len(cfg.quant.seeds))
-    calibrated += f", in each of {processes} seeds' processes on the CPU" if processes > 1 else ""
+    processes, in_processes = seed_processes(cfg.pts.workers, cfg.quant.seeds)
+    calibrated += in_processes
     costs.append(StageCost("pts", pts, pts_host, pts_disk, calibrated, 2 * weights + text_encoder, unread, processes))
     sample_rows = 2 if conditional and cfg.sample.guidance_scale != 1 else 1
     sample = forward_peak(network, cfg.sample.batch_size * sample_rows, text_length)

@@ -54,7 +54,7 @@ def main(name: str) -> None:
         write_tensors(les_path(name, seed), {f"{layer}.gamma": gamma for layer, gamma in gammas.items()}, header)
         reports[str(seed)] = seed_report(losses, time.perf_counter() - start, gammas)
     if world.main:
-        write_report(report_path("les", name), {"les": method.les, "quant_seeds": reports})
+        write_report(report_path("les", name), {"les": method.les, "quant_seeds": reports}, device)
         drop_checkpoints("les", name)
 
 

@@ -6,6 +6,8 @@ stale artifact from the current params."""
 
 from __future__ import annotations
 
+import torch
+
 from pipeline.config import Config, Variant
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.fingerprint import check_provenance, config_values, provenance
@@ -141,6 +143,9 @@ def check_classifier(cfg: Config) -> None:
     check_input(read_tensors(CLASSIFIER)[1], cfg, "classifier", None, CLASSIFIER)
 
 
-def write_report(path, record: dict) -> None:
-    """A stage's report, with the environment it was computed in (versions, threads, CPU kind)."""
-    write_json(path, {**record, "environment": environment()})
+def write_report(path, record: dict, device: torch.device | None = None) -> None:
+    """A stage's report, with the environment it was computed in (versions, threads, CPU kind); ``device``:
+    where its learners ran, for a stage whose learners run on one thread each on the CPU
+    (pipeline.infra.workers)."""
+    learner_threads = 1 if device is not None and device.type == "cpu" else None
+    write_json(path, {**record, "environment": environment(learner_threads)})

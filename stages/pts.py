@@ -13,7 +13,7 @@ from pipeline.config import Config
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import atomic_store, create_array, write_tensors
-from pipeline.infra.workers import single_threaded
+from pipeline.infra.workers import per_seed
 from pipeline.method.activation_ranges import calibrate_row
 from pipeline.method.pts import select_pts_layers, vote_summary
 from pipeline.methods import METHODS
@@ -40,15 +40,16 @@ def main(row: str) -> None:
     cfg.row_variant(row)  # an unknown row fails here, naming the defined ones
     fp_hash = model_hash(FP_MODEL)
     check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
-    workers = cfg.pts.workers if resolve_device(cfg.device).type == "cpu" else 1
-    summaries = dict(single_threaded(calibrate, [(cfg, row, seed, fp_hash) for seed in cfg.quant.seeds], workers))
-    write_report(report_path("pts", row), {"quant_seeds": {str(seed): summaries[seed] for seed in cfg.quant.seeds}})
+    device = resolve_device(cfg.device)
+    summaries = per_seed(calibrate, (cfg, row, fp_hash), cfg.quant.seeds, cfg.pts.workers, device)
+    quant_seeds = {str(seed): summary for seed, summary in summaries.items()}
+    write_report(report_path("pts", row), {"quant_seeds": quant_seeds}, device)
     drop_checkpoints("pts", row)
 
 
-def calibrate(cfg: Config, row: str, seed: int, fp_hash: str) -> tuple[int, dict]:
-    """The activation parameters (and PTS votes) of ``row`` for quantization seed ``seed``; returns the
-    seed and its vote summary (and the shared steps' learning)."""
+def calibrate(cfg: Config, row: str, fp_hash: str, seed: int) -> dict:
+    """The activation parameters (and PTS votes) of ``row`` for quantization seed ``seed``; returns its
+    vote summary (and the shared steps' learning)."""
     calib = open_calibration(CALIB)
     pts = cfg.pts
     variant = cfg.row_variant(row)
@@ -93,7 +94,7 @@ def calibrate(cfg: Config, row: str, seed: int, fp_hash: str) -> tuple[int, dict
         for name, arrays in votes.items():
             for key, value in arrays.items():
                 create_array(root, f"{name}/{key}", data=value.numpy())
-    return seed, {**vote_summary(votes), **learned}
+    return {**vote_summary(votes), **learned}
 
 
 if __name__ == "__main__":

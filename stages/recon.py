@@ -9,7 +9,7 @@ from pipeline.config import Config
 from pipeline.infra.device import resolve_device
 from pipeline.infra.fingerprint import model_hash
 from pipeline.infra.storage import read_tensors, write_tensors
-from pipeline.infra.workers import single_threaded
+from pipeline.infra.workers import per_seed
 from pipeline.method.weight_init import reconstruct_weights
 from pipeline.methods import METHODS
 from pipeline.models.denoiser import as_denoiser
@@ -27,23 +27,22 @@ def main(name: str) -> None:
     fp_hash = model_hash(FP_MODEL)
     if method.adaround:
         check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
-    # the seeds are independent and each runs on one thread: side by side in recon.workers processes on the CPU
-    workers = cfg.recon.workers if resolve_device(cfg.device).type == "cpu" else 1
-    calls = [(cfg, name, seed, fp_hash) for seed in cfg.quant.seeds]
-    reports = dict(single_threaded(reconstruct, calls, workers))
+    device = resolve_device(cfg.device)
+    reports = per_seed(reconstruct, (cfg, name, fp_hash), cfg.quant.seeds, cfg.recon.workers, device)
     write_report(
         report_path("recon", name),
         {
             "method": variant.method,
             "adaround": method.adaround,
-            "quant_seeds": {str(seed): reports[seed] for seed in cfg.quant.seeds},
+            "quant_seeds": {str(seed): report for seed, report in reports.items()},
         },
+        device,
     )
     drop_checkpoints("recon", name)
 
 
-def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str) -> tuple[int, dict]:
-    """The weights of entry ``name`` for quantization seed ``seed``; returns the seed and its report."""
+def reconstruct(cfg: Config, name: str, fp_hash: str, seed: int) -> dict:
+    """The weights of entry ``name`` for quantization seed ``seed``; returns its report."""
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
     calib = open_calibration(CALIB) if method.adaround else None
@@ -69,7 +68,7 @@ def reconstruct(cfg: Config, name: str, seed: int, fp_hash: str) -> tuple[int, d
     )
     header = {**provenance, **variant._asdict(), "split": list(method.split)}
     write_tensors(weights_path(name, seed), weight_tensors(layers), header)
-    return seed, report
+    return report
 
 
 if __name__ == "__main__":

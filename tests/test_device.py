@@ -361,6 +361,36 @@ def test_a_stage_that_never_used_the_gpu_gets_no_device_ratio():
     assert row["device_ratio"] is None and row["predicted_device"] == 1 << 20
 
 
+@pytest.mark.parametrize(("stage_name", "job_name"), [("recon", "reconstruct"), ("pts", "calibrate")])
+def test_on_a_gpu_the_seed_stages_run_every_seed_in_their_own_process(
+    stage_name, job_name, pipeline_copy, monkeypatch, cuda_numerics_restored
+):
+    """Forked workers cannot use their parent's CUDA context: where ``device: auto`` means the GPU, recon
+    and pts leave ``<stage>.workers`` unused and run the seeds one after another in the stage's process."""
+    import importlib
+    import json
+    import os
+
+    from pipeline.params import load_config
+    from stages.layout import report_path
+
+    stage = importlib.import_module(f"stages.{stage_name}")
+    monkeypatch.chdir(pipeline_copy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # what `device: auto` resolves to there (the copy's artifacts were made under `device: cpu`)
+    monkeypatch.setattr(stage, "resolve_device", lambda name: resolve_device("auto"))
+    cfg = load_config()
+    assert getattr(cfg, stage_name).workers > 1 and len(cfg.quant.seeds) > 1
+    ran = []
+    monkeypatch.setattr(stage, job_name, lambda cfg, entry, fp_hash, seed: ran.append((seed, os.getpid())) or {})
+    entry = next(iter(cfg.weights if stage_name == "recon" else cfg.rows))
+    stage.main(entry)
+    assert ran == [(seed, os.getpid()) for seed in cfg.quant.seeds]
+    report = json.loads(report_path(stage_name, entry).read_text())
+    assert list(report["quant_seeds"]) == [str(seed) for seed in cfg.quant.seeds]
+    assert "learners on" not in report["environment"]
+
+
 def test_the_weight_scale_search_runs_on_the_device(pipeline_copy, monkeypatch):
     """recon moves the model before its 80-ratio search per layer, not after."""
     import pipeline.method.weight_init as weight_init
@@ -381,7 +411,7 @@ def test_the_weight_scale_search_runs_on_the_device(pipeline_copy, monkeypatch):
     cfg = load_config()
     name = next(iter(cfg.weights))
     with pytest.raises(Searched, match="meta"):
-        recon.reconstruct(cfg, name, cfg.quant.seeds[0], model_hash(FP_MODEL))
+        recon.reconstruct(cfg, name, model_hash(FP_MODEL), cfg.quant.seeds[0])
 
 
 def test_the_host_copy_of_a_meta_tensor_is_zeros_of_its_shape():

@@ -47,10 +47,14 @@ def cpu_kind(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     return f"{fields.get('model name', platform.machine())} ({' '.join(found) or 'none of ' + ', '.join(KERNEL_FLAGS)})"
 
 
-def environment() -> str:
+def environment(learner_threads: int | None = None) -> str:
     """The versions, torch thread count and CPU kind a result was computed with (the same code and params gave
     another FP model under other package versions, and on another CPU kind: README, Reproducibility), and the
-    GPU with its numerics where the process used one."""
+    GPU with its numerics where the process used one. ``learner_threads``: the thread count the learners ran
+    on where it differs from this process's (pipeline.infra.workers runs them on one)."""
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("torch", "diffusers", "numpy"))
+    threads = f"{torch.get_num_threads()} torch threads"
+    if learner_threads is not None:
+        threads += f", the learners on {learner_threads}"
     gpu = cuda_numerics()
-    return f"{versions}; {torch.get_num_threads()} torch threads; CPU {cpu_kind()}" + (f"; {gpu}" if gpu else "")
+    return f"{versions}; {threads}; CPU {cpu_kind()}" + (f"; {gpu}" if gpu else "")

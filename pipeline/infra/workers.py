@@ -2,19 +2,23 @@
 
 torch's CPU reductions split their work by thread count, so what a learner computes depends on it. A job
 that always runs on one thread gives the same bytes for any number of workers and on any core count. On the
-small tensors of LES and AdaRound one thread is also about as fast as two (the time goes to per-op overhead,
-which one thread pays as well as two): more cores pay off as more workers, not as more threads.
+small tensors of LES and AdaRound the time goes to per-op overhead more than to arithmetic, so more cores pay
+off better as more workers than as more threads: on 2 cores one AdaRound seed of the default took 1.3x as long
+on one thread as on two, while two seeds side by side in two processes finished 1.8x sooner than one after
+another on two threads (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +32,22 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+
+
+def one_thread_on_cpu(function: Function) -> Function:
+    """``function`` on one intra-op thread when its keyword argument ``device`` is the CPU (its bytes then
+    do not depend on the core count, and callers use more cores as workers, :func:`per_seed`); on a GPU
+    as it is."""
+
+    @functools.wraps(function)
+    def on_device(*args: Any, device: torch.device, **kwargs: Any) -> Any:
+        with one_thread() if device.type == "cpu" else nullcontext():
+            return function(*args, device=device, **kwargs)
+
+    return on_device  # type: ignore[return-value]
 
 
 def _start_worker(parent: int) -> None:
@@ -68,3 +88,17 @@ def single_threaded(job: Callable, calls: list[tuple], workers: int) -> Iterator
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
+
+
+def _seed_and_result(job: Callable, args: tuple, seed: int) -> tuple[int, Any]:
+    return seed, job(*args, seed)
+
+
+def per_seed(job: Callable, args: tuple, seeds: list[int], workers: int, device: torch.device) -> dict[int, Any]:
+    """``{seed: job(*args, seed)}`` in the order of ``seeds``: on the CPU side by side in ``workers`` forked
+    processes, one thread each (:func:`single_threaded`); on a GPU one after another in this process, which
+    holds the CUDA context."""
+    if device.type != "cpu":
+        return {seed: job(*args, seed) for seed in seeds}
+    results = dict(single_threaded(_seed_and_result, [(job, args, seed) for seed in seeds], workers))
+    return {seed: results[seed] for seed in seeds}

@@ -5,7 +5,6 @@ by block (Q-Diffusion, arXiv 2302.04304)."""
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -19,7 +18,7 @@ from pipeline.calibration.dump import random_records, step_records
 from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import first_nonfinite, first_true, host, to_device
-from pipeline.infra.workers import one_thread
+from pipeline.infra.workers import one_thread_on_cpu
 from pipeline.method.adaround import UnitRecords, fit_unit, unit_by_unit
 from pipeline.method.pts import PTSVoter
 from pipeline.methods import METHODS
@@ -242,6 +241,7 @@ class Calibrated(NamedTuple):
     learned: dict
 
 
+@one_thread_on_cpu
 def calibrate_row(
     cfg: Config,
     row: str,
@@ -262,22 +262,6 @@ def calibrate_row(
 
     On the CPU on one intra-op thread, as weight reconstruction: the bytes do not depend on the core
     count, and the pts stage runs its quantization seeds side by side in worker processes instead."""
-    with one_thread() if device.type == "cpu" else nullcontext():
-        return _calibrate_row(cfg, row, seed, model, quantizers, calib, fp_unet, pts_layers, device, checkpoints)
-
-
-def _calibrate_row(
-    cfg: Config,
-    row: str,
-    seed: int,
-    model: Denoiser,
-    quantizers: dict[str, nn.Module],
-    calib: zarr.Group,
-    fp_unet: nn.Module | None,
-    pts_layers: list[str],
-    device: torch.device,
-    checkpoints: Callable[[], Checkpoints] | None,
-) -> Calibrated:
     pts = cfg.pts
     method = METHODS[cfg.row_variant(row).method]
     voter = None

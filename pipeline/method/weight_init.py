@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
 
@@ -18,7 +17,7 @@ from pipeline.calibration.dump import random_records
 from pipeline.config import Config
 from pipeline.infra.checkpoint import Checkpoints
 from pipeline.infra.device import to_device
-from pipeline.infra.workers import one_thread
+from pipeline.infra.workers import one_thread_on_cpu
 from pipeline.method.adaround import AdaRoundSettings, adaround
 from pipeline.method.weighting import make_weighting
 from pipeline.methods import METHODS
@@ -44,6 +43,7 @@ class Reconstructed(NamedTuple):
     report: dict
 
 
+@one_thread_on_cpu  # the recon stage runs its quantization seeds side by side in worker processes instead
 def reconstruct_weights(
     cfg: Config,
     name: str,
@@ -58,24 +58,8 @@ def reconstruct_weights(
 ) -> Reconstructed:
     """Weights of entry ``name`` (docs/method.md §4): γ (``{"<layer>.gamma": γ}``, read from
     ``gamma_source``) folded in, scales searched, then AdaRound block by block on records drawn by
-    ``seed`` (``calib`` is needed only for a method with AdaRound) or rounding to nearest."""
-    # one intra-op thread on the CPU: the bytes then do not depend on the core count, and the recon stage
-    # runs its quantization seeds side by side in worker processes instead (pipeline.infra.workers)
-    with one_thread() if device.type == "cpu" else nullcontext():
-        return _reconstruct_weights(cfg, name, seed, fp, gammas, calib, device, checkpoints, gamma_source)
-
-
-def _reconstruct_weights(
-    cfg: Config,
-    name: str,
-    seed: int,
-    fp: Denoiser,
-    gammas: dict[str, torch.Tensor],
-    calib: zarr.Group | None,
-    device: torch.device,
-    checkpoints: Checkpoints | None,
-    gamma_source: str,
-) -> Reconstructed:
+    ``seed`` (``calib`` is needed only for a method with AdaRound) or rounding to nearest. On the CPU on
+    one intra-op thread, so the bytes do not depend on the core count."""
     quant, recon = cfg.quant, cfg.recon
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
