@@ -68,7 +68,9 @@ REPORT_KEYS = {"les": ("les", "wall_seconds"), "recon": ("adaround", "seconds")}
 
 def learner_seconds(root: Path, cfg, rows: list[str], learner: str) -> list[float]:
     """What the learner took per weights entry of ``rows`` that it learns, the quantization seeds summed
-    (the seed times of its stage's reports, which leave out loading the model)."""
+    (the seed times of its stage's reports, which leave out loading the model). Where the seeds ran side
+    by side (``recon.workers``, ``pts.workers``) the sum exceeds the stage's wall time and each seed took
+    longer than alone: compare only budgets run with the same workers on the same machine."""
     entries = dict.fromkeys(cfg.rows[row].weights for row in rows)
     learned, seconds = REPORT_KEYS[learner]
     reports = [read_json(root / "reports" / learner / f"{entry}.json") for entry in entries]
@@ -209,7 +211,7 @@ def markdown(found: dict, rows: list[str]) -> str:
     header = ["budget", *(f"`{row}`" for row in rows), "moved"]
     pairs = list(points[-1]["pairs"])
     header += ["`{}` vs `{}`".format(*pair.split(" vs ")) for pair in pairs]
-    header += [f"{LEARNERS[what]} s an entry" for what in shown]
+    header += [f"{LEARNERS[what]} s an entry, its seeds summed" for what in shown]
     numbers = {"moved", *header[-len(shown) :]}  # right-aligned
     lines = ["| " + " | ".join(header) + " |", "|" + "".join("---:|" if h in numbers else "---|" for h in header)]
     largest = points[-1]
