@@ -4,8 +4,8 @@ torch's CPU reductions split their work by thread count, so what a learner compu
 that always runs on one thread gives the same bytes for any number of workers and on any core count. On the
 small tensors of LES and AdaRound the time goes to per-op overhead more than to arithmetic, so more cores pay
 off better as more workers than as more threads: on 2 cores one AdaRound seed of the default took 1.3x as long
-on one thread as on two, while two seeds side by side in two processes finished 1.8x sooner than one after
-another on two threads (docs/performance.md).
+on one thread as on two, yet two seeds side by side on one thread each were done in 140 s, where one after
+another on two threads took 183-204 s (docs/performance.md, "Quantization seeds side by side").
 """
 
 from __future__ import annotations
