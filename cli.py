@@ -199,8 +199,10 @@ def run_pipeline(
 
     command = ["dvc", "repro", *(["--force"] if force else []), *(targets or [])]
     always = _always_changed()  # they run on every repro; they rerun others only when their output changes
-    dry = subprocess.run([*command, "--dry"], capture_output=True, text=True).stdout
-    changed = [stage for stage in _stages_in(dry) if stage not in always]
+    dry = subprocess.run([*command, "--dry"], capture_output=True, text=True)
+    if dry.returncode:  # e.g. another DVC process holds the repository's lock: nothing is known, nothing runs
+        _fail(f"`dvc repro --dry` failed (exit {dry.returncode}): {(dry.stderr or dry.stdout).strip()}")
+    changed = [stage for stage in _stages_in(dry.stdout) if stage not in always]
     planned = _downstream(changed, subprocess.run(["dvc", "dag", "--dot"], capture_output=True, text=True).stdout)
     # the predictions run the network on the meta device (seconds): only for a run that runs something
     findings = memory(load_config(Path("params.yaml"))) if planned else []

@@ -1,5 +1,6 @@
 """The commands people use around the pipeline: run (dvc repro with an account), table, compare."""
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -34,6 +35,18 @@ def test_run_with_nothing_changed_says_so_and_prints_the_table(pipeline_copy):
     output = run([*CLI, "run"], pipeline_copy)
     assert "everything is up to date" in output and "0 stage(s) ran" in output and "| FP | 32/32 |" in output
     assert "predicted peak" not in output  # nothing to run, nothing to predict
+
+
+def test_run_stops_when_dvc_cannot_say_what_it_would_run(pipeline_copy):
+    """Another DVC process holding the repository's lock fails ``dvc repro --dry``: that is not "up to
+    date" (it once started a whole run cold, without the memory check, saying so)."""
+    lock = pipeline_copy / ".dvc/tmp/lock"
+    lock.parent.mkdir(exist_ok=True)
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `dvc repro` holds it
+        done = subprocess.run([*CLI, "run"], cwd=pipeline_copy, capture_output=True, text=True)
+    assert done.returncode == 1 and "up to date" not in done.stdout and "stage(s) ran" not in done.stdout
+    assert done.stderr.startswith("error: `dvc repro --dry` failed (exit") and "lock" in done.stderr
 
 
 def test_run_of_targets_succeeds_when_other_rows_are_from_another_fp_model(pipeline_copy):
