@@ -5,6 +5,7 @@ quantization seed (the seed draws the records; the seeds run side by side in ``p
 one thread each) -> artifacts/act_params/<row>/q<seed>.safetensors,
 artifacts/votes/<row>/q<seed>.zarr."""
 
+import torch
 import zarr
 
 from pipeline.calibration.dump import open_calibration, record_denoiser
@@ -41,21 +42,20 @@ def main(row: str) -> None:
     fp_hash = model_hash(FP_MODEL)
     check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
     device = resolve_device(cfg.device)
-    summaries = per_seed(calibrate, (cfg, row, fp_hash), cfg.quant.seeds, cfg.pts.workers, device)
+    summaries = per_seed(calibrate, (cfg, row, fp_hash, device), cfg.quant.seeds, cfg.pts.workers, device)
     quant_seeds = {str(seed): summary for seed, summary in summaries.items()}
     write_report(report_path("pts", row), {"quant_seeds": quant_seeds}, device)
     drop_checkpoints("pts", row)
 
 
-def calibrate(cfg: Config, row: str, fp_hash: str, seed: int) -> dict:
-    """The activation parameters (and PTS votes) of ``row`` for quantization seed ``seed``; returns its
-    vote summary (and the shared steps' learning)."""
+def calibrate(cfg: Config, row: str, fp_hash: str, device: torch.device, seed: int) -> dict:
+    """The activation parameters (and PTS votes) of ``row`` for quantization seed ``seed``, calibrated on
+    ``device``; returns its vote summary (and the shared steps' learning)."""
     calib = open_calibration(CALIB)
     pts = cfg.pts
     variant = cfg.row_variant(row)
     weights = cfg.rows[row].weights
     method = METHODS[variant.method]
-    device = resolve_device(cfg.device)
     steps = calib.attrs["steps"]
     path = weights_path(weights, seed)
     softmax_bits = cfg.row_attention(row)

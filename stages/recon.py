@@ -4,6 +4,8 @@ the records and orders the batches; the seeds run side by side in ``recon.worker
 each) -> artifacts/weights/<entry>/q<seed>.safetensors. Each reconstructed block is checkpointed, so a
 rerun after a kill resumes."""
 
+import torch
+
 from pipeline.calibration.dump import open_calibration, record_denoiser
 from pipeline.config import Config
 from pipeline.infra.device import resolve_device
@@ -28,7 +30,7 @@ def main(name: str) -> None:
     if method.adaround:
         check_input(open_calibration(CALIB).attrs, cfg, "dump", fp_hash, CALIB)
     device = resolve_device(cfg.device)
-    reports = per_seed(reconstruct, (cfg, name, fp_hash), cfg.quant.seeds, cfg.recon.workers, device)
+    reports = per_seed(reconstruct, (cfg, name, fp_hash, device), cfg.quant.seeds, cfg.recon.workers, device)
     write_report(
         report_path("recon", name),
         {
@@ -41,8 +43,8 @@ def main(name: str) -> None:
     drop_checkpoints("recon", name)
 
 
-def reconstruct(cfg: Config, name: str, fp_hash: str, seed: int) -> dict:
-    """The weights of entry ``name`` for quantization seed ``seed``; returns its report."""
+def reconstruct(cfg: Config, name: str, fp_hash: str, device: torch.device, seed: int) -> dict:
+    """The weights of entry ``name`` for quantization seed ``seed``, learned on ``device``; returns its report."""
     variant = cfg.weights_variant(name)
     method = METHODS[variant.method]
     calib = open_calibration(CALIB) if method.adaround else None
@@ -62,7 +64,7 @@ def reconstruct(cfg: Config, name: str, fp_hash: str, seed: int) -> dict:
         fp,
         gammas,
         calib,
-        device=resolve_device(cfg.device),
+        device=device,
         checkpoints=checkpoints,
         gamma_source=str(les_path(name, seed)),
     )

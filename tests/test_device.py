@@ -382,10 +382,15 @@ def test_on_a_gpu_the_seed_stages_run_every_seed_in_their_own_process(
     cfg = load_config()
     assert getattr(cfg, stage_name).workers > 1 and len(cfg.quant.seeds) > 1
     ran = []
-    monkeypatch.setattr(stage, job_name, lambda cfg, entry, fp_hash, seed: ran.append((seed, os.getpid())) or {})
+
+    def record(cfg, entry, fp_hash, device, seed):
+        ran.append((seed, os.getpid(), device.type))
+        return {}
+
+    monkeypatch.setattr(stage, job_name, record)
     entry = next(iter(cfg.weights if stage_name == "recon" else cfg.rows))
     stage.main(entry)
-    assert ran == [(seed, os.getpid()) for seed in cfg.quant.seeds]
+    assert ran == [(seed, os.getpid(), "cuda") for seed in cfg.quant.seeds]
     report = json.loads(report_path(stage_name, entry).read_text())
     assert list(report["quant_seeds"]) == [str(seed) for seed in cfg.quant.seeds]
     assert "learners on" not in report["environment"]
@@ -406,12 +411,11 @@ def test_the_weight_scale_search_runs_on_the_device(pipeline_copy, monkeypatch):
         raise Searched(next(iter(layers.values())).module.weight.device.type)
 
     monkeypatch.chdir(pipeline_copy)
-    monkeypatch.setattr(recon, "resolve_device", lambda name: META)
     monkeypatch.setattr(weight_init, "init_weight_quantizers", search)
     cfg = load_config()
     name = next(iter(cfg.weights))
     with pytest.raises(Searched, match="meta"):
-        recon.reconstruct(cfg, name, model_hash(FP_MODEL), cfg.quant.seeds[0])
+        recon.reconstruct(cfg, name, model_hash(FP_MODEL), META, cfg.quant.seeds[0])
 
 
 def test_the_host_copy_of_a_meta_tensor_is_zeros_of_its_shape():
