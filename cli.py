@@ -199,11 +199,8 @@ def run_pipeline(
 
     command = ["dvc", "repro", *(["--force"] if force else []), *(targets or [])]
     always = _always_changed()  # they run on every repro; they rerun others only when their output changes
-    dry = subprocess.run([*command, "--dry"], capture_output=True, text=True)
-    if dry.returncode:  # e.g. another DVC process holds the repository's lock: nothing is known, nothing runs
-        _fail(f"`dvc repro --dry` failed (exit {dry.returncode}): {(dry.stderr or dry.stdout).strip()}")
-    changed = [stage for stage in _stages_in(dry.stdout) if stage not in always]
-    planned = _downstream(changed, subprocess.run(["dvc", "dag", "--dot"], capture_output=True, text=True).stdout)
+    changed = [stage for stage in _stages_in(_dvc_output([*command, "--dry"])) if stage not in always]
+    planned = _downstream(changed, _dvc_output(["dvc", "dag", "--dot"]))
     # the predictions run the network on the meta device (seconds): only for a run that runs something
     findings = memory(load_config(Path("params.yaml"))) if planned else []
     for finding in findings:
@@ -295,6 +292,17 @@ def _stages_in(dvc_output: str) -> list[str]:
 
 
 PIPELINE_FILES = (Path("dvc.yaml"), Path("external/dvc.yaml"))  # external: eval_files, with a lock of its own
+
+
+def _dvc_output(command: list[str]) -> str:
+    """The stdout of a DVC query the run is planned from. A failed one (e.g. another DVC process holding the
+    repository's lock) stops the run: its empty output would read as "nothing to run"."""
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        _fail(f"`{' '.join(command)}` failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")
+    return done.stdout
 
 
 def _always_changed(files: tuple[Path, ...] = PIPELINE_FILES) -> set[str]:
