@@ -2,6 +2,8 @@
 
 import fcntl
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -47,6 +49,20 @@ def test_run_stops_when_dvc_cannot_say_what_it_would_run(pipeline_copy):
         done = subprocess.run([*CLI, "run"], cwd=pipeline_copy, capture_output=True, text=True)
     assert done.returncode == 1 and "up to date" not in done.stdout and "stage(s) ran" not in done.stdout
     assert done.stderr.startswith("error: `dvc repro --dry` failed (exit") and "lock" in done.stderr
+
+
+def test_run_stops_when_dvc_cannot_say_what_is_downstream(pipeline_copy, tmp_path):
+    """``dvc dag`` failing after a good dry run: planned from an empty graph, the run once skipped the memory
+    check of every stage downstream of the changed ones."""
+    shim = tmp_path / "bin/dvc"  # the real dvc, except that `dvc dag` fails
+    shim.parent.mkdir()
+    fail_dag = '[ "$1" = dag ] && { echo "dag: no graph" >&2; exit 3; }'
+    shim.write_text(f'#!/bin/sh\n{fail_dag}\nexec {shutil.which("dvc")} "$@"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([*CLI, "run"], cwd=pipeline_copy, capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "stage(s) ran" not in done.stdout
+    assert done.stderr.startswith("error: `dvc dag --dot` failed (exit 3): dag: no graph")
 
 
 def test_run_of_targets_succeeds_when_other_rows_are_from_another_fp_model(pipeline_copy):
