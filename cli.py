@@ -199,8 +199,7 @@ def run_pipeline(
 
     command = ["dvc", "repro", *(["--force"] if force else []), *(targets or [])]
     always = _always_changed()  # they run on every repro; they rerun others only when their output changes
-    changed = [stage for stage in _stages_in(_dvc_output([*command, "--dry"])) if stage not in always]
-    planned = _downstream(changed, _dvc_output(["dvc", "dag", "--dot"]))
+    changed, planned = _plan(targets or [], force, always)
     # the predictions run the network on the meta device (seconds): only for a run that runs something
     findings = memory(load_config(Path("params.yaml"))) if planned else []
     for finding in findings:
@@ -287,8 +286,31 @@ def compare(
 
 
 def _stages_in(dvc_output: str) -> list[str]:
-    """The stages that ``dvc repro`` output says it runs (or, with --dry, would run), in order."""
+    """The stages that ``dvc repro`` output says it runs, in order."""
     return re.findall(r"Running stage '([^']+)'", dvc_output)
+
+
+def _plan(targets: list[str], force: bool, always: set[str]) -> tuple[list[str], set[str]]:
+    """The stages ``dvc repro [--force] TARGETS`` finds changed, in the pipeline's order, and every stage it
+    may reach from them. From ``dvc status``, not ``dvc repro --dry``: DVC's dry run fails as soon as a
+    stage's input is one an earlier stage has yet to write (it hashes the inputs for its run cache), i.e. on
+    every fresh clone."""
+    import json
+
+    dag = _dvc_output(["dvc", "dag", "--dot"])
+    stages = re.findall(r'^"([^"]+)";$', dag, flags=re.MULTILINE)
+    for target in targets:  # a stage, or a foreach group (`fid`: every fid@ROW)
+        if not any(stage == target or stage.startswith(f"{target}@") for stage in stages):
+            _fail(f"no stage {target!r} in the pipeline (`dvc dag` lists them)")
+    named = [stage for stage in stages if any(stage == t or stage.startswith(f"{t}@") for t in targets)]
+    pipeline = _reachable(named, dag, upstream=True) if targets else set(stages)  # what the run may touch
+    if force:  # --force reruns every stage of the pipeline
+        changed = pipeline
+    else:
+        status = _dvc_output(["dvc", "status", "--json", *(["--with-deps", *targets] if targets else [])])
+        changed = set(json.loads(status or "{}"))
+    changed = [stage for stage in stages if stage in changed and stage not in always]
+    return changed, _reachable(changed, dag) & pipeline
 
 
 PIPELINE_FILES = (Path("dvc.yaml"), Path("external/dvc.yaml"))  # external: eval_files, with a lock of its own
@@ -318,9 +340,11 @@ def _always_changed(files: tuple[Path, ...] = PIPELINE_FILES) -> set[str]:
     return found
 
 
-def _downstream(stages: list[str], dag_dot: str) -> set[str]:
-    """``stages`` and every stage downstream of them, from ``dvc dag --dot``'s edges."""
+def _reachable(stages: list[str], dag_dot: str, upstream: bool = False) -> set[str]:
+    """``stages`` and every stage downstream (or upstream) of them, from ``dvc dag --dot``'s edges."""
     edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dag_dot)
+    if upstream:
+        edges = [(target, source) for source, target in edges]
     found, frontier = set(stages), list(stages)
     while frontier:
         stage = frontier.pop()

@@ -7,7 +7,11 @@ import shutil
 import subprocess
 import sys
 
-from helpers import ROOT, imported_packages, run, set_params
+import pytest
+import typer
+
+import cli
+from helpers import ROOT, imported_packages, init_repo, reduced_params, run, set_params
 
 CLI = [sys.executable, str(ROOT / "cli.py")]
 
@@ -40,20 +44,20 @@ def test_run_with_nothing_changed_says_so_and_prints_the_table(pipeline_copy):
 
 
 def test_run_stops_when_dvc_cannot_say_what_it_would_run(pipeline_copy):
-    """Another DVC process holding the repository's lock fails ``dvc repro --dry``: that is not "up to
-    date" (it once started a whole run cold, without the memory check, saying so)."""
+    """Another DVC process holding the repository's lock fails ``dvc status``: that is not "up to date"
+    (it once started a whole run cold, without the memory check, saying so)."""
     lock = pipeline_copy / ".dvc/tmp/lock"
     lock.parent.mkdir(exist_ok=True)
     with lock.open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `dvc repro` holds it
         done = subprocess.run([*CLI, "run"], cwd=pipeline_copy, capture_output=True, text=True)
     assert done.returncode == 1 and "up to date" not in done.stdout and "stage(s) ran" not in done.stdout
-    assert done.stderr.startswith("error: `dvc repro --dry` failed (exit") and "lock" in done.stderr
+    assert done.stderr.startswith("error: `dvc status --json` failed (exit") and "lock" in done.stderr
 
 
 def test_run_stops_when_dvc_cannot_say_what_is_downstream(pipeline_copy, tmp_path):
-    """``dvc dag`` failing after a good dry run: planned from an empty graph, the run once skipped the memory
-    check of every stage downstream of the changed ones."""
+    """``dvc dag`` failing: planned from an empty graph, the run once skipped the memory check of every stage
+    downstream of the changed ones."""
     shim = tmp_path / "bin/dvc"  # the real dvc, except that `dvc dag` fails
     shim.parent.mkdir()
     fail_dag = '[ "$1" = dag ] && { echo "dag: no graph" >&2; exit 3; }'
@@ -63,6 +67,22 @@ def test_run_stops_when_dvc_cannot_say_what_is_downstream(pipeline_copy, tmp_pat
     done = subprocess.run([*CLI, "run"], cwd=pipeline_copy, capture_output=True, text=True, env=env)
     assert done.returncode == 1 and "stage(s) ran" not in done.stdout
     assert done.stderr.startswith("error: `dvc dag --dot` failed (exit 3): dag: no graph")
+
+
+def test_run_plans_every_stage_of_a_repository_where_nothing_has_run(tmp_path, monkeypatch):
+    """A fresh clone: ``dvc repro --dry`` fails there at the first stage whose input is yet to be written
+    (``cli.py run`` planned from it and refused every fresh clone's main job)."""
+    monkeypatch.chdir(init_repo(tmp_path, reduced_params()))
+    always = cli._always_changed()
+    every, _ = cli._plan([], force=True, always=always)
+    changed, planned = cli._plan([], force=False, always=always)
+    assert changed == every and planned == set(every)  # nothing has run: all changed, in the pipeline's order
+    assert every.index("fp_model") < every.index("dump") < every.index("stats") < every.index("report")
+    changed, planned = cli._plan(["fid@dmq-w4a6"], force=False, always=always)
+    assert {"dump", "les@dmq-w4a6", "sample_fp", "fid@dmq-w4a6"} <= set(changed) and set(changed) == planned
+    assert not {"fid@qdiff-w4a6", "report"} & planned  # a target's run reaches only its own pipeline
+    with pytest.raises(typer.Exit):
+        cli._plan(["fid@no-such-row"], force=False, always=always)
 
 
 def test_run_of_targets_succeeds_when_other_rows_are_from_another_fp_model(pipeline_copy):
