@@ -208,7 +208,7 @@ def run_pipeline(
         typer.secho("refused: a stage would not fit this machine (`dvc repro` runs it anyway)", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo(
-        f"{len(changed)} stage(s) changed: {', '.join(changed)}; up to {len(planned)} run, those downstream only "
+        f"{len(changed)} stage(s) changed: {_grouped(changed)}; up to {len(planned)} run, those downstream only "
         "if their inputs change"
         if changed
         else "everything is up to date"
@@ -288,6 +288,14 @@ def compare(
 def _stages_in(dvc_output: str) -> list[str]:
     """The stages that ``dvc repro`` output says it runs, in order."""
     return re.findall(r"Running stage '([^']+)'", dvc_output)
+
+
+def _grouped(stages: list[str]) -> str:
+    """Stage names for people: a foreach group's stages as one entry (``les@* (5)``), in order."""
+    groups: dict[str, list[str]] = {}
+    for stage in stages:
+        groups.setdefault(stage.split("@")[0] if "@" in stage else stage, []).append(stage)
+    return ", ".join(f"{group}@* ({len(names)})" if len(names) > 1 else names[0] for group, names in groups.items())
 
 
 def _plan(targets: list[str], force: bool, always: set[str]) -> tuple[list[str], set[str]]:

@@ -85,6 +85,11 @@ def test_run_plans_every_stage_of_a_repository_where_nothing_has_run(tmp_path, m
         cli._plan(["fid@no-such-row"], force=False, always=always)
 
 
+def test_the_plan_names_a_foreach_group_once():
+    stages = ["dump", "les@qdiff-w4", "les@dmq-w4a6", "sample_fp", "sample@dmq-w4a6", "report"]
+    assert cli._grouped(stages) == "dump, les@* (2), sample_fp, sample@dmq-w4a6, report"
+
+
 def test_run_of_targets_succeeds_when_other_rows_are_from_another_fp_model(pipeline_copy):
     """A partial run (TARGETS) leaves the other rows' metrics as they were: no table, and no failure."""
     path = pipeline_copy / "metrics/qdiff-w4a6.json"
