@@ -307,10 +307,12 @@ def _plan(targets: list[str], force: bool, always: set[str]) -> tuple[list[str],
 
     dag = _dvc_output(["dvc", "dag", "--dot"])
     stages = re.findall(r'^"([^"]+)";$', dag, flags=re.MULTILINE)
+    named = []
     for target in targets:  # a stage, or a foreach group (`fid`: every fid@ROW)
-        if not any(stage == target or stage.startswith(f"{target}@") for stage in stages):
+        matched = [stage for stage in stages if stage == target or stage.startswith(f"{target}@")]
+        if not matched:
             _fail(f"no stage {target!r} in the pipeline (`dvc dag` lists them)")
-    named = [stage for stage in stages if any(stage == t or stage.startswith(f"{t}@") for t in targets)]
+        named += matched
     pipeline = _reachable(named, dag, upstream=True) if targets else set(stages)  # what the run may touch
     if force:  # --force reruns every stage of the pipeline
         changed = pipeline
