@@ -261,14 +261,8 @@ def compare(
     """Two experiments side by side: the params that differ, and each row's metric in both (via
     ``dvc exp diff``)."""
     import json
-    import subprocess
 
-    done = subprocess.run(
-        ["dvc", "exp", "diff", "--json", "--all", a, *([b] if b else [])], capture_output=True, text=True
-    )
-    if done.returncode:
-        _fail(done.stderr.strip())
-    diff = json.loads(done.stdout or "{}")
+    diff = json.loads(_dvc_output(["dvc", "exp", "diff", "--json", "--all", a, *([b] if b else [])]) or "{}")
     changed = [
         (key, change)
         for path in diff.get("params", {}).values()
@@ -294,7 +288,7 @@ def _grouped(stages: list[str]) -> str:
     """Stage names for people: a foreach group's stages as one entry (``les@* (5)``), in order."""
     groups: dict[str, list[str]] = {}
     for stage in stages:
-        groups.setdefault(stage.split("@")[0] if "@" in stage else stage, []).append(stage)
+        groups.setdefault(stage.split("@")[0], []).append(stage)
     return ", ".join(f"{group}@* ({len(names)})" if len(names) > 1 else names[0] for group, names in groups.items())
 
 
@@ -315,11 +309,11 @@ def _plan(targets: list[str], force: bool, always: set[str]) -> tuple[list[str],
         named += matched
     pipeline = _reachable(named, dag, upstream=True) if targets else set(stages)  # what the run may touch
     if force:  # --force reruns every stage of the pipeline
-        changed = pipeline
+        found = pipeline
     else:
         status = _dvc_output(["dvc", "status", "--json", *(["--with-deps", *targets] if targets else [])])
-        changed = set(json.loads(status or "{}"))
-    changed = [stage for stage in stages if stage in changed and stage not in always]
+        found = json.loads(status or "{}")  # stage name -> what changed
+    changed = [stage for stage in stages if stage in found and stage not in always]
     return changed, _reachable(changed, dag) & pipeline
 
 
@@ -327,8 +321,8 @@ PIPELINE_FILES = (Path("dvc.yaml"), Path("external/dvc.yaml"))  # external: eval
 
 
 def _dvc_output(command: list[str]) -> str:
-    """The stdout of a DVC query the run is planned from. A failed one (e.g. another DVC process holding the
-    repository's lock) stops the run: its empty output would read as "nothing to run"."""
+    """The stdout of a DVC query a command reads. A failed one (e.g. another DVC process holding the
+    repository's lock) stops the command, naming it: its empty output would read as "nothing to run"."""
     import subprocess
 
     done = subprocess.run(command, capture_output=True, text=True)
